@@ -1,0 +1,70 @@
+"""Authenticating end users by their bearer token.
+
+Every service but the session service checks tokens by calling
+SessionInternalService.ValidateSession; the session service plugs in its own store.
+Both sit behind the `TokenValidator` protocol so servicers do not care which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from securemsg.session.v1 import session_internal_service_pb2 as session_pb
+from securemsg.session.v1 import session_internal_service_pb2_grpc as session_grpc
+
+from services.common.errors import Unauthenticated, Unavailable
+from services.common.peers import Context
+
+VALIDATE_TIMEOUT_SECONDS = 3.0
+
+_MISSING = "missing credentials: send metadata 'authorization: Bearer <token>' from a login"
+_REFUSED = "session token is invalid, expired or revoked; log in again"
+
+
+@dataclass(frozen=True)
+class AuthenticatedUser:
+    user_id: str
+    session_id: str
+
+
+class TokenValidator(Protocol):
+    async def validate(self, token: str) -> AuthenticatedUser:
+        """Returns the token's user, or raises Unauthenticated / Unavailable."""
+        ...
+
+
+def bearer_token(context: Context) -> str:
+    """The token from `authorization: Bearer <token>` metadata, or Unauthenticated."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+    raise Unauthenticated(_MISSING)
+
+
+async def authenticate(context: Context, validator: TokenValidator) -> AuthenticatedUser:
+    return await validator.validate(bearer_token(context))
+
+
+class RemoteTokenValidator:
+    """Validates tokens with the session service over (mutual TLS) gRPC."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = session_grpc.SessionInternalServiceStub(channel)
+
+    async def validate(self, token: str) -> AuthenticatedUser:
+        try:
+            reply = await self._stub.ValidateSession(
+                session_pb.ValidateSessionRequest(token=token), timeout=VALIDATE_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT}:
+                raise Unauthenticated(_REFUSED) from None
+            raise Unavailable(
+                "cannot check the session token right now (session service unreachable); retry"
+            ) from None
+        return AuthenticatedUser(user_id=reply.user_id, session_id=reply.session_id)

@@ -1,0 +1,171 @@
+"""Field-level encryption at rest, blind indexes, and the key hierarchy behind them.
+
+Key hierarchy (see docs/ARCHITECTURE.md):
+
+    master secret (DB_ENCRYPTION_KEY)
+      └─ PBKDF2-HMAC-SHA256(salt from the database, iterations)  -> root key, once at start
+           ├─ HKDF "field/<table>/<column>"  -> ChaCha20-Poly1305 key per column
+           ├─ HKDF "blind-index/<name>"      -> HMAC-SHA256 key per lookup column
+           ├─ HKDF "chain"                   -> HMAC-SHA256 key for the audit hash chain
+           └─ HKDF "key-check"               -> key-check value stored in the database
+
+Ciphertext format (all integers big endian):
+
+    0x01 | key version (u32) | nonce (12 random bytes) | ChaCha20-Poly1305 ciphertext+tag
+
+Associated data binds every ciphertext to its place, so a ciphertext copied to another
+row, column, table, service or key version fails to decrypt:
+
+    len-prefixed("securemsg/field/v1", service, table, column, row key, key version)
+
+Stores only ever see `FieldCipher` and `BlindIndex` objects; raw keys stay in here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from services.common.errors import IntegrityError
+
+FORMAT_V1 = 0x01
+NONCE_BYTES = 12
+TAG_BYTES = 16
+KEY_BYTES = 32
+SALT_BYTES = 16
+_HEADER = struct.Struct(">BI")  # format, key version
+OVERHEAD = _HEADER.size + NONCE_BYTES + TAG_BYTES
+
+
+def derive_root_key(master_secret: str, salt: bytes, iterations: int) -> bytes:
+    """Stretches the operator's master secret. Slow on purpose: call once per start."""
+    return hashlib.pbkdf2_hmac(
+        "sha256", master_secret.encode("utf-8"), salt, iterations, dklen=KEY_BYTES
+    )
+
+
+def _hkdf(root_key: bytes, info: str) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info.encode("utf-8")
+    ).derive(root_key)
+
+
+def key_check_value(root_key: bytes) -> bytes:
+    """A value stored beside the salt that shows, at start, whether the key is right."""
+    return hmac.digest(_hkdf(root_key, "securemsg/key-check/v1"), b"key check", "sha256")
+
+
+def _encode_parts(*parts: bytes) -> bytes:
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    """One generation of the master secret, as recorded in a database."""
+
+    version: int
+    root_key: bytes
+
+
+class FieldCipher:
+    """Encrypts and decrypts one column of one table."""
+
+    def __init__(
+        self, service: str, table: str, column: str, keys: Mapping[int, bytes], primary: int
+    ) -> None:
+        self._label = f"{service}.{table}.{column}"
+        self._prefix = (service.encode(), table.encode(), column.encode())
+        self._aeads = {v: ChaCha20Poly1305(k) for v, k in keys.items()}
+        self._primary = primary
+
+    def _aad(self, row_key: bytes, version: int) -> bytes:
+        return _encode_parts(
+            b"securemsg/field/v1", *self._prefix, row_key, struct.pack(">I", version)
+        )
+
+    def encrypt(self, plaintext: bytes, row_key: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        body = self._aeads[self._primary].encrypt(
+            nonce, plaintext, self._aad(row_key, self._primary)
+        )
+        return _HEADER.pack(FORMAT_V1, self._primary) + nonce + body
+
+    def decrypt(self, blob: bytes, row_key: bytes) -> bytes:
+        if len(blob) < OVERHEAD:
+            raise IntegrityError(f"{self._label}: ciphertext too short")
+        fmt, version = _HEADER.unpack_from(blob)
+        if fmt != FORMAT_V1:
+            raise IntegrityError(f"{self._label}: unknown ciphertext format {fmt}")
+        aead = self._aeads.get(version)
+        if aead is None:
+            raise IntegrityError(f"{self._label}: key version {version} is not loaded")
+        nonce = blob[_HEADER.size : _HEADER.size + NONCE_BYTES]
+        try:
+            return aead.decrypt(
+                nonce, blob[_HEADER.size + NONCE_BYTES :], self._aad(row_key, version)
+            )
+        except InvalidTag:
+            raise IntegrityError(
+                f"{self._label}: authentication failed (tampered, moved, or wrong key)"
+            ) from None
+
+    def encrypt_text(self, text: str, row_key: bytes) -> bytes:
+        return self.encrypt(text.encode("utf-8"), row_key)
+
+    def decrypt_text(self, blob: bytes, row_key: bytes) -> str:
+        return self.decrypt(blob, row_key).decode("utf-8")
+
+    def key_version_of(self, blob: bytes) -> int:
+        """Which key version sealed `blob` (for finding rows still to re-encrypt)."""
+        return int(_HEADER.unpack_from(blob)[1])
+
+
+class BlindIndex:
+    """Deterministic keyed hash for equality lookups on an encrypted value."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def __call__(self, value: str) -> bytes:
+        return hmac.digest(self._key, value.encode("utf-8"), "sha256")
+
+
+class Keyring:
+    """All purpose keys of one service, derived once from its loaded key versions."""
+
+    def __init__(self, service: str, versions: list[KeyVersion], primary: int) -> None:
+        if primary not in {v.version for v in versions}:
+            raise ValueError("primary key version must be among the loaded versions")
+        self.service = service
+        self.primary_version = primary
+        self._roots = {v.version: v.root_key for v in versions}
+        self._fields: dict[tuple[str, str], FieldCipher] = {}
+
+    def field(self, table: str, column: str) -> FieldCipher:
+        """The cipher for one column; the same object for repeated calls."""
+        key = (table, column)
+        if key not in self._fields:
+            subkeys = {
+                v: _hkdf(root, f"securemsg/{self.service}/field/{table}/{column}")
+                for v, root in self._roots.items()
+            }
+            self._fields[key] = FieldCipher(
+                self.service, table, column, subkeys, self.primary_version
+            )
+        return self._fields[key]
+
+    def blind_index(self, name: str) -> BlindIndex:
+        root = self._roots[self.primary_version]
+        return BlindIndex(_hkdf(root, f"securemsg/{self.service}/blind-index/{name}"))
+
+    def chain_key(self) -> bytes:
+        return _hkdf(self._roots[self.primary_version], f"securemsg/{self.service}/chain")

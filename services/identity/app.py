@@ -1,0 +1,67 @@
+"""Wiring of the identity service: configuration, storage, servicers, access rules."""
+
+from __future__ import annotations
+
+from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
+from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
+
+from services.common import peers
+from services.common.auth import RemoteTokenValidator
+from services.common.channels import open_channel
+from services.common.config import DatabaseConfig, Env, tls_from_env
+from services.common.server import App, ServiceBinding
+from services.common.sqlite import open_database
+from services.identity.domain import Identity
+from services.identity.servicer import (
+    IdentityAdminServicer,
+    IdentityInternalServicer,
+    IdentityServicer,
+)
+from services.identity.store import MIGRATIONS, SqliteIdentityStore
+
+SERVICE = "identity"
+PACKAGE = "securemsg.identity.v1"
+
+
+async def build(env: Env) -> App:
+    db_config = DatabaseConfig.from_env(SERVICE, env)
+    opened = open_database(
+        db_config.path,
+        service=SERVICE,
+        master_key=db_config.master_key,
+        kdf_iterations=db_config.kdf_iterations,
+        migrations=MIGRATIONS,
+        synchronous="FULL",  # an acknowledged registration must survive power loss
+    )
+    identity = Identity(SqliteIdentityStore(opened.database, opened.keyring))
+    session_channel = open_channel(
+        env.string("SESSION_ADDRESS", "127.0.0.1:50052"), tls_from_env(env)
+    )
+
+    async def close() -> None:
+        await session_channel.close(grace=None)
+        opened.database.close()
+
+    return App(
+        bindings=[
+            ServiceBinding(
+                f"{PACKAGE}.IdentityService",
+                IdentityServicer(identity, RemoteTokenValidator(session_channel)),
+                pb_grpc.add_IdentityServiceServicer_to_server,
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.IdentityInternalService",
+                IdentityInternalServicer(identity),
+                internal_grpc.add_IdentityInternalServiceServicer_to_server,
+                allowed_callers=frozenset({"session", "relay"}),
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.IdentityAdminService",
+                IdentityAdminServicer(identity),
+                admin_grpc.add_IdentityAdminServiceServicer_to_server,
+                allowed_callers=frozenset({peers.OPERATOR}),
+            ),
+        ],
+        on_stop=[close],
+    )

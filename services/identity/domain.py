@@ -1,0 +1,162 @@
+"""Identity rules, independent of gRPC: who may register, what a bundle must hold."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common import validation
+from services.common.errors import NotFound, ResourceExhausted
+from services.identity import keys
+from services.identity.keys import OneTimePrekey, SignedKey
+from services.identity.store import IdentityCounts, IdentityStore, NewUser, PoolFull, User
+
+MAX_ALIAS_CHARS = 64
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_VALUE_CHARS = 256
+MAX_PREKEYS_PER_REQUEST = 100
+MAX_PREKEY_POOL = 1000
+
+_NO_SUCH_USER = "no active user with that user id"
+
+
+@dataclass(frozen=True)
+class Registration:
+    user_id: str
+    alias: str
+    metadata: dict[str, str]
+    identity_key: bytes
+    verify_key: bytes
+    signed_prekey: SignedKey | None
+    pq_prekey: SignedKey | None
+    one_time_prekeys: list[OneTimePrekey]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    user_id: str
+    identity_key: bytes
+    verify_key: bytes
+    signed_prekey: SignedKey
+    pq_prekey: SignedKey
+    one_time_prekey: OneTimePrekey | None
+    fingerprint: str
+
+
+class Identity:
+    """The identity service's use cases. Callers are already authenticated."""
+
+    def __init__(self, store: IdentityStore, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    def register(self, request: Registration) -> User:
+        validation.user_id(request.user_id)
+        validation.text(request.alias, "alias", max_chars=MAX_ALIAS_CHARS)
+        validation.string_map(
+            request.metadata,
+            "metadata",
+            max_entries=MAX_METADATA_ENTRIES,
+            max_value_chars=MAX_METADATA_VALUE_CHARS,
+        )
+        verifier = keys.check_identity_keys(request.identity_key, request.verify_key)
+        signed = keys.check_signed_prekey(verifier, request.signed_prekey)
+        pq = keys.check_pq_prekey(verifier, request.pq_prekey)
+        prekeys = keys.check_one_time_prekeys(
+            request.one_time_prekeys, max_count=MAX_PREKEYS_PER_REQUEST, allow_empty=True
+        )
+        self._store.add_user(
+            NewUser(
+                user_id=request.user_id,
+                alias=request.alias,
+                metadata=dict(request.metadata),
+                identity_key=request.identity_key,
+                verify_key=request.verify_key,
+                signed_prekey=signed,
+                pq_prekey=pq,
+                one_time_prekeys=prekeys,
+                create_time=self._clock(),
+            )
+        )
+        return self.profile(request.user_id)
+
+    def profile(self, user_id: str) -> User:
+        user = self._store.get_user(user_id)
+        if user is None or not user.active:
+            raise NotFound(_NO_SUCH_USER)
+        return user
+
+    def bundle(self, user_id: str) -> Bundle:
+        validation.user_id(user_id)
+        user = self.profile(user_id)
+        return Bundle(
+            user_id=user.user_id,
+            identity_key=user.identity_key,
+            verify_key=user.verify_key,
+            signed_prekey=user.signed_prekey,
+            pq_prekey=user.pq_prekey,
+            one_time_prekey=self._store.take_one_time_prekey(user_id),
+            fingerprint=keys.fingerprint(user.identity_key, user.verify_key),
+        )
+
+    def upload_one_time_prekeys(self, user_id: str, prekeys: list[OneTimePrekey]) -> int:
+        keys.check_one_time_prekeys(prekeys, max_count=MAX_PREKEYS_PER_REQUEST, allow_empty=False)
+        try:
+            return self._store.add_one_time_prekeys(user_id, prekeys, MAX_PREKEY_POOL)
+        except LookupError:
+            raise NotFound(_NO_SUCH_USER) from None
+        except PoolFull as full:
+            raise ResourceExhausted(
+                f"the one-time prekey pool holds {full.current} keys and may hold at most "
+                f"{MAX_PREKEY_POOL}; upload at most {MAX_PREKEY_POOL - full.current} more"
+            ) from None
+
+    def prekey_count(self, user_id: str) -> int:
+        return self.profile(user_id).one_time_prekey_count
+
+    def rotate_signed_prekey(
+        self, user_id: str, signed: SignedKey | None, pq: SignedKey | None
+    ) -> Bundle:
+        user = self.profile(user_id)
+        verifier = keys.check_identity_keys(user.identity_key, user.verify_key)
+        new_signed = keys.check_signed_prekey(verifier, signed)
+        new_pq = keys.check_pq_prekey(verifier, pq) if pq is not None else None
+        try:
+            self._store.set_prekeys(user_id, new_signed, new_pq)
+        except LookupError:
+            raise NotFound(_NO_SUCH_USER) from None
+        return Bundle(
+            user_id=user_id,
+            identity_key=user.identity_key,
+            verify_key=user.verify_key,
+            signed_prekey=new_signed,
+            pq_prekey=new_pq or user.pq_prekey,
+            one_time_prekey=None,
+            fingerprint=keys.fingerprint(user.identity_key, user.verify_key),
+        )
+
+    def verify_key(self, user_id: str) -> bytes:
+        validation.user_id(user_id)
+        return self.profile(user_id).verify_key
+
+    def record_login(self, user_id: str, when: float | None) -> None:
+        validation.user_id(user_id)
+        if not self._store.record_login(user_id, self._clock() if when is None else when):
+            raise NotFound(_NO_SUCH_USER)
+
+    def status(self, user_id: str) -> tuple[bool, bool]:
+        """(exists, active) for a user id."""
+        validation.user_id(user_id)
+        user = self._store.get_user(user_id)
+        return (user is not None, user is not None and user.active)
+
+    def deactivate(self, user_id: str) -> float:
+        validation.user_id(user_id)
+        when = self._store.deactivate(user_id, self._clock())
+        if when is None:
+            raise NotFound("no user with that user id")
+        return when
+
+    def counts(self) -> IdentityCounts:
+        return self._store.counts()

@@ -1,0 +1,188 @@
+"""gRPC transport for identity: authenticate, convert, delegate to `Identity`.
+
+Domain calls block on SQLite, so they run in worker threads to keep the event loop free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from securemsg.identity.v1 import identity_admin_service_pb2 as admin_pb
+from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
+from securemsg.identity.v1 import identity_internal_service_pb2 as internal_pb
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
+from securemsg.identity.v1 import identity_service_pb2 as pb
+from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
+from securemsg.identity.v1 import keys_pb2
+
+from services.common import convert
+from services.common.auth import TokenValidator, authenticate
+from services.common.peers import Context
+from services.identity.domain import Bundle, Identity, Registration
+from services.identity.keys import OneTimePrekey, SignedKey, fingerprint
+from services.identity.store import User
+
+
+def _signed_key(message: keys_pb2.SignedPrekey | keys_pb2.PqPrekey) -> SignedKey:
+    return SignedKey(message.key_id, message.public_key, message.signature)
+
+
+def _one_time(messages: object) -> list[OneTimePrekey]:
+    return [OneTimePrekey(m.key_id, m.public_key) for m in messages]  # type: ignore[attr-defined]
+
+
+def _profile(user: User) -> pb.Profile:
+    return pb.Profile(
+        user_id=user.user_id,
+        alias=user.alias,
+        metadata=user.metadata,
+        fingerprint=fingerprint(user.identity_key, user.verify_key),
+        create_time=convert.timestamp(user.create_time),
+        last_login_time=convert.optional_timestamp(user.last_login_time),
+        one_time_prekey_count=user.one_time_prekey_count,
+    )
+
+
+def _bundle(bundle: Bundle) -> keys_pb2.KeyBundle:
+    otk = bundle.one_time_prekey
+    return keys_pb2.KeyBundle(
+        user_id=bundle.user_id,
+        identity_key=bundle.identity_key,
+        verify_key=bundle.verify_key,
+        signed_prekey=keys_pb2.SignedPrekey(
+            key_id=bundle.signed_prekey.key_id,
+            public_key=bundle.signed_prekey.public_key,
+            signature=bundle.signed_prekey.signature,
+        ),
+        pq_prekey=keys_pb2.PqPrekey(
+            key_id=bundle.pq_prekey.key_id,
+            public_key=bundle.pq_prekey.public_key,
+            signature=bundle.pq_prekey.signature,
+        ),
+        one_time_prekey=(
+            keys_pb2.OneTimePrekey(key_id=otk.key_id, public_key=otk.public_key) if otk else None
+        ),
+        fingerprint=bundle.fingerprint,
+    )
+
+
+class IdentityServicer(pb_grpc.IdentityServiceServicer):
+    def __init__(self, identity: Identity, tokens: TokenValidator) -> None:
+        self._identity = identity
+        self._tokens = tokens
+
+    async def RegisterUser(
+        self, request: pb.RegisterUserRequest, context: Context
+    ) -> pb.RegisterUserResponse:
+        registration = Registration(
+            user_id=request.user_id,
+            alias=request.alias,
+            metadata=dict(request.metadata),
+            identity_key=request.identity_key,
+            verify_key=request.verify_key,
+            signed_prekey=(
+                _signed_key(request.signed_prekey) if request.HasField("signed_prekey") else None
+            ),
+            pq_prekey=_signed_key(request.pq_prekey) if request.HasField("pq_prekey") else None,
+            one_time_prekeys=_one_time(request.one_time_prekeys),
+        )
+        user = await asyncio.to_thread(self._identity.register, registration)
+        return pb.RegisterUserResponse(profile=_profile(user))
+
+    async def GetOwnProfile(
+        self, request: pb.GetOwnProfileRequest, context: Context
+    ) -> pb.GetOwnProfileResponse:
+        caller = await authenticate(context, self._tokens)
+        user = await asyncio.to_thread(self._identity.profile, caller.user_id)
+        return pb.GetOwnProfileResponse(profile=_profile(user))
+
+    async def GetKeyBundle(
+        self, request: pb.GetKeyBundleRequest, context: Context
+    ) -> pb.GetKeyBundleResponse:
+        await authenticate(context, self._tokens)
+        bundle = await asyncio.to_thread(self._identity.bundle, request.user_id)
+        return pb.GetKeyBundleResponse(bundle=_bundle(bundle))
+
+    async def UploadOneTimePrekeys(
+        self, request: pb.UploadOneTimePrekeysRequest, context: Context
+    ) -> pb.UploadOneTimePrekeysResponse:
+        caller = await authenticate(context, self._tokens)
+        count = await asyncio.to_thread(
+            self._identity.upload_one_time_prekeys,
+            caller.user_id,
+            _one_time(request.one_time_prekeys),
+        )
+        return pb.UploadOneTimePrekeysResponse(one_time_prekey_count=count)
+
+    async def GetPrekeyCount(
+        self, request: pb.GetPrekeyCountRequest, context: Context
+    ) -> pb.GetPrekeyCountResponse:
+        caller = await authenticate(context, self._tokens)
+        count = await asyncio.to_thread(self._identity.prekey_count, caller.user_id)
+        return pb.GetPrekeyCountResponse(one_time_prekey_count=count)
+
+    async def RotateSignedPrekey(
+        self, request: pb.RotateSignedPrekeyRequest, context: Context
+    ) -> pb.RotateSignedPrekeyResponse:
+        caller = await authenticate(context, self._tokens)
+        bundle = await asyncio.to_thread(
+            self._identity.rotate_signed_prekey,
+            caller.user_id,
+            _signed_key(request.signed_prekey) if request.HasField("signed_prekey") else None,
+            _signed_key(request.pq_prekey) if request.HasField("pq_prekey") else None,
+        )
+        return pb.RotateSignedPrekeyResponse(bundle=_bundle(bundle))
+
+    async def DeactivateAccount(
+        self, request: pb.DeactivateAccountRequest, context: Context
+    ) -> pb.DeactivateAccountResponse:
+        caller = await authenticate(context, self._tokens)
+        when = await asyncio.to_thread(self._identity.deactivate, caller.user_id)
+        return pb.DeactivateAccountResponse(deactivate_time=convert.timestamp(when))
+
+
+class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+
+    async def GetVerifyKey(
+        self, request: internal_pb.GetVerifyKeyRequest, context: Context
+    ) -> internal_pb.GetVerifyKeyResponse:
+        key = await asyncio.to_thread(self._identity.verify_key, request.user_id)
+        return internal_pb.GetVerifyKeyResponse(verify_key=key)
+
+    async def RecordLogin(
+        self, request: internal_pb.RecordLoginRequest, context: Context
+    ) -> internal_pb.RecordLoginResponse:
+        when = convert.seconds(request.login_time) if request.HasField("login_time") else None
+        await asyncio.to_thread(self._identity.record_login, request.user_id, when)
+        return internal_pb.RecordLoginResponse()
+
+    async def GetUserStatus(
+        self, request: internal_pb.GetUserStatusRequest, context: Context
+    ) -> internal_pb.GetUserStatusResponse:
+        exists, active = await asyncio.to_thread(self._identity.status, request.user_id)
+        return internal_pb.GetUserStatusResponse(exists=exists, active=active)
+
+
+class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
+    def __init__(self, identity: Identity) -> None:
+        self._identity = identity
+
+    async def GetIdentityStats(
+        self, request: admin_pb.GetIdentityStatsRequest, context: Context
+    ) -> admin_pb.GetIdentityStatsResponse:
+        counts = await asyncio.to_thread(self._identity.counts)
+        return admin_pb.GetIdentityStatsResponse(
+            registered_users=counts.registered,
+            active_users=counts.active,
+            deactivated_users=counts.deactivated,
+            one_time_prekeys=counts.one_time_prekeys,
+            users_without_one_time_prekeys=counts.active_without_prekeys,
+        )
+
+    async def DeactivateUser(
+        self, request: admin_pb.DeactivateUserRequest, context: Context
+    ) -> admin_pb.DeactivateUserResponse:
+        when = await asyncio.to_thread(self._identity.deactivate, request.user_id)
+        return admin_pb.DeactivateUserResponse(deactivate_time=convert.timestamp(when))

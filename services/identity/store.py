@@ -1,0 +1,287 @@
+"""Identity storage: users and one-time prekeys in an encrypted SQLite file.
+
+What a stolen file shows: public keys, key ids, creation/login/deactivation times and how
+many prekeys each row has. User ids, aliases and metadata exist only as ChaCha20-Poly1305
+ciphertext bound to their row; rows are found through a blind index (HMAC of the user id).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.crypto import Keyring
+from services.common.errors import AlreadyExists
+from services.common.sqlite import Database, Migration
+from services.identity.keys import OneTimePrekey, SignedKey
+
+MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE users (
+            id                INTEGER PRIMARY KEY,
+            user_index        BLOB    NOT NULL UNIQUE,
+            user_id_ct        BLOB    NOT NULL,
+            alias_ct          BLOB    NOT NULL,
+            metadata_ct       BLOB    NOT NULL,
+            identity_key      BLOB    NOT NULL,
+            verify_key        BLOB    NOT NULL,
+            signed_prekey_id  INTEGER NOT NULL,
+            signed_prekey     BLOB    NOT NULL,
+            signed_prekey_sig BLOB    NOT NULL,
+            pq_prekey_id      INTEGER NOT NULL,
+            pq_prekey         BLOB    NOT NULL,
+            pq_prekey_sig     BLOB    NOT NULL,
+            create_time       REAL    NOT NULL,
+            last_login_time   REAL,
+            deactivate_time   REAL
+        ) STRICT;
+        CREATE TABLE one_time_prekeys (
+            user_row   INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+            key_id     INTEGER NOT NULL,
+            public_key BLOB    NOT NULL,
+            PRIMARY KEY (user_row, key_id)
+        ) STRICT, WITHOUT ROWID;
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class NewUser:
+    user_id: str
+    alias: str
+    metadata: dict[str, str]
+    identity_key: bytes
+    verify_key: bytes
+    signed_prekey: SignedKey
+    pq_prekey: SignedKey
+    one_time_prekeys: list[OneTimePrekey]
+    create_time: float
+
+
+@dataclass(frozen=True)
+class User:
+    user_id: str
+    alias: str
+    metadata: dict[str, str]
+    identity_key: bytes
+    verify_key: bytes
+    signed_prekey: SignedKey
+    pq_prekey: SignedKey
+    create_time: float
+    last_login_time: float | None
+    deactivate_time: float | None
+    one_time_prekey_count: int
+
+    @property
+    def active(self) -> bool:
+        return self.deactivate_time is None
+
+
+@dataclass(frozen=True)
+class IdentityCounts:
+    registered: int
+    active: int
+    deactivated: int
+    one_time_prekeys: int
+    active_without_prekeys: int
+
+
+class IdentityStore(Protocol):
+    """What the identity domain needs from storage; SQLite today, others later."""
+
+    def add_user(self, user: NewUser) -> None: ...
+    def get_user(self, user_id: str) -> User | None: ...
+    def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None: ...
+    def add_one_time_prekeys(self, user_id: str, keys: list[OneTimePrekey], cap: int) -> int: ...
+    def set_prekeys(self, user_id: str, signed: SignedKey, pq: SignedKey | None) -> None: ...
+    def record_login(self, user_id: str, when: float) -> bool: ...
+    def deactivate(self, user_id: str, when: float) -> float | None: ...
+    def counts(self) -> IdentityCounts: ...
+
+
+class PoolFull(Exception):
+    """Adding the keys would grow a user's one-time prekey pool past its cap."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(current)
+        self.current = current
+
+
+_USER_COLUMNS = """
+    id, user_index, user_id_ct, alias_ct, metadata_ct, identity_key, verify_key,
+    signed_prekey_id, signed_prekey, signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
+    create_time, last_login_time, deactivate_time,
+    (SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = users.id) AS prekeys
+"""
+
+
+class SqliteIdentityStore:
+    def __init__(self, db: Database, keyring: Keyring) -> None:
+        self._db = db
+        self._index = keyring.blind_index("users.user_id")
+        self._user_id = keyring.field("users", "user_id")
+        self._alias = keyring.field("users", "alias")
+        self._metadata = keyring.field("users", "metadata")
+
+    def add_user(self, user: NewUser) -> None:
+        index = self._index(user.user_id)
+        metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
+        with self._db.write() as conn:
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct,
+                           identity_key, verify_key, signed_prekey_id, signed_prekey,
+                           signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig, create_time)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        index,
+                        self._user_id.encrypt_text(user.user_id, index),
+                        self._alias.encrypt_text(user.alias, index),
+                        self._metadata.encrypt_text(metadata, index),
+                        user.identity_key,
+                        user.verify_key,
+                        user.signed_prekey.key_id,
+                        user.signed_prekey.public_key,
+                        user.signed_prekey.signature,
+                        user.pq_prekey.key_id,
+                        user.pq_prekey.public_key,
+                        user.pq_prekey.signature,
+                        user.create_time,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists("that user id is already taken") from None
+            conn.executemany(
+                "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
+                [(cursor.lastrowid, k.key_id, k.public_key) for k in user.one_time_prekeys],
+            )
+
+    def get_user(self, user_id: str) -> User | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE user_index = ?",  # noqa: S608
+                (self._index(user_id),),
+            ).fetchone()
+        return None if row is None else self._decode(row)
+
+    def _decode(self, row: sqlite3.Row) -> User:
+        index = row["user_index"]
+        return User(
+            user_id=self._user_id.decrypt_text(row["user_id_ct"], index),
+            alias=self._alias.decrypt_text(row["alias_ct"], index),
+            metadata=json.loads(self._metadata.decrypt_text(row["metadata_ct"], index)),
+            identity_key=row["identity_key"],
+            verify_key=row["verify_key"],
+            signed_prekey=SignedKey(
+                row["signed_prekey_id"], row["signed_prekey"], row["signed_prekey_sig"]
+            ),
+            pq_prekey=SignedKey(row["pq_prekey_id"], row["pq_prekey"], row["pq_prekey_sig"]),
+            create_time=row["create_time"],
+            last_login_time=row["last_login_time"],
+            deactivate_time=row["deactivate_time"],
+            one_time_prekey_count=row["prekeys"],
+        )
+
+    def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int | None:
+        row = conn.execute(
+            "SELECT id FROM users WHERE user_index = ? AND deactivate_time IS NULL",
+            (self._index(user_id),),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None:
+        # One statement inside the single-writer transaction: two fetches can never
+        # receive the same key.
+        with self._db.write() as conn:
+            user_row = self._active_row(conn, user_id)
+            if user_row is None:
+                return None
+            row = conn.execute(
+                """DELETE FROM one_time_prekeys
+                   WHERE user_row = ?1 AND key_id =
+                       (SELECT MIN(key_id) FROM one_time_prekeys WHERE user_row = ?1)
+                   RETURNING key_id, public_key""",
+                (user_row,),
+            ).fetchone()
+        return None if row is None else OneTimePrekey(row[0], row[1])
+
+    def add_one_time_prekeys(self, user_id: str, keys: list[OneTimePrekey], cap: int) -> int:
+        with self._db.write() as conn:
+            user_row = self._active_row(conn, user_id)
+            if user_row is None:
+                raise LookupError(user_id)
+            current = conn.execute(
+                "SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = ?", (user_row,)
+            ).fetchone()[0]
+            if current + len(keys) > cap:
+                raise PoolFull(current)
+            try:
+                conn.executemany(
+                    "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
+                    [(user_row, k.key_id, k.public_key) for k in keys],
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(
+                    "a one-time prekey with one of these key ids is already in the pool; "
+                    "use fresh key ids"
+                ) from None
+            return int(current) + len(keys)
+
+    def set_prekeys(self, user_id: str, signed: SignedKey, pq: SignedKey | None) -> None:
+        with self._db.write() as conn:
+            user_row = self._active_row(conn, user_id)
+            if user_row is None:
+                raise LookupError(user_id)
+            conn.execute(
+                """UPDATE users SET signed_prekey_id = ?, signed_prekey = ?, signed_prekey_sig = ?
+                   WHERE id = ?""",
+                (signed.key_id, signed.public_key, signed.signature, user_row),
+            )
+            if pq is not None:
+                conn.execute(
+                    """UPDATE users SET pq_prekey_id = ?, pq_prekey = ?, pq_prekey_sig = ?
+                       WHERE id = ?""",
+                    (pq.key_id, pq.public_key, pq.signature, user_row),
+                )
+
+    def record_login(self, user_id: str, when: float) -> bool:
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                """UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)
+                   WHERE user_index = ? AND deactivate_time IS NULL""",
+                (when, self._index(user_id)),
+            )
+            return cursor.rowcount == 1
+
+    def deactivate(self, user_id: str, when: float) -> float | None:
+        """Deactivates and drops the prekey pool; returns the deactivation time, None if unknown."""
+        index = self._index(user_id)
+        with self._db.write() as conn:
+            row = conn.execute(
+                "SELECT id, deactivate_time FROM users WHERE user_index = ?", (index,)
+            ).fetchone()
+            if row is None:
+                return None
+            user_row, already = row
+            if already is not None:
+                return float(already)
+            conn.execute("UPDATE users SET deactivate_time = ? WHERE id = ?", (when, user_row))
+            conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,))
+            return when
+
+    def counts(self) -> IdentityCounts:
+        with self._db.read() as conn:
+            registered, active = conn.execute(
+                "SELECT COUNT(*), COUNT(*) FILTER (WHERE deactivate_time IS NULL) FROM users"
+            ).fetchone()
+            prekeys = conn.execute("SELECT COUNT(*) FROM one_time_prekeys").fetchone()[0]
+            without = conn.execute(
+                """SELECT COUNT(*) FROM users WHERE deactivate_time IS NULL AND NOT EXISTS
+                   (SELECT 1 FROM one_time_prekeys WHERE user_row = users.id)"""
+            ).fetchone()[0]
+        return IdentityCounts(registered, active, registered - active, prekeys, without)
