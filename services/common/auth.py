@@ -59,7 +59,9 @@ class RemoteTokenValidator:
     async def validate(self, token: str) -> AuthenticatedUser:
         try:
             reply = await self._stub.ValidateSession(
-                session_pb.ValidateSessionRequest(token=token), timeout=VALIDATE_TIMEOUT_SECONDS
+                session_pb.ValidateSessionRequest(token=token),
+                timeout=VALIDATE_TIMEOUT_SECONDS,
+                wait_for_ready=True,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT}:

@@ -19,6 +19,13 @@ DEFAULT_KDF_ITERATIONS = 600_000  # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 MIN_MASTER_KEY_CHARS = 16
 
 DEFAULT_PORTS = {"identity": 50051, "session": 50052, "relay": 50053, "audit": 50054}
+# Internal and operator APIs listen on a second port that requires client certificates
+# (Python gRPC cannot ask for an optional one on a single port).
+INTERNAL_PORT_OFFSET = 10
+
+
+def internal_port(service: str) -> int:
+    return DEFAULT_PORTS[service] + INTERNAL_PORT_OFFSET
 
 
 class Env:
@@ -119,6 +126,7 @@ class ServerConfig:
 
     service: str
     listen_address: str
+    internal_listen_address: str
     tls: TlsConfig | None  # None only when INSECURE_PLAINTEXT is set explicitly
     max_message_bytes: int
     shutdown_grace_seconds: float
@@ -129,6 +137,9 @@ class ServerConfig:
         return cls(
             service=service,
             listen_address=env.string("LISTEN_ADDRESS", f"127.0.0.1:{port}"),
+            internal_listen_address=env.string(
+                "INTERNAL_LISTEN_ADDRESS", f"127.0.0.1:{internal_port(service)}"
+            ),
             tls=tls_from_env(env),
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 1024 * 1024, minimum=4096),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),

@@ -137,14 +137,17 @@ async def _abort(context: Context, exc: Exception, method: str, rid: str) -> Non
     )
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+def server_credentials(
+    config: ServerConfig, *, require_client_cert: bool
+) -> grpc.ServerCredentials | None:
+    """Server-only TLS for the public port; mutual TLS for the internal port."""
     if config.tls is None:
         return None
     cert, key, ca = config.tls.read()
-    # Client certificates are optional at the TLS layer (end users have none) and, when
-    # given, verified against our CA; internal APIs then insist on an allowed name.
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=False
+        [(key, cert)],
+        root_certificates=ca if require_client_cert else None,
+        require_client_auth=require_client_cert,
     )
 
 
@@ -177,16 +180,28 @@ class Server:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+        self.internal_port = 0
+
+    def _listen(self, address: str, *, require_client_cert: bool) -> int:
+        credentials = server_credentials(self.config, require_client_cert=require_client_cert)
+        try:
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
+        return port
 
     async def start(self) -> None:
-        credentials = server_credentials(self.config)
-        address = self.config.listen_address
-        if credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, credentials)
-        if self.port == 0:
-            raise StartupError(f"cannot listen on {address}")
+        # Every API is served on both ports; internal ones refuse callers whose
+        # certificate name is not allowed, and the public port has no certificates.
+        self.port = self._listen(self.config.listen_address, require_client_cert=False)
+        self.internal_port = self._listen(
+            self.config.internal_listen_address, require_client_cert=True
+        )
         await self._server.start()
         self._tasks = [asyncio.create_task(job()) for job in self.app.background]
         for name in ["", *(b.full_name for b in self.app.bindings)]:
@@ -229,7 +244,13 @@ async def _serve(service: str, env: Env, build: Callable[[Env], Awaitable[App]])
         raise
     logger.info(
         "serving",
-        extra={"fields": {"port": server.port, "tls": config.tls is not None}},
+        extra={
+            "fields": {
+                "port": server.port,
+                "internal_port": server.internal_port,
+                "tls": config.tls is not None,
+            }
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.common import peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
-from services.common.config import DatabaseConfig, Env, tls_from_env
+from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_database
 from services.identity.domain import Identity
@@ -18,6 +18,7 @@ from services.identity.servicer import (
     IdentityInternalServicer,
     IdentityServicer,
 )
+from services.identity.session_client import RemoteSessionRevoker
 from services.identity.store import MIGRATIONS, SqliteIdentityStore
 
 SERVICE = "identity"
@@ -36,8 +37,10 @@ async def build(env: Env) -> App:
     )
     identity = Identity(SqliteIdentityStore(opened.database, opened.keyring))
     session_channel = open_channel(
-        env.string("SESSION_ADDRESS", "127.0.0.1:50052"), tls_from_env(env)
+        env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
+        tls_from_env(env),
     )
+    revoker = RemoteSessionRevoker(session_channel)
 
     async def close() -> None:
         await session_channel.close(grace=None)
@@ -47,7 +50,7 @@ async def build(env: Env) -> App:
         bindings=[
             ServiceBinding(
                 f"{PACKAGE}.IdentityService",
-                IdentityServicer(identity, RemoteTokenValidator(session_channel)),
+                IdentityServicer(identity, RemoteTokenValidator(session_channel), revoker),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
             ServiceBinding(
@@ -58,7 +61,7 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.IdentityAdminService",
-                IdentityAdminServicer(identity),
+                IdentityAdminServicer(identity, revoker),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),

@@ -138,7 +138,10 @@ class Identity:
 
     def verify_key(self, user_id: str) -> bytes:
         validation.user_id(user_id)
-        return self.profile(user_id).verify_key
+        key = self._store.get_verify_key(user_id)
+        if key is None:
+            raise NotFound(_NO_SUCH_USER)
+        return key
 
     def record_login(self, user_id: str, when: float | None) -> None:
         validation.user_id(user_id)
@@ -148,8 +151,7 @@ class Identity:
     def status(self, user_id: str) -> tuple[bool, bool]:
         """(exists, active) for a user id."""
         validation.user_id(user_id)
-        user = self._store.get_user(user_id)
-        return (user is not None, user is not None and user.active)
+        return self._store.get_status(user_id)
 
     def deactivate(self, user_id: str) -> float:
         validation.user_id(user_id)

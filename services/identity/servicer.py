@@ -20,6 +20,7 @@ from services.common.auth import TokenValidator, authenticate
 from services.common.peers import Context
 from services.identity.domain import Bundle, Identity, Registration
 from services.identity.keys import OneTimePrekey, SignedKey, fingerprint
+from services.identity.session_client import SessionRevoker
 from services.identity.store import User
 
 
@@ -66,10 +67,19 @@ def _bundle(bundle: Bundle) -> keys_pb2.KeyBundle:
     )
 
 
+async def _deactivate(identity: Identity, revoker: SessionRevoker, user_id: str) -> float:
+    # Deactivate first: from then on no new login succeeds. Revoking is idempotent, so a
+    # failed revocation is finished by repeating the call.
+    when = await asyncio.to_thread(identity.deactivate, user_id)
+    await revoker.revoke_all(user_id)
+    return when
+
+
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, identity: Identity, tokens: TokenValidator) -> None:
+    def __init__(self, identity: Identity, tokens: TokenValidator, revoker: SessionRevoker) -> None:
         self._identity = identity
         self._tokens = tokens
+        self._revoker = revoker
 
     async def RegisterUser(
         self, request: pb.RegisterUserRequest, context: Context
@@ -137,7 +147,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         self, request: pb.DeactivateAccountRequest, context: Context
     ) -> pb.DeactivateAccountResponse:
         caller = await authenticate(context, self._tokens)
-        when = await asyncio.to_thread(self._identity.deactivate, caller.user_id)
+        when = await _deactivate(self._identity, self._revoker, caller.user_id)
         return pb.DeactivateAccountResponse(deactivate_time=convert.timestamp(when))
 
 
@@ -166,8 +176,9 @@ class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
 
 
 class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, revoker: SessionRevoker) -> None:
         self._identity = identity
+        self._revoker = revoker
 
     async def GetIdentityStats(
         self, request: admin_pb.GetIdentityStatsRequest, context: Context
@@ -184,5 +195,5 @@ class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
     async def DeactivateUser(
         self, request: admin_pb.DeactivateUserRequest, context: Context
     ) -> admin_pb.DeactivateUserResponse:
-        when = await asyncio.to_thread(self._identity.deactivate, request.user_id)
+        when = await _deactivate(self._identity, self._revoker, request.user_id)
         return admin_pb.DeactivateUserResponse(deactivate_time=convert.timestamp(when))

@@ -96,6 +96,8 @@ class IdentityStore(Protocol):
 
     def add_user(self, user: NewUser) -> None: ...
     def get_user(self, user_id: str) -> User | None: ...
+    def get_verify_key(self, user_id: str) -> bytes | None: ...
+    def get_status(self, user_id: str) -> tuple[bool, bool]: ...
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None: ...
     def add_one_time_prekeys(self, user_id: str, keys: list[OneTimePrekey], cap: int) -> int: ...
     def set_prekeys(self, user_id: str, signed: SignedKey, pq: SignedKey | None) -> None: ...
@@ -168,6 +170,24 @@ class SqliteIdentityStore:
                 (self._index(user_id),),
             ).fetchone()
         return None if row is None else self._decode(row)
+
+    def get_verify_key(self, user_id: str) -> bytes | None:
+        """An active user's verify key, without decrypting anything (the login hot path)."""
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT verify_key FROM users WHERE user_index = ? AND deactivate_time IS NULL",
+                (self._index(user_id),),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get_status(self, user_id: str) -> tuple[bool, bool]:
+        """(exists, active)."""
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT deactivate_time IS NULL FROM users WHERE user_index = ?",
+                (self._index(user_id),),
+            ).fetchone()
+        return (False, False) if row is None else (True, bool(row[0]))
 
     def _decode(self, row: sqlite3.Row) -> User:
         index = row["user_index"]

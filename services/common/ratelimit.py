@@ -1,0 +1,75 @@
+"""In-memory sliding-window limits (failed logins, message sends).
+
+Bounded: at most `max_keys` keys are tracked, the least recently used forgotten first,
+so a flood of distinct keys costs memory proportional to the cap, not to the flood.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+
+class SlidingWindowLimiter:
+    """Allows at most `limit` events per key within any `window` seconds."""
+
+    def __init__(
+        self,
+        limit: int,
+        window: float,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self._max_keys = max_keys
+        self._clock = clock
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _recent(self, key: str, now: float) -> deque[float] | None:
+        events = self._events.get(key)
+        if events is None:
+            return None
+        while events and events[0] <= now - self.window:
+            events.popleft()
+        if not events:
+            del self._events[key]
+            return None
+        return events
+
+    def retry_after(self, key: str) -> float | None:
+        """Seconds until `key` may act again, or None if it may act now."""
+        with self._lock:
+            now = self._clock()
+            events = self._recent(key, now)
+            if events is None or len(events) < self.limit:
+                return None
+            return events[0] + self.window - now
+
+    def hit(self, key: str) -> None:
+        with self._lock:
+            now = self._clock()
+            events = self._recent(key, now)
+            if events is None:
+                events = deque(maxlen=self.limit)
+                self._events[key] = events
+                if len(self._events) > self._max_keys:
+                    self._events.popitem(last=False)
+            self._events.move_to_end(key)
+            events.append(now)
+
+    def acquire(self, key: str) -> float | None:
+        """Records an event if allowed; otherwise returns the seconds to wait."""
+        with self._lock:
+            wait = self.retry_after(key)
+            if wait is None:
+                self.hit(key)
+            return wait
+
+    def reset(self, key: str) -> None:
+        with self._lock:
+            self._events.pop(key, None)

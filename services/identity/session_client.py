@@ -1,0 +1,36 @@
+"""Revoking a deactivated user's sessions through the session service's admin API."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+from securemsg.session.v1 import session_admin_service_pb2 as pb
+from securemsg.session.v1 import session_admin_service_pb2_grpc as pb_grpc
+
+from services.common.errors import Unavailable
+
+TIMEOUT_SECONDS = 3.0
+
+
+class SessionRevoker(Protocol):
+    async def revoke_all(self, user_id: str) -> int: ...
+
+
+class RemoteSessionRevoker:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = pb_grpc.SessionAdminServiceStub(channel)
+
+    async def revoke_all(self, user_id: str) -> int:
+        try:
+            reply = await self._stub.RevokeUserSessions(
+                pb.RevokeUserSessionsRequest(user_id=user_id),
+                timeout=TIMEOUT_SECONDS,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError:
+            raise Unavailable(
+                "the account is deactivated but its sessions could not be revoked yet "
+                "(session service unreachable); repeat the call to finish"
+            ) from None
+        return reply.revoked_count

@@ -1,0 +1,97 @@
+"""The local stack: which services run, on which ports, with which environment.
+
+`make run` and the integration tests both build process environments here, so the
+stack that is tested is the stack that is run (and docker-compose.yml is checked
+against the same list).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import DEFAULT_PORTS
+from services.launcher.pki import ensure_pki
+
+# Start order: identity's token checks need session, session's logins need identity;
+# both tolerate the other being briefly absent, so order only shortens the wait.
+SERVICES = ("identity", "session")
+PERSISTENT = ("identity", "session")
+CERT_NAMES = ("identity", "session", "relay", "audit", "operator")
+ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """Where one stack keeps its state."""
+
+    root: Path  # var/ for `make run`, a temporary directory in tests
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "log"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    def key_file(self, service: str) -> Path:
+        return self.secrets / f"{service}.key"
+
+    def prepare(self) -> None:
+        """Creates TLS material and per-service master keys (0600) that do not exist yet."""
+        ensure_pki(self.tls, CERT_NAMES)
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.secrets, 0o700)
+        for service in PERSISTENT:
+            path = self.key_file(service)
+            if not path.exists():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(secrets.token_urlsafe(32))
+        for directory in (self.data, self.logs, self.run):
+            directory.mkdir(parents=True, exist_ok=True)
+
+
+def service_env(
+    layout: StackLayout,
+    service: str,
+    ports: Mapping[str, tuple[int, int]],
+    *,
+    host: str = "127.0.0.1",
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment variables one service process is started with.
+
+    `ports` maps each service to its (public, internal) port.
+    """
+    env = {
+        "LISTEN_ADDRESS": f"{host}:{ports[service][0]}",
+        "INTERNAL_LISTEN_ADDRESS": f"{host}:{ports[service][1]}",
+        "TLS_CERT_FILE": str(layout.tls / f"{service}.pem"),
+        "TLS_KEY_FILE": str(layout.tls / f"{service}.key"),
+        "TLS_CA_FILE": str(layout.tls / "ca.pem"),
+    }
+    for other, variable in ADDRESS_VARIABLES.items():
+        if other != service and other in ports:
+            env[variable] = f"{host}:{ports[other][1]}"
+    if service in PERSISTENT:
+        env["DB_PATH"] = str(layout.data / f"{service}.db")
+        env["DB_ENCRYPTION_KEY_FILE"] = str(layout.key_file(service))
+    env.update(extra or {})
+    return env

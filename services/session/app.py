@@ -1,0 +1,106 @@
+"""Wiring of the session service: configuration, storage, login, background cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
+from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
+from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
+
+from services.common import peers
+from services.common.channels import open_channel
+from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.server import App, ServiceBinding
+from services.common.sqlite import open_database
+from services.session.identity_client import RemoteIdentityDirectory
+from services.session.login import ChallengeBook, Login, LoginLimits
+from services.session.servicer import (
+    SessionAdminServicer,
+    SessionInternalServicer,
+    SessionServicer,
+)
+from services.session.sessions import SessionPolicy, Sessions
+from services.session.store import MIGRATIONS, SqliteSessionStore
+
+SERVICE = "session"
+PACKAGE = "securemsg.session.v1"
+logger = logging.getLogger(__name__)
+
+
+async def build(env: Env) -> App:
+    db_config = DatabaseConfig.from_env(SERVICE, env)
+    opened = open_database(
+        db_config.path,
+        service=SERVICE,
+        master_key=db_config.master_key,
+        kdf_iterations=db_config.kdf_iterations,
+        migrations=MIGRATIONS,
+        # A session lost to power failure costs a re-login, not data: NORMAL still
+        # survives a process crash (the WAL is in the OS cache) and saves an fsync per login.
+        synchronous="NORMAL",
+    )
+    policy = SessionPolicy(
+        idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
+        max_lifetime=env.number("SESSION_MAX_LIFETIME_SECONDS", 12 * 3600.0, minimum=1.0),
+    )
+    sessions = Sessions(SqliteSessionStore(opened.database, opened.keyring), policy)
+    identity_channel = open_channel(
+        env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),
+        tls_from_env(env),
+    )
+    login = Login(
+        sessions,
+        RemoteIdentityDirectory(identity_channel),
+        ChallengeBook(ttl=env.number("CHALLENGE_TTL_SECONDS", 60.0, minimum=1.0)),
+        LoginLimits(
+            failures_per_account=env.integer("LOGIN_MAX_FAILURES_PER_ACCOUNT", 10, minimum=1),
+            failures_per_address=env.integer("LOGIN_MAX_FAILURES_PER_ADDRESS", 100, minimum=1),
+            window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
+        ),
+    )
+    interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
+
+    async def cleanup_once(when: str) -> None:
+        deleted = await asyncio.to_thread(sessions.cleanup)
+        logger.info("expired sessions removed", extra={"fields": {"count": deleted, "at": when}})
+
+    await cleanup_once("start")
+
+    async def cleanup_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await cleanup_once("interval")
+            except Exception:
+                logger.exception("session cleanup failed; will retry")
+
+    async def close() -> None:
+        await cleanup_once("shutdown")
+        await identity_channel.close(grace=None)
+        opened.database.close()
+
+    return App(
+        bindings=[
+            ServiceBinding(
+                f"{PACKAGE}.SessionService",
+                SessionServicer(sessions, login),
+                pb_grpc.add_SessionServiceServicer_to_server,
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.SessionInternalService",
+                SessionInternalServicer(sessions),
+                internal_grpc.add_SessionInternalServiceServicer_to_server,
+                allowed_callers=frozenset({"identity", "relay", "audit"}),
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.SessionAdminService",
+                SessionAdminServicer(sessions, login),
+                admin_grpc.add_SessionAdminServiceServicer_to_server,
+                allowed_callers=frozenset({"identity", peers.OPERATOR}),
+            ),
+        ],
+        background=[cleanup_forever],
+        on_stop=[close],
+    )

@@ -1,0 +1,189 @@
+"""Login by proof of key possession: single-use challenges signed with the verify key.
+
+An unknown user, a deactivated user, a wrong signature and a bad challenge take the same
+path (the identity lookup and an Ed25519 verification always happen) and end in the same
+error, so neither the answer nor its timing tells whether an account exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from services.common import validation
+from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.ratelimit import SlidingWindowLimiter
+from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
+from services.session.store import SessionRecord
+
+LOGIN_CONTEXT = b"SecureMsg login v1\x00"
+CHALLENGE_BYTES = 32
+SIGNATURE_BYTES = 64
+LOGIN_FAILED = (
+    "login failed: unknown user, wrong signature, or a challenge that is unknown, used or "
+    "expired; request a new challenge and sign it with your verify key"
+)
+
+# Verifying against a fixed key when the user is unknown keeps the timing uniform.
+_DECOY_KEY = Ed25519PublicKey.from_public_bytes(bytes(range(32)))
+
+
+def login_message(user_id: str, challenge: bytes) -> bytes:
+    return LOGIN_CONTEXT + user_id.encode("utf-8") + b"\x00" + challenge
+
+
+class IdentityDirectory(Protocol):
+    """The identity service as login sees it."""
+
+    async def verify_key(self, user_id: str) -> bytes | None:
+        """The active user's Ed25519 verify key, or None if unknown or deactivated."""
+        ...
+
+    async def record_login(self, user_id: str, when: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Challenge:
+    challenge_id: str
+    user_id: str
+    nonce: bytes
+    expire_time: float
+
+
+class ChallengeBook:
+    """Outstanding challenges, in memory: each can be taken once, until it expires."""
+
+    def __init__(
+        self, ttl: float, *, capacity: int = 100_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._ttl = ttl
+        self._capacity = capacity
+        self._clock = clock
+        self._items: OrderedDict[str, Challenge] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, user_id: str) -> Challenge:
+        now = self._clock()
+        challenge = Challenge(
+            secrets.token_hex(16), user_id, secrets.token_bytes(CHALLENGE_BYTES), now + self._ttl
+        )
+        with self._lock:
+            self._purge(now)
+            if len(self._items) >= self._capacity:
+                raise ResourceExhausted("too many logins in progress", retry_after=self._ttl)
+            self._items[challenge.challenge_id] = challenge
+        return challenge
+
+    def take(self, challenge_id: str, user_id: str) -> Challenge | None:
+        with self._lock:
+            challenge = self._items.pop(challenge_id, None)
+        if challenge is None or challenge.user_id != user_id:
+            return None
+        if challenge.expire_time <= self._clock():
+            return None
+        return challenge
+
+    def _purge(self, now: float) -> None:
+        # Insertion order is expiry order (fixed TTL), so expired ones sit at the front.
+        while self._items:
+            first = next(iter(self._items.values()))
+            if first.expire_time > now:
+                break
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge(self._clock())
+            return len(self._items)
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    failures_per_account: int = 10
+    failures_per_address: int = 100
+    window_seconds: float = 900.0
+
+
+class Login:
+    def __init__(
+        self,
+        sessions: Sessions,
+        directory: IdentityDirectory,
+        challenges: ChallengeBook,
+        limits: LoginLimits,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sessions = sessions
+        self._directory = directory
+        self._challenges = challenges
+        self._clock = clock
+        self._by_account = SlidingWindowLimiter(limits.failures_per_account, limits.window_seconds)
+        self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
+
+    def challenge(self, user_id: str) -> Challenge:
+        validation.user_id(user_id)
+        return self._challenges.issue(user_id)
+
+    def check_limits(self, user_id: str, address: str) -> None:
+        for limiter, key, what in (
+            (self._by_account, user_id, "this account"),
+            (self._by_address, address, "your address"),
+        ):
+            wait = limiter.retry_after(key)
+            if wait is not None:
+                raise ResourceExhausted(f"too many failed logins for {what}", retry_after=wait)
+
+    async def sign_in(
+        self,
+        user_id: str,
+        challenge_id: str,
+        signature: bytes,
+        *,
+        address: str,
+        user_agent: str,
+    ) -> tuple[str, SessionRecord]:
+        """Returns (token, session) or raises Unauthenticated / ResourceExhausted."""
+        validation.user_id(user_id)
+        if not challenge_id:
+            raise InvalidArgument("challenge_id is required (from CreateChallenge)")
+        if len(signature) != SIGNATURE_BYTES:
+            raise InvalidArgument(f"signature must be {SIGNATURE_BYTES} bytes (Ed25519)")
+        validation.text(user_agent, "user_agent", max_chars=MAX_USER_AGENT_CHARS, required=False)
+        self.check_limits(user_id, address)
+
+        challenge = self._challenges.take(challenge_id, user_id)
+        raw_key = await self._directory.verify_key(user_id)
+        verifier = _DECOY_KEY
+        if raw_key is not None:
+            try:
+                verifier = Ed25519PublicKey.from_public_bytes(raw_key)
+            except ValueError:
+                raw_key = None
+        nonce = challenge.nonce if challenge is not None else bytes(CHALLENGE_BYTES)
+        try:
+            verifier.verify(signature, login_message(user_id, nonce))
+            verified = True
+        except InvalidSignature:
+            verified = False
+
+        if not (verified and challenge is not None and raw_key is not None):
+            self._by_account.hit(user_id)
+            self._by_address.hit(address)
+            raise Unauthenticated(LOGIN_FAILED)
+
+        self._by_account.reset(user_id)
+        token, record = await asyncio.to_thread(self._sessions.create, user_id, address, user_agent)
+        await self._directory.record_login(user_id, record.create_time)
+        return token, record
+
+    def pending_challenges(self) -> int:
+        return len(self._challenges)

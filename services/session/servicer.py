@@ -1,0 +1,151 @@
+"""gRPC transport for sessions: authenticate, convert, delegate."""
+
+from __future__ import annotations
+
+import asyncio
+
+from securemsg.session.v1 import session_admin_service_pb2 as admin_pb
+from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
+from securemsg.session.v1 import session_internal_service_pb2 as internal_pb
+from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
+from securemsg.session.v1 import session_pb2
+from securemsg.session.v1 import session_service_pb2 as pb
+from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
+
+from services.common import convert, peers
+from services.common.auth import bearer_token
+from services.common.peers import Context
+from services.session.login import Login
+from services.session.sessions import Sessions
+from services.session.store import SessionRecord
+
+
+def _session(record: SessionRecord, current_id: str, idle_timeout: float) -> session_pb2.Session:
+    # The idle deadline is last use + idle timeout, so last use is derived, not stored.
+    last_seen = max(record.create_time, record.expire_time - idle_timeout)
+    return session_pb2.Session(
+        session_id=record.session_id,
+        user_id=record.user_id,
+        create_time=convert.timestamp(record.create_time),
+        last_seen_time=convert.timestamp(last_seen),
+        expire_time=convert.timestamp(record.expire_time),
+        ip_address=record.ip_address,
+        user_agent=record.user_agent,
+        current=record.session_id == current_id,
+    )
+
+
+def _user_agent(request_value: str, context: Context) -> str:
+    if request_value:
+        return request_value
+    for key, value in context.invocation_metadata() or ():
+        if key == "user-agent" and isinstance(value, str):
+            return value[:256]
+    return ""
+
+
+class SessionServicer(pb_grpc.SessionServiceServicer):
+    def __init__(self, sessions: Sessions, login: Login) -> None:
+        self._sessions = sessions
+        self._login = login
+        self._idle = sessions.policy.idle_timeout
+
+    async def _caller(self, context: Context) -> SessionRecord:
+        return await asyncio.to_thread(self._sessions.validate, bearer_token(context))
+
+    async def CreateChallenge(
+        self, request: pb.CreateChallengeRequest, context: Context
+    ) -> pb.CreateChallengeResponse:
+        challenge = self._login.challenge(request.user_id)
+        return pb.CreateChallengeResponse(
+            challenge_id=challenge.challenge_id,
+            challenge=challenge.nonce,
+            expire_time=convert.timestamp(challenge.expire_time),
+        )
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Context
+    ) -> pb.CreateSessionResponse:
+        token, record = await self._login.sign_in(
+            request.user_id,
+            request.challenge_id,
+            request.signature,
+            address=peers.peer_host(context),
+            user_agent=_user_agent(request.user_agent, context),
+        )
+        return pb.CreateSessionResponse(
+            token=token, session=_session(record, record.session_id, self._idle)
+        )
+
+    async def TouchSession(
+        self, request: pb.TouchSessionRequest, context: Context
+    ) -> pb.TouchSessionResponse:
+        caller = await self._caller(context)
+        record = await asyncio.to_thread(self._sessions.touch, caller)
+        return pb.TouchSessionResponse(session=_session(record, caller.session_id, self._idle))
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        caller = await self._caller(context)
+        records = await asyncio.to_thread(self._sessions.list, caller.user_id)
+        return pb.ListSessionsResponse(
+            sessions=[_session(r, caller.session_id, self._idle) for r in records]
+        )
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        caller = await self._caller(context)
+        await asyncio.to_thread(self._sessions.delete, caller, request.session_id)
+        return pb.DeleteSessionResponse()
+
+    async def RevokeOtherSessions(
+        self, request: pb.RevokeOtherSessionsRequest, context: Context
+    ) -> pb.RevokeOtherSessionsResponse:
+        caller = await self._caller(context)
+        count = await asyncio.to_thread(self._sessions.revoke_others, caller)
+        return pb.RevokeOtherSessionsResponse(revoked_count=count)
+
+
+class SessionInternalServicer(internal_grpc.SessionInternalServiceServicer):
+    def __init__(self, sessions: Sessions) -> None:
+        self._sessions = sessions
+
+    async def ValidateSession(
+        self, request: internal_pb.ValidateSessionRequest, context: Context
+    ) -> internal_pb.ValidateSessionResponse:
+        record = await asyncio.to_thread(self._sessions.validate, request.token, strict_shape=True)
+        return internal_pb.ValidateSessionResponse(
+            user_id=record.user_id,
+            session_id=record.session_id,
+            expire_time=convert.timestamp(record.expire_time),
+        )
+
+
+class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
+    def __init__(self, sessions: Sessions, login: Login) -> None:
+        self._sessions = sessions
+        self._login = login
+
+    async def RevokeUserSessions(
+        self, request: admin_pb.RevokeUserSessionsRequest, context: Context
+    ) -> admin_pb.RevokeUserSessionsResponse:
+        count = await asyncio.to_thread(self._sessions.revoke_user, request.user_id)
+        return admin_pb.RevokeUserSessionsResponse(revoked_count=count)
+
+    async def CleanupExpiredSessions(
+        self, request: admin_pb.CleanupExpiredSessionsRequest, context: Context
+    ) -> admin_pb.CleanupExpiredSessionsResponse:
+        count = await asyncio.to_thread(self._sessions.cleanup)
+        return admin_pb.CleanupExpiredSessionsResponse(deleted_count=count)
+
+    async def GetSessionStats(
+        self, request: admin_pb.GetSessionStatsRequest, context: Context
+    ) -> admin_pb.GetSessionStatsResponse:
+        active, users = await asyncio.to_thread(self._sessions.counts)
+        return admin_pb.GetSessionStatsResponse(
+            active_sessions=active,
+            users_with_sessions=users,
+            pending_challenges=self._login.pending_challenges(),
+        )

@@ -1,0 +1,162 @@
+"""Session storage in an encrypted SQLite file.
+
+What a stolen file shows: a SHA-256 of each token (useless to log in: tokens are 256-bit
+random), a blind index of the user id (rows of one user can be grouped, not named), a
+random session id and the time each session expires if unused. User id, IP address, user
+agent, login time and absolute deadline are ciphertext bound to their row.
+
+Token hashes are unkeyed on purpose: a keyed hash would change with key rotation and
+could not be recomputed, since the tokens themselves are never stored.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.crypto import Keyring
+from services.common.sqlite import Database, Migration
+
+MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE sessions (
+            id               INTEGER PRIMARY KEY,
+            session_id       TEXT    NOT NULL UNIQUE,
+            token_hash       BLOB    NOT NULL UNIQUE,
+            user_index       BLOB    NOT NULL,
+            user_id_ct       BLOB    NOT NULL,
+            ip_ct            BLOB    NOT NULL,
+            user_agent_ct    BLOB    NOT NULL,
+            times_ct         BLOB    NOT NULL,
+            expire_time      REAL    NOT NULL
+        ) STRICT;
+        CREATE INDEX sessions_by_user ON sessions (user_index);
+        CREATE INDEX sessions_by_expiry ON sessions (expire_time);
+        """,
+    ),
+]
+
+_TIMES = struct.Struct(">dd")  # login time, absolute deadline
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    user_id: str
+    ip_address: str
+    user_agent: str
+    create_time: float
+    absolute_deadline: float
+    expire_time: float
+
+
+class SessionStore(Protocol):
+    def add(self, record: SessionRecord, token_hash: bytes) -> None: ...
+    def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None: ...
+    def set_expiry(self, session_id: str, expire_time: float) -> None: ...
+    def for_user(self, user_id: str, now: float) -> list[SessionRecord]: ...
+    def delete(self, user_id: str, session_id: str) -> bool: ...
+    def delete_user(self, user_id: str, *, keep_session_id: str | None = None) -> int: ...
+    def delete_expired(self, now: float) -> int: ...
+    def counts(self, now: float) -> tuple[int, int]: ...
+
+
+class SqliteSessionStore:
+    def __init__(self, db: Database, keyring: Keyring) -> None:
+        self._db = db
+        self._index = keyring.blind_index("sessions.user_id")
+        self._user_id = keyring.field("sessions", "user_id")
+        self._ip = keyring.field("sessions", "ip_address")
+        self._user_agent = keyring.field("sessions", "user_agent")
+        self._times = keyring.field("sessions", "times")
+
+    def add(self, record: SessionRecord, token_hash: bytes) -> None:
+        row_key = record.session_id.encode()
+        with self._db.write() as conn:
+            conn.execute(
+                """INSERT INTO sessions (session_id, token_hash, user_index, user_id_ct, ip_ct,
+                       user_agent_ct, times_ct, expire_time)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    record.session_id,
+                    token_hash,
+                    self._index(record.user_id),
+                    self._user_id.encrypt_text(record.user_id, row_key),
+                    self._ip.encrypt_text(record.ip_address, row_key),
+                    self._user_agent.encrypt_text(record.user_agent, row_key),
+                    self._times.encrypt(
+                        _TIMES.pack(record.create_time, record.absolute_deadline), row_key
+                    ),
+                    record.expire_time,
+                ),
+            )
+
+    def _decode(self, row: sqlite3.Row) -> SessionRecord:
+        row_key = row["session_id"].encode()
+        create_time, deadline = _TIMES.unpack(self._times.decrypt(row["times_ct"], row_key))
+        return SessionRecord(
+            session_id=row["session_id"],
+            user_id=self._user_id.decrypt_text(row["user_id_ct"], row_key),
+            ip_address=self._ip.decrypt_text(row["ip_ct"], row_key),
+            user_agent=self._user_agent.decrypt_text(row["user_agent_ct"], row_key),
+            create_time=create_time,
+            absolute_deadline=deadline,
+            expire_time=row["expire_time"],
+        )
+
+    def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT * FROM sessions WHERE token_hash = ? AND expire_time > ?",
+                (token_hash, now),
+            ).fetchone()
+        return None if row is None else self._decode(row)
+
+    def set_expiry(self, session_id: str, expire_time: float) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "UPDATE sessions SET expire_time = ? WHERE session_id = ?",
+                (expire_time, session_id),
+            )
+
+    def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM sessions WHERE user_index = ? AND expire_time > ?",
+                (self._index(user_id), now),
+            ).fetchall()
+        records = [self._decode(row) for row in rows]
+        return sorted(records, key=lambda r: r.create_time, reverse=True)
+
+    def delete(self, user_id: str, session_id: str) -> bool:
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM sessions WHERE session_id = ? AND user_index = ?",
+                (session_id, self._index(user_id)),
+            )
+            return cursor.rowcount == 1
+
+    def delete_user(self, user_id: str, *, keep_session_id: str | None = None) -> int:
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                "DELETE FROM sessions WHERE user_index = ? AND session_id IS NOT ?",
+                (self._index(user_id), keep_session_id),
+            )
+            return cursor.rowcount
+
+    def delete_expired(self, now: float) -> int:
+        with self._db.write() as conn:
+            return conn.execute("DELETE FROM sessions WHERE expire_time <= ?", (now,)).rowcount
+
+    def counts(self, now: float) -> tuple[int, int]:
+        """(active sessions, distinct users with one)."""
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT user_index) FROM sessions WHERE expire_time > ?",
+                (now,),
+            ).fetchone()
+        return int(row[0]), int(row[1])

@@ -1,0 +1,289 @@
+"""The identity service, driven as a client would, against real processes."""
+
+from __future__ import annotations
+
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from securemsg.identity.v1 import identity_admin_service_pb2 as admin_pb
+from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
+from securemsg.identity.v1 import identity_internal_service_pb2 as internal_pb
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
+from securemsg.identity.v1 import identity_service_pb2 as pb
+from securemsg.identity.v1 import keys_pb2
+
+from services.client.keys import UserKeys
+from services.identity.keys import fingerprint
+from tests.support.stack import Stack
+from tests.support.users import Client, bearer, registration
+
+
+def test_register_login_fetch_bundle_and_refill_prekeys(client: Client) -> None:
+    alice = client.register("alice", one_time=3, alias="Alice Liddell")
+    bob = client.register("bob", one_time=0)
+    bob_token = client.login("bob", bob)
+
+    profile = client.profile(client.login("alice", alice))
+    assert profile.user_id == "alice"
+    assert profile.alias == "Alice Liddell"
+    assert dict(profile.metadata) == {"device": "test-phone"}
+    assert profile.one_time_prekey_count == 3
+    assert profile.fingerprint == fingerprint(alice.identity_public, alice.verify_key)
+    assert profile.HasField("last_login_time")
+
+    bundle = client.identity.GetKeyBundle(
+        pb.GetKeyBundleRequest(user_id="alice"), metadata=bearer(bob_token), timeout=10
+    ).bundle
+    assert bundle.identity_key == alice.identity_public
+    assert bundle.verify_key == alice.verify_key
+    assert bundle.signed_prekey == alice.signed_prekey_proto().__class__(
+        key_id=1,
+        public_key=bundle.signed_prekey.public_key,
+        signature=bundle.signed_prekey.signature,
+    )
+    assert bundle.one_time_prekey.key_id == 1
+    assert bundle.one_time_prekey.public_key == alice.one_time_public(1).public_key
+    assert len(bundle.fingerprint.split(":")) == 16
+
+    alice_token = client.login("alice", alice)
+    count = client.identity.GetPrekeyCount(
+        pb.GetPrekeyCountRequest(), metadata=bearer(alice_token), timeout=10
+    )
+    assert count.one_time_prekey_count == 2
+    new_ids = alice.add_one_time(5)
+    refilled = client.identity.UploadOneTimePrekeys(
+        pb.UploadOneTimePrekeysRequest(one_time_prekeys=alice.one_time_protos(new_ids)),
+        metadata=bearer(alice_token),
+        timeout=10,
+    )
+    assert refilled.one_time_prekey_count == 7
+
+
+def test_bundle_without_one_time_prekeys_still_serves_the_signed_keys(client: Client) -> None:
+    client.register("carol", one_time=0)
+    token = client.login("dave", client.register("dave"))
+    bundle = client.identity.GetKeyBundle(
+        pb.GetKeyBundleRequest(user_id="carol"), metadata=bearer(token), timeout=10
+    ).bundle
+    assert not bundle.HasField("one_time_prekey")
+    assert len(bundle.signed_prekey.public_key) == 32
+
+
+def test_twenty_concurrent_fetches_never_share_a_one_time_prekey(client: Client) -> None:
+    client.register("popular", one_time=15)
+    token = client.login("fan", client.register("fan"))
+
+    def fetch(_: int) -> int | None:
+        bundle = client.identity.GetKeyBundle(
+            pb.GetKeyBundleRequest(user_id="popular"), metadata=bearer(token), timeout=20
+        ).bundle
+        return bundle.one_time_prekey.key_id if bundle.HasField("one_time_prekey") else None
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(fetch, range(20)))
+    handed_out = [r for r in results if r is not None]
+    assert sorted(handed_out) == list(range(1, 16))  # each key exactly once
+    assert results.count(None) == 5  # the pool ran dry; those got bundles without one
+
+
+def test_data_survives_a_restart(stack: Stack, client: Client) -> None:
+    keys = client.register("persistent", alias="Still Here")
+    stack["identity"].restart()
+    stack["session"].restart()
+    assert client.profile(client.login("persistent", keys)).alias == "Still Here"
+
+
+def test_wrong_key_refuses_to_start_and_leaves_the_file_unchanged(stack: Stack) -> None:
+    Client(stack).register("someone")
+    identity = stack["identity"]
+    identity.stop()
+    db = stack.db_path("identity")
+    before = db.read_bytes()
+
+    wrong = type(identity)(
+        "identity",
+        {**identity.env, "DB_ENCRYPTION_KEY_FILE": "", "DB_ENCRYPTION_KEY": "x" * 40},
+        identity.log_path,
+        identity.ca_file,
+    )
+    code, output = wrong.run_to_exit()
+
+    assert code == 2
+    assert "DB_ENCRYPTION_KEY does not unlock identity.db" in output
+    assert db.read_bytes() == before
+
+
+def test_the_database_file_holds_no_user_id_alias_or_metadata(stack: Stack) -> None:
+    client = Client(stack)
+    client.register(
+        "zebra-unique-id", alias="Zebedee Plaintext", metadata={"city": "Atlantis-Secret"}
+    )
+    stack["identity"].stop()  # checkpoint the WAL so everything is in the main file
+    raw = b"".join(p.read_bytes() for p in stack.layout.data.glob("identity.db*") if p.is_file())
+    for secret in (b"zebra-unique-id", b"Zebedee Plaintext", b"Atlantis-Secret", b"city"):
+        assert secret not in raw
+        assert secret.decode().encode("utf-16-le") not in raw
+
+
+def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -> None:
+    client = Client(stack)
+    client.register("victim", alias="Victim Alias")
+    mallory = client.register("mallory", alias="Mallory Alias")
+    stack["identity"].stop()
+    with sqlite3.connect(stack.db_path("identity")) as conn:
+        conn.execute(
+            "UPDATE users SET alias_ct = (SELECT alias_ct FROM users WHERE id = 1) WHERE id = 2"
+        )
+    stack["identity"].start()
+
+    token = client.login("mallory", mallory)  # login reads only the verify key
+    with pytest.raises(grpc.RpcError) as error:
+        client.profile(token)
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "integrity" in error.value.details()
+    assert "Victim" not in error.value.details()
+
+
+def test_a_forged_signed_prekey_signature_is_invalid_argument(client: Client) -> None:
+    keys = UserKeys.generate(0)
+    forged = keys.signed_prekey_proto()
+    forged.signature = bytes(64)
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.RegisterUser(registration("forger", keys, signed_prekey=forged), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "signed_prekey.signature does not verify" in error.value.details()
+
+
+def _other_signature(keys: UserKeys) -> keys_pb2.SignedPrekey:
+    other = UserKeys.generate(0)
+    forged = keys.signed_prekey_proto()
+    forged.signature = other.signed_prekey_proto().signature
+    return forged
+
+
+MALFORMED = [
+    ({"user_id": ""}, "user_id is required"),
+    ({"user_id": "ab"}, "user_id must be 3 to 32 characters"),
+    ({"user_id": "Alice"}, "user_id must be 3 to 32 characters"),
+    ({"user_id": "a" * 33}, "user_id must be 3 to 32 characters"),
+    ({"user_id": "bad user"}, "user_id must be 3 to 32 characters"),
+    ({"alias": "x" * 65}, "alias is 65 characters; the limit is 64"),
+    ({"alias": "bell\x07"}, "alias must not contain control"),
+    ({"identity_key": b""}, "identity_key is required"),
+    ({"identity_key": b"\x01" * 31}, "identity_key must be exactly 32 bytes, got 31"),
+    ({"verify_key": b"\x01" * 33}, "verify_key must be exactly 32 bytes, got 33"),
+    ({"metadata": {"Bad-Key": "v"}}, "metadata keys must be 1 to 32 characters"),
+    ({"metadata": {"k": "v" * 257}}, "metadata[k] is 257 characters; the limit is 256"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata has 17 entries"),
+    ({"signed_prekey": None}, "signed_prekey is required"),
+    ({"pq_prekey": None}, "pq_prekey is required"),
+    (
+        {"pq_prekey": keys_pb2.PqPrekey(key_id=1, public_key=b"\x00" * 100, signature=bytes(64))},
+        "pq_prekey.public_key must be exactly 1184 bytes, got 100",
+    ),
+    (
+        {"one_time_prekeys": [keys_pb2.OneTimePrekey(key_id=1, public_key=b"\x00" * 3)]},
+        "one_time_prekeys[0].public_key must be exactly 32 bytes, got 3",
+    ),
+    (
+        {"one_time_prekeys": [keys_pb2.OneTimePrekey(key_id=1, public_key=bytes(32))] * 2},
+        "one_time_prekeys[1].key_id 1 is repeated",
+    ),
+    (
+        {
+            "one_time_prekeys": [
+                keys_pb2.OneTimePrekey(key_id=i, public_key=bytes(32)) for i in range(101)
+            ]
+        },
+        "at most 100 per request",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), MALFORMED)
+def test_malformed_registration_fields_are_invalid_argument(
+    client: Client, overrides: dict[str, object], message: str
+) -> None:
+    keys = UserKeys.generate(1)
+    request = registration("newcomer", keys)
+    for field, value in overrides.items():
+        if value is None:
+            request.ClearField(field)  # type: ignore[arg-type]
+        elif field == "metadata":
+            request.metadata.clear()
+            request.metadata.update(value)  # type: ignore[arg-type]
+        elif field == "one_time_prekeys":
+            del request.one_time_prekeys[:]
+            request.one_time_prekeys.extend(value)  # type: ignore[arg-type]
+        elif isinstance(value, keys_pb2.PqPrekey):
+            request.pq_prekey.CopyFrom(value)
+        else:
+            setattr(request, field, value)
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.RegisterUser(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+
+
+def test_a_signature_by_another_key_is_rejected(client: Client) -> None:
+    keys = UserKeys.generate(0)
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.RegisterUser(
+            registration("someone", keys, signed_prekey=_other_signature(keys)), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_taken_user_id_is_already_exists(client: Client) -> None:
+    client.register("taken")
+    with pytest.raises(grpc.RpcError) as error:
+        client.register("taken")
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_calls_without_a_token_are_unauthenticated(client: Client) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.GetOwnProfile(pb.GetOwnProfileRequest(), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        client.profile("not-a-real-token")
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("cert", [None, "audit", "operator"])
+def test_internal_api_refuses_callers_without_an_allowed_certificate(
+    stack: Stack, cert: str | None
+) -> None:
+    Client(stack).register("target")
+    with stack.channel("identity", cert=cert) as channel:
+        stub = internal_grpc.IdentityInternalServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="target"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_internal_api_serves_an_allowed_service(stack: Stack) -> None:
+    keys = Client(stack).register("target")
+    with stack.channel("identity", cert="session") as channel:
+        stub = internal_grpc.IdentityInternalServiceStub(channel)
+        reply = stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="target"), timeout=10)
+    assert reply.verify_key == keys.verify_key
+
+
+def test_operator_stats_and_deactivation(stack: Stack, client: Client) -> None:
+    keys = client.register("leaving", one_time=4)
+    client.register("staying", one_time=0)
+    token = client.login("leaving", keys)
+    with stack.channel("identity", cert="operator") as channel:
+        admin = admin_grpc.IdentityAdminServiceStub(channel)
+        admin.DeactivateUser(admin_pb.DeactivateUserRequest(user_id="leaving"), timeout=10)
+        stats = admin.GetIdentityStats(admin_pb.GetIdentityStatsRequest(), timeout=10)
+    assert (stats.registered_users, stats.active_users, stats.deactivated_users) == (2, 1, 1)
+    assert stats.one_time_prekeys == 0
+    assert stats.users_without_one_time_prekeys == 1
+    with pytest.raises(grpc.RpcError) as error:
+        client.profile(token)  # deactivation revoked the session
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,187 @@
+"""Real service processes on free loopback ports, for integration tests.
+
+Environments come from services.launcher.topology, the same code `make run` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import grpc
+
+from services.launcher.health import wait_serving
+from services.launcher.topology import StackLayout, service_env
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = {
+    "identity": "securemsg.identity.v1.IdentityService",
+    "session": "securemsg.session.v1.SessionService",
+}
+FAST_KDF = {"KDF_ITERATIONS": "100000", "LOG_LEVEL": "INFO"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    def __init__(self, name: str, env: dict[str, str], log_path: Path, ca_file: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = log_path
+        self.ca_file = ca_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.env["LISTEN_ADDRESS"]
+
+    def start(self, *, wait: bool = True) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env={**os.environ, **self.env},
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        if wait:
+            self.wait_serving()
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        process = self.process
+        assert process is not None
+        try:
+            wait_serving(
+                self.address,
+                PACKAGES[self.name],
+                self.ca_file,
+                deadline=time.monotonic() + timeout,
+                alive=lambda: process.poll() is None,
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ---\n{self.log()}") from None
+
+    def run_to_exit(self, timeout: float = 30.0) -> tuple[int, str]:
+        """Starts the service expecting it to refuse; returns (exit code, output)."""
+        result = subprocess.run(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env={**os.environ, **self.env},
+            cwd=REPO,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+        return result.returncode, (result.stdout + result.stderr).decode()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Stack:
+    """A set of services sharing one temporary layout (keys, certificates, data)."""
+
+    def __init__(
+        self,
+        root: Path,
+        services: tuple[str, ...] = ("identity", "session"),
+        extra_env: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        self.layout = StackLayout(root)
+        self.layout.prepare()
+        self.ports = {name: (free_port(), free_port()) for name in services}
+        self.services = {
+            name: ServiceProcess(
+                name,
+                service_env(
+                    self.layout,
+                    name,
+                    self.ports,
+                    extra={**FAST_KDF, **(extra_env or {}).get(name, {})},
+                ),
+                self.layout.logs / f"{name}.log",
+                self.layout.tls / "ca.pem",
+            )
+            for name in services
+        }
+
+    def __getitem__(self, name: str) -> ServiceProcess:
+        return self.services[name]
+
+    def start(self) -> None:
+        for service in self.services.values():
+            service.start(wait=False)
+        for service in self.services.values():
+            service.wait_serving()
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.stop()
+
+    def channel(
+        self, name: str, cert: str | None = None, *, internal: bool = False
+    ) -> grpc.Channel:
+        """A TLS channel to a service's public port, or with a client certificate `cert`
+        (or `internal=True`) to its internal port."""
+        tls = self.layout.tls
+        ca = (tls / "ca.pem").read_bytes()
+        if cert is None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca,
+                private_key=(tls / f"{cert}.key").read_bytes(),
+                certificate_chain=(tls / f"{cert}.pem").read_bytes(),
+            )
+        env = self.services[name].env
+        use_internal = internal or cert is not None
+        address = env["INTERNAL_LISTEN_ADDRESS"] if use_internal else env["LISTEN_ADDRESS"]
+        return grpc.secure_channel(address, credentials)
+
+    def db_path(self, name: str) -> Path:
+        return Path(self.services[name].env["DB_PATH"])
+
+
+@contextlib.contextmanager
+def running(root: Path, **kwargs: object) -> Iterator[Stack]:
+    stack = Stack(root, **kwargs)  # type: ignore[arg-type]
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()

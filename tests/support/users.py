@@ -1,0 +1,81 @@
+"""Acting as a client: registering users and logging in through the generated stubs."""
+
+from __future__ import annotations
+
+import grpc
+from securemsg.identity.v1 import identity_service_pb2 as identity_pb
+from securemsg.identity.v1 import identity_service_pb2_grpc as identity_grpc
+from securemsg.session.v1 import session_service_pb2 as session_pb
+from securemsg.session.v1 import session_service_pb2_grpc as session_grpc
+
+from services.client.keys import UserKeys
+from tests.support.stack import Stack
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def registration(
+    user_id: str, keys: UserKeys, *, alias: str = "", **overrides: object
+) -> identity_pb.RegisterUserRequest:
+    fields: dict[str, object] = {
+        "user_id": user_id,
+        "alias": alias or f"Alias of {user_id}",
+        "metadata": {"device": "test-phone"},
+        "identity_key": keys.identity_public,
+        "verify_key": keys.verify_key,
+        "signed_prekey": keys.signed_prekey_proto(),
+        "pq_prekey": keys.pq_prekey_proto(),
+        "one_time_prekeys": keys.one_time_protos(),
+    }
+    fields.update(overrides)
+    return identity_pb.RegisterUserRequest(**fields)  # type: ignore[arg-type]
+
+
+class Client:
+    """One end user's view of the stack, over TLS without a client certificate."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._identity_channel = stack.channel("identity")
+        self._session_channel = stack.channel("session")
+        self.identity = identity_grpc.IdentityServiceStub(self._identity_channel)
+        self.session = session_grpc.SessionServiceStub(self._session_channel)
+
+    def close(self) -> None:
+        self._identity_channel.close()
+        self._session_channel.close()
+
+    def register(self, user_id: str, *, one_time: int = 10, **overrides: object) -> UserKeys:
+        keys = UserKeys.generate(one_time)
+        self.identity.RegisterUser(registration(user_id, keys, **overrides), timeout=10)
+        return keys
+
+    def login(self, user_id: str, keys: UserKeys, user_agent: str = "pytest") -> str:
+        challenge = self.session.CreateChallenge(
+            session_pb.CreateChallengeRequest(user_id=user_id), timeout=10
+        )
+        reply = self.session.CreateSession(
+            session_pb.CreateSessionRequest(
+                user_id=user_id,
+                challenge_id=challenge.challenge_id,
+                signature=keys.sign_login(user_id, challenge.challenge),
+                user_agent=user_agent,
+            ),
+            timeout=10,
+        )
+        return reply.token
+
+    def profile(self, token: str) -> identity_pb.Profile:
+        return self.identity.GetOwnProfile(
+            identity_pb.GetOwnProfileRequest(), metadata=bearer(token), timeout=10
+        ).profile
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    """Runs a zero-argument callable expected to fail, returning its status code."""
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    raise AssertionError("call succeeded but was expected to fail")
