@@ -1,0 +1,310 @@
+"""Login and sessions against real identity and session processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from securemsg.identity.v1 import identity_service_pb2 as identity_pb
+from securemsg.session.v1 import session_admin_service_pb2 as admin_pb
+from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
+from securemsg.session.v1 import session_internal_service_pb2 as internal_pb
+from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
+from securemsg.session.v1 import session_service_pb2 as pb
+
+from services.client.keys import UserKeys
+from tests.support.stack import Stack
+from tests.support.users import Client, bearer
+
+
+def validate(stack: Stack, token: str) -> internal_pb.ValidateSessionResponse:
+    with stack.channel("session", cert="relay") as channel:
+        stub = internal_grpc.SessionInternalServiceStub(channel)
+        return stub.ValidateSession(internal_pb.ValidateSessionRequest(token=token), timeout=10)
+
+
+def refused(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()  # type: ignore[operator]
+    return error.value
+
+
+def test_register_login_validate_logout_then_the_token_is_refused_everywhere(
+    stack: Stack, client: Client
+) -> None:
+    keys = client.register("alice")
+    token = client.login("alice", keys)
+    assert len(token) == 43
+
+    checked = validate(stack, token)
+    assert checked.user_id == "alice"
+    assert client.profile(token).user_id == "alice"
+
+    client.session.DeleteSession(pb.DeleteSessionRequest(), metadata=bearer(token), timeout=10)
+
+    assert refused(lambda: validate(stack, token)).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused(lambda: client.profile(token)).code() == grpc.StatusCode.UNAUTHENTICATED
+    error = refused(
+        lambda: client.session.ListSessions(
+            pb.ListSessionsRequest(), metadata=bearer(token), timeout=10
+        )
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _attempt(client: Client, user_id: str, challenge_id: str, signature: bytes) -> grpc.RpcError:
+    return refused(
+        lambda: client.session.CreateSession(
+            pb.CreateSessionRequest(
+                user_id=user_id, challenge_id=challenge_id, signature=signature
+            ),
+            timeout=10,
+        )
+    )
+
+
+def test_a_replayed_challenge_is_refused(client: Client) -> None:
+    keys = client.register("alice")
+    challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
+    signature = keys.sign_login("alice", challenge.challenge)
+    client.session.CreateSession(
+        pb.CreateSessionRequest(
+            user_id="alice", challenge_id=challenge.challenge_id, signature=signature
+        )
+    )
+    error = _attempt(client, "alice", challenge.challenge_id, signature)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_signature_by_another_key_is_refused(client: Client) -> None:
+    client.register("alice")
+    challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
+    impostor = UserKeys.generate(0)
+    error = _attempt(
+        client, "alice", challenge.challenge_id, impostor.sign_login("alice", challenge.challenge)
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_challenge_issued_for_another_user_is_refused(client: Client) -> None:
+    client.register("alice")
+    mallory = client.register("mallory")
+    challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
+    error = _attempt(
+        client,
+        "mallory",
+        challenge.challenge_id,
+        mallory.sign_login("mallory", challenge.challenge),
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unknown_user_and_bad_signature_look_the_same(client: Client) -> None:
+    client.register("alice")
+    ghost = UserKeys.generate(0)
+    replies = []
+    for user_id in ("alice", "nobody-here"):
+        challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id=user_id))
+        replies.append(
+            _attempt(
+                client,
+                user_id,
+                challenge.challenge_id,
+                ghost.sign_login(user_id, challenge.challenge),
+            )
+        )
+    assert replies[0].code() == replies[1].code() == grpc.StatusCode.UNAUTHENTICATED
+    assert replies[0].details() == replies[1].details()
+
+
+@pytest.fixture
+def short_lived(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(
+        tmp_path,
+        extra_env={
+            "session": {
+                "CHALLENGE_TTL_SECONDS": "1",
+                "SESSION_IDLE_TIMEOUT_SECONDS": "2",
+                "SESSION_MAX_LIFETIME_SECONDS": "4",
+                "CLEANUP_INTERVAL_SECONDS": "0.5",
+            }
+        },
+    )
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+def test_an_expired_challenge_is_refused(short_lived: Stack) -> None:
+    client = Client(short_lived)
+    keys = client.register("alice")
+    challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
+    time.sleep(1.3)
+    error = _attempt(
+        client, "alice", challenge.challenge_id, keys.sign_login("alice", challenge.challenge)
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_idle_sessions_expire_and_use_keeps_them_alive_until_the_absolute_limit(
+    short_lived: Stack,
+) -> None:
+    client = Client(short_lived)
+    keys = client.register("alice")
+    idle = client.login("alice", keys)
+    busy = client.login("alice", keys)
+
+    for _ in range(6):  # 3 s of use every 0.5 s: longer than the 2 s idle timeout
+        time.sleep(0.5)
+        validate(short_lived, busy)
+    assert refused(lambda: validate(short_lived, idle)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+    time.sleep(1.2)  # now past the 4 s absolute lifetime, though used recently
+    validate_error = refused(lambda: validate(short_lived, busy))
+    assert validate_error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    time.sleep(0.6)  # the background cleanup has removed both rows
+    with short_lived.channel("session", cert="operator") as channel:
+        stats = admin_grpc.SessionAdminServiceStub(channel).GetSessionStats(
+            admin_pb.GetSessionStatsRequest(), timeout=10
+        )
+    assert stats.active_sessions == 0
+
+
+def test_revoke_others_leaves_exactly_the_callers_session(client: Client) -> None:
+    keys = client.register("alice")
+    bob_token = client.login("bob", client.register("bob"))
+    tokens = [client.login("alice", keys, user_agent=f"device-{i}") for i in range(4)]
+    keeper = tokens[2]
+
+    reply = client.session.RevokeOtherSessions(
+        pb.RevokeOtherSessionsRequest(), metadata=bearer(keeper), timeout=10
+    )
+    assert reply.revoked_count == 3
+    listed = client.session.ListSessions(
+        pb.ListSessionsRequest(), metadata=bearer(keeper), timeout=10
+    ).sessions
+    assert [(s.user_agent, s.current) for s in listed] == [("device-2", True)]
+    assert listed[0].ip_address == "127.0.0.1"
+    for token in tokens[:2] + tokens[3:]:
+        assert refused(lambda t=token: client.profile(t)).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert client.profile(bob_token).user_id == "bob"  # other users untouched
+
+
+def test_deleting_another_users_session_is_not_found(client: Client) -> None:
+    alice = client.login("alice", client.register("alice"))
+    bob = client.login("bob", client.register("bob"))
+    bobs_id = (
+        client.session.ListSessions(pb.ListSessionsRequest(), metadata=bearer(bob), timeout=10)
+        .sessions[0]
+        .session_id
+    )
+    error = refused(
+        lambda: client.session.DeleteSession(
+            pb.DeleteSessionRequest(session_id=bobs_id), metadata=bearer(alice), timeout=10
+        )
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert client.profile(bob).user_id == "bob"
+
+
+def test_sessions_survive_a_restart_of_the_session_service(stack: Stack, client: Client) -> None:
+    token = client.login("alice", client.register("alice"))
+    stack["session"].restart()
+    assert validate(stack, token).user_id == "alice"
+    assert client.profile(token).user_id == "alice"
+
+
+def test_the_database_holds_no_token_ip_user_agent_or_user_id(stack: Stack, client: Client) -> None:
+    token = client.login("walrus-unique", client.register("walrus-unique"), "Agent-Smith/9.9")
+    stack["session"].stop()
+    raw = b"".join(p.read_bytes() for p in stack.layout.data.glob("session.db*") if p.is_file())
+    for secret in (token.encode(), b"127.0.0.1", b"Agent-Smith", b"walrus-unique"):
+        assert secret not in raw
+
+
+def test_the_eleventh_failed_login_is_rate_limited_while_others_still_log_in(
+    client: Client,
+) -> None:
+    client.register("victim")
+    friend = client.register("friend")
+    attacker = UserKeys.generate(0)
+
+    codes = []
+    for _ in range(11):
+        challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="victim"))
+        error = _attempt(
+            client,
+            "victim",
+            challenge.challenge_id,
+            attacker.sign_login("victim", challenge.challenge),
+        )
+        codes.append(error.code())
+    assert codes[:10] == [grpc.StatusCode.UNAUTHENTICATED] * 10
+    assert codes[10] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry after" in error.details()
+    assert client.profile(client.login("friend", friend)).user_id == "friend"
+
+
+def test_deactivation_revokes_every_session(client: Client) -> None:
+    keys = client.register("leaving")
+    first, second = client.login("leaving", keys), client.login("leaving", keys)
+    client.identity.DeactivateAccount(
+        identity_pb.DeactivateAccountRequest(), metadata=bearer(first), timeout=10
+    )
+    for token in (first, second):
+        assert refused(lambda t=token: client.profile(t)).code() == grpc.StatusCode.UNAUTHENTICATED
+    challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="leaving"))
+    error = _attempt(
+        client, "leaving", challenge.challenge_id, keys.sign_login("leaving", challenge.challenge)
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"user_id": "NO"}, "user_id must be 3 to 32 characters"),
+        ({"user_id": "alice", "challenge_id": ""}, "challenge_id is required"),
+        ({"user_id": "alice", "challenge_id": "x", "signature": b"1"}, "signature must be 64"),
+        (
+            {
+                "user_id": "alice",
+                "challenge_id": "x",
+                "signature": bytes(64),
+                "user_agent": "a" * 300,
+            },
+            "user_agent is 300 characters",
+        ),
+    ],
+)
+def test_malformed_login_requests_are_invalid_argument(
+    client: Client, request_fields: dict[str, object], message: str
+) -> None:
+    error = refused(
+        lambda: client.session.CreateSession(pb.CreateSessionRequest(**request_fields), timeout=10)  # type: ignore[arg-type]
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+
+
+def test_admin_cleanup_and_revoke_all_need_an_allowed_certificate(
+    stack: Stack, client: Client
+) -> None:
+    client.login("alice", client.register("alice"))
+    with stack.channel("session") as public:
+        error = refused(
+            lambda: admin_grpc.SessionAdminServiceStub(public).RevokeUserSessions(
+                admin_pb.RevokeUserSessionsRequest(user_id="alice"), timeout=10
+            )
+        )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    with stack.channel("session", cert="operator") as channel:
+        admin = admin_grpc.SessionAdminServiceStub(channel)
+        revoked = admin.RevokeUserSessions(admin_pb.RevokeUserSessionsRequest(user_id="alice"))
+        cleaned = admin.CleanupExpiredSessions(admin_pb.CleanupExpiredSessionsRequest())
+    assert revoked.revoked_count == 1
+    assert cleaned.deleted_count == 0

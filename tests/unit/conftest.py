@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.sqlite import Migration, OpenedDatabase, open_database
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def opened(path: Path, service: str, migrations: list[Migration]) -> OpenedDatabase:
+    return open_database(
+        path,
+        service=service,
+        master_key="unit test master key",
+        kdf_iterations=100_000,
+        migrations=migrations,
+        synchronous="NORMAL",
+    )
+
+
+@pytest.fixture
+def identity_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
+    from services.identity.store import MIGRATIONS
+
+    db = opened(tmp_path / "identity.db", "identity", MIGRATIONS)
+    yield db
+    db.database.close()
+
+
+@pytest.fixture
+def session_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
+    from services.session.store import MIGRATIONS
+
+    db = opened(tmp_path / "session.db", "session", MIGRATIONS)
+    yield db
+    db.database.close()

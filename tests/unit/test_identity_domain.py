@@ -1,0 +1,151 @@
+"""Identity rules on a real SQLite file, without a network."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from services.client.keys import UserKeys
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.sqlite import OpenedDatabase
+from services.identity import keys as bundle_keys
+from services.identity.domain import MAX_PREKEY_POOL, Identity, Registration
+from services.identity.keys import OneTimePrekey, SignedKey
+from services.identity.store import SqliteIdentityStore
+from tests.unit.conftest import FakeClock
+
+
+def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registration:
+    spk, pq = keys.signed_prekey_proto(), keys.pq_prekey_proto()
+    fields: dict[str, object] = {
+        "user_id": user_id,
+        "alias": "Alias",
+        "metadata": {},
+        "identity_key": keys.identity_public,
+        "verify_key": keys.verify_key,
+        "signed_prekey": SignedKey(spk.key_id, spk.public_key, spk.signature),
+        "pq_prekey": SignedKey(pq.key_id, pq.public_key, pq.signature),
+        "one_time_prekeys": [keys.one_time_public(i) for i in sorted(keys.one_time)],
+    }
+    fields.update(overrides)
+    return Registration(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def identity(identity_db: OpenedDatabase, clock: FakeClock) -> Identity:
+    return Identity(SqliteIdentityStore(identity_db.database, identity_db.keyring), clock)
+
+
+def test_registration_returns_the_profile(identity: Identity, clock: FakeClock) -> None:
+    keys = UserKeys.generate(2)
+    user = identity.register(registration("alice", keys, metadata={"lang": "en"}))
+    assert (user.user_id, user.alias, user.metadata) == ("alice", "Alias", {"lang": "en"})
+    assert user.create_time == clock.now
+    assert user.one_time_prekey_count == 2
+    assert user.last_login_time is None
+
+
+def test_fingerprint_is_sixteen_groups_of_four_hex_digits() -> None:
+    keys = UserKeys.generate(0)
+    fp = bundle_keys.fingerprint(keys.identity_public, keys.verify_key)
+    assert re.fullmatch(r"([0-9A-F]{4}:){15}[0-9A-F]{4}", fp)
+    assert fp != bundle_keys.fingerprint(UserKeys.generate(0).identity_public, keys.verify_key)
+
+
+def test_bundles_hand_out_each_one_time_prekey_once_then_none(identity: Identity) -> None:
+    identity.register(registration("alice", UserKeys.generate(2)))
+    handed = [identity.bundle("alice").one_time_prekey for _ in range(3)]
+    assert [k.key_id if k else None for k in handed] == [1, 2, None]
+
+
+def test_concurrent_bundle_fetches_never_share_a_key(identity: Identity) -> None:
+    identity.register(registration("alice", UserKeys.generate(50)))
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda _: identity.bundle("alice").one_time_prekey, range(60)))
+    handed = [k.key_id for k in ids if k is not None]
+    assert sorted(handed) == list(range(1, 51))
+
+
+def test_a_taken_id_is_already_exists(identity: Identity) -> None:
+    identity.register(registration("alice", UserKeys.generate(0)))
+    with pytest.raises(AlreadyExists):
+        identity.register(registration("alice", UserKeys.generate(0)))
+
+
+def test_a_signature_over_a_different_key_id_does_not_verify(identity: Identity) -> None:
+    keys = UserKeys.generate(0)
+    spk = keys.signed_prekey_proto()
+    moved = SignedKey(spk.key_id + 1, spk.public_key, spk.signature)
+    with pytest.raises(InvalidArgument, match="signed_prekey.signature does not verify"):
+        identity.register(registration("alice", keys, signed_prekey=moved))
+
+
+def test_a_pq_key_that_is_not_ml_kem_is_rejected(identity: Identity) -> None:
+    keys = UserKeys.generate(0)
+    bogus = SignedKey(1, b"\xff" * bundle_keys.MLKEM768_KEY_BYTES, bytes(64))
+    with pytest.raises(InvalidArgument, match="pq_prekey"):
+        identity.register(registration("alice", keys, pq_prekey=bogus))
+
+
+def test_uploads_are_all_or_nothing(identity: Identity) -> None:
+    keys = UserKeys.generate(1)
+    identity.register(registration("alice", keys))
+    duplicate = [OneTimePrekey(5, bytes(32)), OneTimePrekey(1, bytes(32))]
+    with pytest.raises(AlreadyExists):
+        identity.upload_one_time_prekeys("alice", duplicate)
+    assert identity.prekey_count("alice") == 1
+
+
+def test_the_pool_is_capped(identity: Identity) -> None:
+    identity.register(registration("alice", UserKeys.generate(0)))
+    for start in range(0, MAX_PREKEY_POOL, 100):
+        batch = [OneTimePrekey(i, bytes(32)) for i in range(start, start + 100)]
+        identity.upload_one_time_prekeys("alice", batch)
+    with pytest.raises(ResourceExhausted, match="at most 1000"):
+        identity.upload_one_time_prekeys("alice", [OneTimePrekey(5000, bytes(32))])
+
+
+def test_rotation_replaces_the_signed_prekey_and_keeps_the_pq_key(identity: Identity) -> None:
+    keys = UserKeys.generate(0)
+    identity.register(registration("alice", keys))
+    old_pq = identity.bundle("alice").pq_prekey
+    keys.signed_prekey_id = 2
+    spk = keys.signed_prekey_proto()
+    bundle = identity.rotate_signed_prekey(
+        "alice", SignedKey(spk.key_id, spk.public_key, spk.signature), None
+    )
+    assert bundle.signed_prekey.key_id == 2
+    assert identity.bundle("alice").signed_prekey.key_id == 2
+    assert identity.bundle("alice").pq_prekey == old_pq
+
+
+def test_deactivated_users_are_gone_for_bundles_and_logins_but_counted(
+    identity: Identity, clock: FakeClock
+) -> None:
+    identity.register(registration("alice", UserKeys.generate(3)))
+    assert identity.deactivate("alice") == clock.now
+    clock.advance(10)
+    assert identity.deactivate("alice") == clock.now - 10  # idempotent, keeps the first time
+    with pytest.raises(NotFound):
+        identity.bundle("alice")
+    with pytest.raises(NotFound):
+        identity.verify_key("alice")
+    assert identity.status("alice") == (True, False)
+    counts = identity.counts()
+    assert (counts.registered, counts.active, counts.deactivated, counts.one_time_prekeys) == (
+        1,
+        0,
+        1,
+        0,
+    )
+
+
+def test_record_login_only_moves_forward(identity: Identity) -> None:
+    identity.register(registration("alice", UserKeys.generate(0)))
+    identity.record_login("alice", 500.0)
+    identity.record_login("alice", 400.0)
+    assert identity.profile("alice").last_login_time == 500.0
+    with pytest.raises(NotFound):
+        identity.record_login("nobody", 1.0)

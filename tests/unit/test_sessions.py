@@ -1,0 +1,93 @@
+"""Session expiry and revocation rules, with a clock the test controls."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.common.sqlite import OpenedDatabase
+from services.session.sessions import SessionPolicy, Sessions, hash_token
+from services.session.store import SqliteSessionStore
+from tests.unit.conftest import FakeClock
+
+
+@pytest.fixture
+def sessions(session_db: OpenedDatabase, clock: FakeClock) -> Sessions:
+    store = SqliteSessionStore(session_db.database, session_db.keyring)
+    return Sessions(store, SessionPolicy(idle_timeout=1800, max_lifetime=12 * 3600), clock)
+
+
+def test_a_new_token_validates_to_its_user(sessions: Sessions) -> None:
+    token, record = sessions.create("alice", "10.0.0.1", "phone")
+    assert len(token) == 43
+    assert sessions.validate(token).session_id == record.session_id
+    assert sessions.validate(token).user_id == "alice"
+
+
+def test_only_the_hash_of_the_token_is_used_for_lookup() -> None:
+    assert hash_token("a" * 43) != hash_token("b" * 43)
+    assert len(hash_token("a" * 43)) == 32
+
+
+def test_idle_sessions_expire(sessions: Sessions, clock: FakeClock) -> None:
+    token, _ = sessions.create("alice", "ip", "ua")
+    clock.advance(1799)
+    sessions.validate(token)  # use slides the deadline
+    clock.advance(1799)
+    sessions.validate(token)
+    clock.advance(1801)
+    with pytest.raises(Unauthenticated):
+        sessions.validate(token)
+
+
+def test_use_cannot_extend_past_the_absolute_lifetime(sessions: Sessions, clock: FakeClock) -> None:
+    token, _ = sessions.create("alice", "ip", "ua")
+    for _ in range(24):  # 12 hours of use every 30 minutes less a second
+        clock.advance(1799)
+        sessions.validate(token)
+    clock.advance(24 + 1)
+    with pytest.raises(Unauthenticated):
+        sessions.validate(token)
+
+
+def test_malformed_tokens_are_unauthenticated_for_users_and_invalid_for_services(
+    sessions: Sessions,
+) -> None:
+    with pytest.raises(Unauthenticated):
+        sessions.validate("short")
+    with pytest.raises(InvalidArgument):
+        sessions.validate("short", strict_shape=True)
+
+
+def test_revoke_others_keeps_the_current_one(sessions: Sessions) -> None:
+    tokens = [sessions.create("alice", "ip", f"ua{i}")[0] for i in range(3)]
+    bob, _ = sessions.create("bob", "ip", "ua")
+    current = sessions.validate(tokens[1])
+    assert sessions.revoke_others(current) == 2
+    assert [s.session_id for s in sessions.list("alice")] == [current.session_id]
+    sessions.validate(bob)
+
+
+def test_deleting_someone_elses_session_is_not_found(sessions: Sessions) -> None:
+    alice = sessions.validate(sessions.create("alice", "ip", "ua")[0])
+    bob_token, bob = sessions.create("bob", "ip", "ua")
+    with pytest.raises(NotFound):
+        sessions.delete(alice, bob.session_id)
+    sessions.validate(bob_token)
+
+
+def test_cleanup_removes_only_expired_sessions(sessions: Sessions, clock: FakeClock) -> None:
+    sessions.create("alice", "ip", "ua")
+    clock.advance(1000)
+    fresh, _ = sessions.create("bob", "ip", "ua")
+    clock.advance(1000)
+    assert sessions.cleanup() == 1
+    assert sessions.counts() == (1, 1)
+    sessions.validate(fresh)
+
+
+def test_revoke_user_removes_all_of_their_sessions(sessions: Sessions) -> None:
+    for _ in range(3):
+        sessions.create("alice", "ip", "ua")
+    assert sessions.revoke_user("alice") == 3
+    assert sessions.list("alice") == []

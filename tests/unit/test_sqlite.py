@@ -1,0 +1,105 @@
+"""Opening a service database: creation, persistence, and refusing to start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.errors import StartupError
+from services.common.sqlite import Migration, OpenedDatabase, open_database
+
+MIGRATIONS = [
+    Migration(1, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body BLOB NOT NULL) STRICT;"),
+]
+
+
+def open_notes(path: Path, key: str = "a sufficiently long key", **kw: object) -> OpenedDatabase:
+    return open_database(
+        path,
+        service="test",
+        master_key=key,
+        kdf_iterations=100_000,
+        migrations=kw.pop("migrations", MIGRATIONS),  # type: ignore[arg-type]
+        synchronous="FULL",
+    )
+
+
+def test_a_new_database_is_created_in_wal_mode_with_a_key_version(tmp_path: Path) -> None:
+    opened = open_notes(tmp_path / "sub" / "notes.db")
+    with opened.database.read() as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM key_versions").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    opened.database.close()
+
+
+def test_data_and_key_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    first = open_notes(path)
+    cipher = first.keyring.field("notes", "body")
+    with first.database.write() as conn:
+        conn.execute(
+            "INSERT INTO notes (id, body) VALUES (1, ?)", (cipher.encrypt_text("hi", b"1"),)
+        )
+    first.database.close()
+
+    second = open_notes(path)
+    with second.database.read() as conn:
+        blob = conn.execute("SELECT body FROM notes WHERE id = 1").fetchone()[0]
+    assert second.keyring.field("notes", "body").decrypt_text(blob, b"1") == "hi"
+    second.database.close()
+
+
+def test_a_failed_write_block_rolls_back(tmp_path: Path) -> None:
+    opened = open_notes(tmp_path / "notes.db")
+    with pytest.raises(RuntimeError), opened.database.write() as conn:
+        conn.execute("INSERT INTO notes (id, body) VALUES (1, x'00')")
+        raise RuntimeError("boom")
+    with opened.database.read() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 0
+    opened.database.close()
+
+
+def test_a_wrong_key_refuses_and_touches_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    open_notes(path).database.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    with pytest.raises(StartupError, match="does not unlock notes.db"):
+        open_notes(path, key="not the key it was made with")
+
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_file_that_is_not_a_database_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StartupError, match="not a readable SQLite database"):
+        open_notes(path)
+    assert path.read_bytes() == b"this is not sqlite at all" * 100
+
+
+def test_a_database_from_a_newer_release_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    newer = [*MIGRATIONS, Migration(2, "CREATE TABLE extra (id INTEGER PRIMARY KEY);")]
+    open_notes(path, migrations=newer).database.close()
+    with pytest.raises(StartupError, match="newer than this release"):
+        open_notes(path)
+
+
+def test_migrations_apply_in_order_on_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    open_notes(path).database.close()
+    newer = [*MIGRATIONS, Migration(2, "ALTER TABLE notes ADD COLUMN tag TEXT;")]
+    opened = open_notes(path, migrations=newer)
+    with opened.database.read() as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(notes)")]
+    assert columns == ["id", "body", "tag"]
+    opened.database.close()
+
+
+def test_misnumbered_migrations_are_a_programming_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without gaps"):
+        open_notes(tmp_path / "x.db", migrations=[Migration(2, "SELECT 1;")])
