@@ -120,7 +120,7 @@ class UserKeys:
             "pq_prekey_id": self.pq_prekey_id,
             "one_time": {str(k): _b64(_x25519_private(v)) for k, v in self.one_time.items()},
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle)

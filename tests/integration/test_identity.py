@@ -17,7 +17,7 @@ from securemsg.identity.v1 import keys_pb2
 from services.client.keys import UserKeys
 from services.identity.keys import fingerprint
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, registration
+from tests.support.users import Client, bearer, details, registration
 
 
 def test_register_login_fetch_bundle_and_refill_prekeys(client: Client) -> None:
@@ -142,8 +142,8 @@ def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -
     with pytest.raises(grpc.RpcError) as error:
         client.profile(token)
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
-    assert "integrity" in error.value.details()
-    assert "Victim" not in error.value.details()
+    assert "integrity" in details(error.value)
+    assert "Victim" not in details(error.value)
 
 
 def test_a_forged_signed_prekey_signature_is_invalid_argument(client: Client) -> None:
@@ -153,7 +153,7 @@ def test_a_forged_signed_prekey_signature_is_invalid_argument(client: Client) ->
     with pytest.raises(grpc.RpcError) as error:
         client.identity.RegisterUser(registration("forger", keys, signed_prekey=forged), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "signed_prekey.signature does not verify" in error.value.details()
+    assert "signed_prekey.signature does not verify" in details(error.value)
 
 
 def _other_signature(keys: UserKeys) -> keys_pb2.SignedPrekey:
@@ -213,7 +213,7 @@ def test_malformed_registration_fields_are_invalid_argument(
             request.ClearField(field)  # type: ignore[arg-type]
         elif field == "metadata":
             request.metadata.clear()
-            request.metadata.update(value)  # type: ignore[arg-type]
+            request.metadata.update(dict(value))  # type: ignore[call-overload]
         elif field == "one_time_prekeys":
             del request.one_time_prekeys[:]
             request.one_time_prekeys.extend(value)  # type: ignore[arg-type]
@@ -224,7 +224,7 @@ def test_malformed_registration_fields_are_invalid_argument(
     with pytest.raises(grpc.RpcError) as error:
         client.identity.RegisterUser(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in error.value.details()
+    assert message in details(error.value)
 
 
 def test_a_signature_by_another_key_is_rejected(client: Client) -> None:
@@ -247,7 +247,7 @@ def test_calls_without_a_token_are_unauthenticated(client: Client) -> None:
     with pytest.raises(grpc.RpcError) as error:
         client.identity.GetOwnProfile(pb.GetOwnProfileRequest(), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "authorization" in error.value.details()
+    assert "authorization" in details(error.value)
     with pytest.raises(grpc.RpcError) as error:
         client.profile("not-a-real-token")
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -17,7 +17,7 @@ from securemsg.session.v1 import session_service_pb2 as pb
 
 from services.client.keys import UserKeys
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer
+from tests.support.users import Client, bearer, details
 
 
 def validate(stack: Stack, token: str) -> internal_pb.ValidateSessionResponse:
@@ -245,7 +245,7 @@ def test_the_eleventh_failed_login_is_rate_limited_while_others_still_log_in(
         codes.append(error.code())
     assert codes[:10] == [grpc.StatusCode.UNAUTHENTICATED] * 10
     assert codes[10] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "retry after" in error.details()
+    assert "retry after" in details(error)
     assert client.profile(client.login("friend", friend)).user_id == "friend"
 
 
@@ -288,7 +288,7 @@ def test_malformed_login_requests_are_invalid_argument(
         lambda: client.session.CreateSession(pb.CreateSessionRequest(**request_fields), timeout=10)  # type: ignore[arg-type]
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in error.details()
+    assert message in details(error)
 
 
 def test_admin_cleanup_and_revoke_all_need_an_allowed_certificate(

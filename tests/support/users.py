@@ -46,9 +46,12 @@ class Client:
         self._identity_channel.close()
         self._session_channel.close()
 
-    def register(self, user_id: str, *, one_time: int = 10, **overrides: object) -> UserKeys:
+    def register(
+        self, user_id: str, *, one_time: int = 10, alias: str = "", **overrides: object
+    ) -> UserKeys:
         keys = UserKeys.generate(one_time)
-        self.identity.RegisterUser(registration(user_id, keys, **overrides), timeout=10)
+        request = registration(user_id, keys, alias=alias, **overrides)
+        self.identity.RegisterUser(request, timeout=10)
         return keys
 
     def login(self, user_id: str, keys: UserKeys, user_agent: str = "pytest") -> str:
@@ -72,10 +75,6 @@ class Client:
         ).profile
 
 
-def code_of(call: object) -> grpc.StatusCode:
-    """Runs a zero-argument callable expected to fail, returning its status code."""
-    try:
-        call()  # type: ignore[operator]
-    except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return]
-    raise AssertionError("call succeeded but was expected to fail")
+def details(error: grpc.RpcError) -> str:
+    """The status message of a failed call (what a person would read)."""
+    return str(error.details() or "")

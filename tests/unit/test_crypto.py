@@ -8,7 +8,7 @@ from services.common import crypto
 from services.common.errors import IntegrityError
 
 
-def keyring(secret: str = "correct horse battery staple", version: int = 1) -> crypto.Keyring:
+def keyring(secret: str = "correct horse battery staple", version: int = 1) -> crypto.Keyring:  # noqa: S107
     root = crypto.derive_root_key(secret, b"\x00" * 16, 100_000)
     return crypto.Keyring("identity", [crypto.KeyVersion(version, root)], primary=version)
 

@@ -78,7 +78,7 @@ def test_a_signature_over_a_different_key_id_does_not_verify(identity: Identity)
     keys = UserKeys.generate(0)
     spk = keys.signed_prekey_proto()
     moved = SignedKey(spk.key_id + 1, spk.public_key, spk.signature)
-    with pytest.raises(InvalidArgument, match="signed_prekey.signature does not verify"):
+    with pytest.raises(InvalidArgument, match=r"signed_prekey\.signature does not verify"):
         identity.register(registration("alice", keys, signed_prekey=moved))
 
 

@@ -54,9 +54,14 @@ def test_data_and_key_survive_reopening(tmp_path: Path) -> None:
 
 def test_a_failed_write_block_rolls_back(tmp_path: Path) -> None:
     opened = open_notes(tmp_path / "notes.db")
-    with pytest.raises(RuntimeError), opened.database.write() as conn:
-        conn.execute("INSERT INTO notes (id, body) VALUES (1, x'00')")
-        raise RuntimeError("boom")
+
+    def failing_write() -> None:
+        with opened.database.write() as conn:
+            conn.execute("INSERT INTO notes (id, body) VALUES (1, x'00')")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        failing_write()
     with opened.database.read() as conn:
         assert conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 0
     opened.database.close()
@@ -67,7 +72,7 @@ def test_a_wrong_key_refuses_and_touches_nothing(tmp_path: Path) -> None:
     open_notes(path).database.close()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    with pytest.raises(StartupError, match="does not unlock notes.db"):
+    with pytest.raises(StartupError, match=r"does not unlock notes\.db"):
         open_notes(path, key="not the key it was made with")
 
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

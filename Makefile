@@ -1,0 +1,65 @@
+# SecureMsg backend. `make run` starts the stack, `make test` proves it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+
+.DEFAULT_GOAL := help
+.PHONY: help setup gen run stop status test pytest lint buf-lint clean
+
+help:
+	@echo "make run     set up, start every service locally, print how to try it"
+	@echo "make stop    stop the local services"
+	@echo "make status  health of the local services"
+	@echo "make test    set up, lint, and run every test"
+	@echo "make lint    ruff, mypy and buf lint"
+	@echo "make gen     regenerate Python code from protos/"
+	@echo "make clean   remove the virtualenv, generated code and node_modules (not var/)"
+
+# Virtualenv with pinned dependencies; redone when a requirements file changes.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Generated protobuf code lives only in gen/ and is never committed or edited.
+gen/.stamp: $(VENV)/.installed $(PROTOS) scripts/gen_protos.py pyproject.toml
+	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python -m pip install -qq --no-deps -e .
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+setup: gen/.stamp
+
+gen:
+	rm -f gen/.stamp
+	$(MAKE) gen/.stamp
+
+run: setup
+	$(BIN)/python -m services.launcher up
+
+stop:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.launcher down; fi
+
+status: setup
+	$(BIN)/python -m services.launcher status
+
+buf-lint: node_modules/.installed
+	npx --no-install buf lint
+
+lint: setup buf-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint pytest
+
+clean:
+	rm -rf $(VENV) gen node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,162 @@
+"""Command-line tool: `python -m services.cli <command>` (run with --help for the list).
+
+User state lives under --home (default var/cli): `<user>.keys.json` holds the private
+keys, `<user>.token` the current session token, both readable only by you.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+from securemsg.identity.v1 import identity_admin_service_pb2 as identity_admin_pb
+from securemsg.identity.v1 import identity_admin_service_pb2_grpc as identity_admin_grpc
+from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
+from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
+
+from services.client.keys import UserKeys
+from services.client.sdk import Endpoints, UserClient
+
+
+class Home:
+    """Where the CLI keeps each local user's keys and token."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def keys_path(self, user_id: str) -> Path:
+        return self.root / f"{user_id}.keys.json"
+
+    def keys(self, user_id: str) -> UserKeys:
+        path = self.keys_path(user_id)
+        if not path.exists():
+            raise SystemExit(
+                f"no keys for {user_id} in {self.root}; run `register {user_id}` first"
+            )
+        return UserKeys.load(path)
+
+    def save_token(self, user_id: str, token: str) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.root / f"{user_id}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
+
+    def token(self, user_id: str) -> str:
+        path = self.root / f"{user_id}.token"
+        if not path.exists():
+            raise SystemExit(f"{user_id} is not logged in; run `login {user_id}` first")
+        return path.read_text().strip()
+
+    def forget_token(self, user_id: str) -> None:
+        (self.root / f"{user_id}.token").unlink(missing_ok=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.cli", description=__doc__)
+    parser.add_argument("--home", type=Path, default=Path("var/cli"), help="local key store")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--ca", type=Path, default=Path("var/tls/ca.pem"), help="CA certificate")
+    parser.add_argument(
+        "--operator-cert",
+        type=Path,
+        default=Path("var/tls/operator.pem"),
+        help="client certificate for operator commands (its key beside it as .key)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    register = commands.add_parser("register", help="generate keys locally and register")
+    register.add_argument("user_id")
+    register.add_argument("--alias", default="")
+    commands.add_parser("login", help="prove key possession and store a token").add_argument(
+        "user_id"
+    )
+    commands.add_parser("whoami", help="show your profile").add_argument("user_id")
+    bundle = commands.add_parser("bundle", help="fetch a peer's key bundle")
+    bundle.add_argument("user_id", help="you")
+    bundle.add_argument("peer")
+    refill = commands.add_parser("refill", help="upload fresh one-time prekeys")
+    refill.add_argument("user_id")
+    refill.add_argument("--count", type=int, default=20)
+    commands.add_parser("sessions", help="list your sessions").add_argument("user_id")
+    commands.add_parser("logout", help="end the stored session").add_argument("user_id")
+    commands.add_parser("stats", help="operator: counts from every service")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    home = Home(args.home)
+    endpoints = Endpoints(ca_file=args.ca, host=args.host)
+    command = args.command
+    if command == "stats":
+        _stats(endpoints, args.operator_cert)
+        return
+    with UserClient(endpoints) as client:
+        if command == "register":
+            if home.keys_path(args.user_id).exists():
+                raise SystemExit(f"{home.keys_path(args.user_id)} exists; refusing to overwrite")
+            keys = UserKeys.generate(20)
+            profile = client.register(args.user_id, args.alias or args.user_id, keys)
+            keys.save(home.keys_path(args.user_id))
+            print(f"registered {profile.user_id}; fingerprint {profile.fingerprint}")
+        elif command == "login":
+            home.save_token(args.user_id, client.login(args.user_id, home.keys(args.user_id)))
+            print(f"logged in as {args.user_id}")
+        elif command == "whoami":
+            profile = client.profile(home.token(args.user_id))
+            print(f"user id      {profile.user_id}")
+            print(f"alias        {profile.alias}")
+            print(f"fingerprint  {profile.fingerprint}")
+            print(f"prekeys left {profile.one_time_prekey_count}")
+        elif command == "bundle":
+            bundle = client.bundle(home.token(args.user_id), args.peer)
+            one_time = (
+                bundle.one_time_prekey.key_id if bundle.HasField("one_time_prekey") else "none"
+            )
+            print(f"{bundle.user_id}: fingerprint {bundle.fingerprint}")
+            print(f"  signed prekey {bundle.signed_prekey.key_id}, pq prekey "
+                  f"{bundle.pq_prekey.key_id}, one-time prekey {one_time}")  # fmt: skip
+        elif command == "refill":
+            keys = home.keys(args.user_id)
+            ids = keys.add_one_time(args.count)
+            count = client.upload_prekeys(home.token(args.user_id), keys.one_time_protos(ids))
+            keys.save(home.keys_path(args.user_id))
+            print(f"{count} one-time prekeys available")
+        elif command == "sessions":
+            for s in client.sessions(home.token(args.user_id)):
+                mark = "*" if s.current else " "
+                print(f"{mark} {s.session_id}  {s.ip_address:15}  {s.user_agent}")
+        elif command == "logout":
+            client.logout(home.token(args.user_id))
+            home.forget_token(args.user_id)
+            print(f"logged out {args.user_id}")
+
+
+def _stats(endpoints: Endpoints, cert: Path) -> None:
+    with endpoints.channel("identity", client_cert=cert) as channel:
+        identity = identity_admin_grpc.IdentityAdminServiceStub(channel).GetIdentityStats(
+            identity_admin_pb.GetIdentityStatsRequest(), timeout=10
+        )
+    with endpoints.channel("session", client_cert=cert) as channel:
+        session = session_admin_grpc.SessionAdminServiceStub(channel).GetSessionStats(
+            session_admin_pb.GetSessionStatsRequest(), timeout=10
+        )
+    print(f"identity  users {identity.registered_users} (active {identity.active_users}), "
+          f"one-time prekeys {identity.one_time_prekeys}")  # fmt: skip
+    print(f"session   active sessions {session.active_sessions} "
+          f"for {session.users_with_sessions} users")  # fmt: skip
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    try:
+        _run(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

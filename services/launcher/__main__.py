@@ -1,0 +1,127 @@
+"""Local launcher behind `make run` / `make stop`: `python -m services.launcher up|down|status`.
+
+Creates development secrets and TLS material under var/ on first run, starts every
+service as its own background process (logs in var/log/), waits for each to report
+SERVING, and prints where they listen and how to try them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.common.config import DEFAULT_PORTS, internal_port
+from services.launcher.health import check, wait_serving
+from services.launcher.topology import SERVICES, StackLayout, service_env
+
+LAYOUT = StackLayout(Path("var"))
+HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
+PORTS = {name: (DEFAULT_PORTS[name], internal_port(name)) for name in SERVICES}
+
+
+def _pid_file(service: str) -> Path:
+    return LAYOUT.run / f"{service}.pid"
+
+
+def _running_pid(service: str) -> int | None:
+    try:
+        pid = int(_pid_file(service).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def up() -> int:
+    LAYOUT.prepare()
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    for service in SERVICES:
+        if _running_pid(service):
+            print(f"{service:9} already running")
+            continue
+        env = {**os.environ, **service_env(LAYOUT, service, PORTS)}
+        with (LAYOUT.logs / f"{service}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # survives the terminal; `make stop` ends it
+            )
+        _pid_file(service).write_text(str(process.pid))
+        started[service] = process
+    ca = LAYOUT.tls / "ca.pem"
+    for service in SERVICES:
+        child = started.get(service)
+        try:
+            wait_serving(
+                f"127.0.0.1:{PORTS[service][0]}",
+                HEALTH_NAMES[service],
+                ca,
+                deadline=time.monotonic() + 60,
+                alive=(lambda p=child: p is None or p.poll() is None),
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"{service} failed to start: {exc}; see var/log/{service}.log", file=sys.stderr)
+            return 1
+    print()
+    print("SecureMsg is running (TLS with the development CA in var/tls/ca.pem):")
+    for service in SERVICES:
+        public, internal = PORTS[service]
+        print(f"  {service:9} 127.0.0.1:{public}  (internal, mutual TLS: 127.0.0.1:{internal})")
+    print(
+        """
+Try it:
+  .venv/bin/python -m services.cli register alice
+  .venv/bin/python -m services.cli register bob
+  .venv/bin/python -m services.cli login alice
+  .venv/bin/python -m services.cli whoami alice
+  .venv/bin/python -m services.cli bundle alice bob
+  .venv/bin/python -m services.cli stats
+Logs: var/log/<service>.log    Stop: make stop"""
+    )
+    return 0
+
+
+def down() -> int:
+    for service in SERVICES:
+        pid = _running_pid(service)
+        if pid is None:
+            continue
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(150):
+            if _running_pid(service) is None:
+                break
+            time.sleep(0.1)
+            with contextlib.suppress(ChildProcessError):  # reap it if it is our child
+                os.waitpid(pid, os.WNOHANG)
+        print(f"{service:9} stopped")
+        _pid_file(service).unlink(missing_ok=True)
+    return 0
+
+
+def status() -> int:
+    ca = LAYOUT.tls / "ca.pem"
+    healthy = True
+    for service in SERVICES:
+        state = check(f"127.0.0.1:{PORTS[service][0]}", HEALTH_NAMES[service], ca)
+        healthy &= state == "SERVING"
+        print(f"{service:9} {state}")
+    return 0 if healthy else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.launcher")
+    parser.add_argument("command", choices=["up", "down", "status"], nargs="?", default="up")
+    command = parser.parse_args().command
+    return {"up": up, "down": down, "status": status}[command]()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
