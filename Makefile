@@ -17,10 +17,10 @@ help:
 	@echo "make clean   remove the virtualenv, generated code and node_modules (not var/)"
 
 # Virtualenv with pinned dependencies; redone when a requirements file changes.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 # Generated protobuf code lives only in gen/ and is never committed or edited.

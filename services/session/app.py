@@ -58,6 +58,9 @@ async def build(env: Env) -> App:
             failures_per_account=env.integer("LOGIN_MAX_FAILURES_PER_ACCOUNT", 10, minimum=1),
             failures_per_address=env.integer("LOGIN_MAX_FAILURES_PER_ADDRESS", 100, minimum=1),
             window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
+            challenges_per_address_per_minute=env.integer(
+                "LOGIN_CHALLENGES_PER_MINUTE", 120, minimum=1
+            ),
         ),
     )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)

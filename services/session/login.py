@@ -111,6 +111,8 @@ class LoginLimits:
     failures_per_account: int = 10
     failures_per_address: int = 100
     window_seconds: float = 900.0
+    # Challenges are free to ask for; without a cap one address could fill the book.
+    challenges_per_address_per_minute: int = 120
 
 
 class Login:
@@ -128,9 +130,15 @@ class Login:
         self._clock = clock
         self._by_account = SlidingWindowLimiter(limits.failures_per_account, limits.window_seconds)
         self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
+        self._challenges_by_address = SlidingWindowLimiter(
+            limits.challenges_per_address_per_minute, 60.0
+        )
 
-    def challenge(self, user_id: str) -> Challenge:
+    def challenge(self, user_id: str, address: str) -> Challenge:
         validation.user_id(user_id)
+        wait = self._challenges_by_address.acquire(address)
+        if wait is not None:
+            raise ResourceExhausted("too many login challenges from your address", retry_after=wait)
         return self._challenges.issue(user_id)
 
     def check_limits(self, user_id: str, address: str) -> None:

@@ -56,7 +56,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def CreateChallenge(
         self, request: pb.CreateChallengeRequest, context: Context
     ) -> pb.CreateChallengeResponse:
-        challenge = self._login.challenge(request.user_id)
+        challenge = self._login.challenge(request.user_id, peers.peer_host(context))
         return pb.CreateChallengeResponse(
             challenge_id=challenge.challenge_id,
             challenge=challenge.nonce,

@@ -287,3 +287,9 @@ def test_operator_stats_and_deactivation(stack: Stack, client: Client) -> None:
     with pytest.raises(grpc.RpcError) as error:
         client.profile(token)  # deactivation revoked the session
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sigterm_stops_gracefully(stack: Stack) -> None:
+    identity = stack["identity"]
+    assert identity.stop() == 0
+    assert '"message": "stopped"' in identity.log()

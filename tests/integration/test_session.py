@@ -308,3 +308,16 @@ def test_admin_cleanup_and_revoke_all_need_an_allowed_certificate(
         cleaned = admin.CleanupExpiredSessions(admin_pb.CleanupExpiredSessionsRequest())
     assert revoked.revoked_count == 1
     assert cleaned.deleted_count == 0
+
+
+def test_touch_slides_the_idle_deadline(client: Client) -> None:
+    token = client.login("alice", client.register("alice"))
+    before = client.session.ListSessions(
+        pb.ListSessionsRequest(), metadata=bearer(token), timeout=10
+    ).sessions[0]
+    time.sleep(0.2)
+    touched = client.session.TouchSession(
+        pb.TouchSessionRequest(), metadata=bearer(token), timeout=10
+    ).session
+    assert touched.current
+    assert touched.expire_time.ToNanoseconds() > before.expire_time.ToNanoseconds()

@@ -36,7 +36,11 @@ def login(session_db: OpenedDatabase, directory: Directory, clock: FakeClock) ->
         SqliteSessionStore(session_db.database, session_db.keyring), SessionPolicy(), clock
     )
     return Login(
-        sessions, directory, ChallengeBook(ttl=60, clock=clock), LoginLimits(3, 5, 900), clock
+        sessions,
+        directory,
+        ChallengeBook(ttl=60, clock=clock),
+        LoginLimits(3, 5, 900, challenges_per_address_per_minute=20),
+        clock,
     )
 
 
@@ -47,7 +51,7 @@ def user(directory: Directory, user_id: str) -> UserKeys:
 
 
 async def sign_in(login: Login, user_id: str, keys: UserKeys, address: str = "1.2.3.4") -> str:
-    challenge = login.challenge(user_id)
+    challenge = login.challenge(user_id, address)
     token, _ = await login.sign_in(
         user_id,
         challenge.challenge_id,
@@ -68,7 +72,7 @@ async def test_a_valid_signature_creates_a_session_and_records_the_login(
 
 async def test_a_challenge_works_once(login: Login, directory: Directory) -> None:
     keys = user(directory, "alice")
-    challenge = login.challenge("alice")
+    challenge = login.challenge("alice", "a")
     signature = keys.sign_login("alice", challenge.nonce)
     await login.sign_in("alice", challenge.challenge_id, signature, address="a", user_agent="")
     with pytest.raises(Unauthenticated):
@@ -79,7 +83,7 @@ async def test_an_expired_challenge_fails(
     login: Login, directory: Directory, clock: FakeClock
 ) -> None:
     keys = user(directory, "alice")
-    challenge = login.challenge("alice")
+    challenge = login.challenge("alice", "a")
     clock.advance(61)
     with pytest.raises(Unauthenticated):
         await login.sign_in(
@@ -137,3 +141,11 @@ async def test_malformed_requests_are_invalid_argument(login: Login) -> None:
         await login.sign_in("alice", "id", b"short", address="a", user_agent="")
     with pytest.raises(InvalidArgument, match="challenge_id is required"):
         await login.sign_in("alice", "", bytes(64), address="a", user_agent="")
+
+
+def test_challenges_per_address_are_capped(login: Login) -> None:
+    for _ in range(20):
+        login.challenge("alice", "9.9.9.9")
+    with pytest.raises(ResourceExhausted, match="too many login challenges"):
+        login.challenge("alice", "9.9.9.9")
+    login.challenge("alice", "8.8.8.8")
