@@ -14,9 +14,12 @@ from pathlib import Path
 import grpc
 from securemsg.identity.v1 import identity_admin_service_pb2 as identity_admin_pb
 from securemsg.identity.v1 import identity_admin_service_pb2_grpc as identity_admin_grpc
+from securemsg.relay.v1 import relay_admin_service_pb2 as relay_admin_pb
+from securemsg.relay.v1 import relay_admin_service_pb2_grpc as relay_admin_grpc
 from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
 
+from services.client import sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
 
@@ -79,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     refill = commands.add_parser("refill", help="upload fresh one-time prekeys")
     refill.add_argument("user_id")
     refill.add_argument("--count", type=int, default=20)
+    send = commands.add_parser("send", help="send a message (sealed to the peer's key)")
+    send.add_argument("user_id", help="you")
+    send.add_argument("peer")
+    send.add_argument("text")
+    inbox = commands.add_parser("inbox", help="read and acknowledge your messages")
+    inbox.add_argument("user_id")
+    inbox.add_argument("--follow", type=float, metavar="SECONDS", help="then wait for more")
     commands.add_parser("sessions", help="list your sessions").add_argument("user_id")
     commands.add_parser("logout", help="end the stored session").add_argument("user_id")
     commands.add_parser("stats", help="operator: counts from every service")
@@ -123,6 +133,26 @@ def _run(args: argparse.Namespace) -> None:
             count = client.upload_prekeys(home.token(args.user_id), keys.one_time_protos(ids))
             keys.save(home.keys_path(args.user_id))
             print(f"{count} one-time prekeys available")
+        elif command == "send":
+            token = home.token(args.user_id)
+            bundle = client.bundle(token, args.peer)
+            sealed = sealing.seal(bundle.identity_key, args.text.encode("utf-8"))
+            client.send(token, args.peer, sealed)
+            print(f"sent {len(sealed)} encrypted bytes to {args.peer}")
+        elif command == "inbox":
+            token = home.token(args.user_id)
+            keys = home.keys(args.user_id)
+            messages = client.fetch(token)
+            for message in messages:
+                _show(message.sender_id, sealing.open_sealed(keys.identity, message.body))
+            if messages:
+                client.acknowledge(token, [m.message_id for m in messages])
+            if args.follow:
+                for message in client.follow(token, args.follow):
+                    _show(message.sender_id, sealing.open_sealed(keys.identity, message.body))
+                    client.acknowledge(token, [message.message_id])
+            elif not messages:
+                print("no messages")
         elif command == "sessions":
             for s in client.sessions(home.token(args.user_id)):
                 mark = "*" if s.current else " "
@@ -131,6 +161,11 @@ def _run(args: argparse.Namespace) -> None:
             client.logout(home.token(args.user_id))
             home.forget_token(args.user_id)
             print(f"logged out {args.user_id}")
+
+
+def _show(sender: str, plaintext: bytes | None) -> None:
+    text = "<cannot decrypt>" if plaintext is None else plaintext.decode("utf-8", "replace")
+    print(f"{sender}: {text}")
 
 
 def _stats(endpoints: Endpoints, cert: Path) -> None:
@@ -144,8 +179,14 @@ def _stats(endpoints: Endpoints, cert: Path) -> None:
         )
     print(f"identity  users {identity.registered_users} (active {identity.active_users}), "
           f"one-time prekeys {identity.one_time_prekeys}")  # fmt: skip
+    with endpoints.channel("relay", client_cert=cert) as channel:
+        relay = relay_admin_grpc.RelayAdminServiceStub(channel).GetRelayStats(
+            relay_admin_pb.GetRelayStatsRequest(), timeout=10
+        )
     print(f"session   active sessions {session.active_sessions} "
           f"for {session.users_with_sessions} users")  # fmt: skip
+    print(f"relay     {relay.queued_messages} queued messages ({relay.queued_bytes} bytes) "
+          f"for {relay.recipients} recipients, {relay.subscribers} live subscribers")  # fmt: skip
 
 
 def main() -> int:

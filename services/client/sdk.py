@@ -5,6 +5,7 @@ It speaks only the public protos; every call carries a deadline.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import grpc
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from securemsg.identity.v1 import keys_pb2
+from securemsg.relay.v1 import relay_service_pb2 as relay_pb
+from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 from securemsg.session.v1 import session_pb2
 from securemsg.session.v1 import session_service_pb2 as session_pb
 from securemsg.session.v1 import session_service_pb2_grpc as session_grpc
@@ -52,14 +55,14 @@ class UserClient:
     """What one end user does: register, log in, look up peers, manage sessions."""
 
     def __init__(self, endpoints: Endpoints) -> None:
-        self._identity_channel = endpoints.channel("identity")
-        self._session_channel = endpoints.channel("session")
-        self.identity = identity_grpc.IdentityServiceStub(self._identity_channel)
-        self.session = session_grpc.SessionServiceStub(self._session_channel)
+        self._channels = [endpoints.channel(name) for name in ("identity", "session", "relay")]
+        self.identity = identity_grpc.IdentityServiceStub(self._channels[0])
+        self.session = session_grpc.SessionServiceStub(self._channels[1])
+        self.relay = relay_grpc.RelayServiceStub(self._channels[2])
 
     def close(self) -> None:
-        self._identity_channel.close()
-        self._session_channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> UserClient:
         return self
@@ -124,3 +127,36 @@ class UserClient:
         self.session.DeleteSession(
             session_pb.DeleteSessionRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
         )
+
+    def send(self, token: str, recipient_id: str, body: bytes) -> str:
+        return self.relay.SendMessage(
+            relay_pb.SendMessageRequest(recipient_id=recipient_id, body=body),
+            metadata=_bearer(token),
+            timeout=DEADLINE_SECONDS,
+        ).message_id
+
+    def fetch(self, token: str) -> list[relay_pb.Envelope]:
+        return list(
+            self.relay.FetchMessages(
+                relay_pb.FetchMessagesRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
+            ).messages
+        )
+
+    def acknowledge(self, token: str, message_ids: list[str]) -> int:
+        return self.relay.AcknowledgeMessages(
+            relay_pb.AcknowledgeMessagesRequest(message_ids=message_ids),
+            metadata=_bearer(token),
+            timeout=DEADLINE_SECONDS,
+        ).acknowledged_count
+
+    def follow(self, token: str, seconds: float) -> Iterator[relay_pb.Envelope]:
+        """Live messages for up to `seconds` (the stream's deadline)."""
+        stream = self.relay.SubscribeMessages(
+            relay_pb.SubscribeMessagesRequest(), metadata=_bearer(token), timeout=seconds
+        )
+        try:
+            for item in stream:
+                yield item.message
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise

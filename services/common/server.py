@@ -52,6 +52,9 @@ class App:
 
     bindings: Sequence[ServiceBinding]
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    # Run when shutdown begins, before in-flight calls drain (e.g. to end live streams).
+    on_draining: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run after the server has stopped (close databases and channels).
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -209,6 +212,8 @@ class Server:
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
+        for hook in self.app.on_draining:
+            await hook()
         await self._server.stop(self.config.shutdown_grace_seconds)
         for task in self._tasks:
             task.cancel()

@@ -83,6 +83,9 @@ Try it:
   .venv/bin/python -m services.cli login alice
   .venv/bin/python -m services.cli whoami alice
   .venv/bin/python -m services.cli bundle alice bob
+  .venv/bin/python -m services.cli login bob
+  .venv/bin/python -m services.cli send alice bob "hello, bob"
+  .venv/bin/python -m services.cli inbox bob
   .venv/bin/python -m services.cli stats
 Logs: var/log/<service>.log    Stop: make stop"""
     )

@@ -18,7 +18,7 @@ from services.launcher.pki import ensure_pki
 
 # Start order: identity's token checks need session, session's logins need identity;
 # both tolerate the other being briefly absent, so order only shortens the wait.
-SERVICES = ("identity", "session")
+SERVICES = ("identity", "session", "relay")
 PERSISTENT = ("identity", "session")
 CERT_NAMES = ("identity", "session", "relay", "audit", "operator")
 ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
@@ -90,6 +90,8 @@ def service_env(
     for other, variable in ADDRESS_VARIABLES.items():
         if other != service and other in ports:
             env[variable] = f"{host}:{ports[other][1]}"
+    if service not in PERSISTENT:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # a memory-only service writes no file at all
     if service in PERSISTENT:
         env["DB_PATH"] = str(layout.data / f"{service}.db")
         env["DB_ENCRYPTION_KEY_FILE"] = str(layout.key_file(service))

@@ -12,9 +12,9 @@ from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 from services.common import peers
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.identity_client import RemoteIdentityDirectory
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_database
-from services.session.identity_client import RemoteIdentityDirectory
 from services.session.login import ChallengeBook, Login, LoginLimits
 from services.session.servicer import (
     SessionAdminServicer,

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {
     "identity": "securemsg.identity.v1.IdentityService",
     "session": "securemsg.session.v1.SessionService",
+    "relay": "securemsg.relay.v1.RelayService",
 }
 FAST_KDF = {"KDF_ITERATIONS": "100000", "LOG_LEVEL": "INFO"}
 
@@ -35,11 +36,14 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, name: str, env: dict[str, str], log_path: Path, ca_file: Path) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], log_path: Path, ca_file: Path, cwd: Path = REPO
+    ) -> None:
         self.name = name
         self.env = env
         self.log_path = log_path
         self.ca_file = ca_file
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,7 +55,7 @@ class ServiceProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],
             env={**os.environ, **self.env},
-            cwd=REPO,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -108,6 +112,18 @@ class ServiceProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the running process, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,4 +1,4 @@
-"""The identity service's internal API, as the login flow needs it."""
+"""Client for the identity service's internal API (session: logins; relay: recipients)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ class RemoteIdentityDirectory:
             logger.warning(
                 "recording last login failed", extra={"fields": {"code": exc.code().name}}
             )
+
+    async def is_active(self, user_id: str) -> bool:
+        """Whether the user exists and is not deactivated."""
+        try:
+            reply = await self._stub.GetUserStatus(
+                pb.GetUserStatusRequest(user_id=user_id),
+                timeout=TIMEOUT_SECONDS,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("identity lookup failed", extra={"fields": {"code": exc.code().name}})
+            raise Unavailable(
+                "cannot check the recipient right now (identity service); retry"
+            ) from None
+        return reply.active

@@ -1,0 +1,99 @@
+"""Wiring of the relay: limits from the environment, queues, expiry sweeper.
+
+The relay has no database and opens no file: a restart empties every queue, by design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
+from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
+
+from services.common import peers
+from services.common.auth import RemoteTokenValidator
+from services.common.channels import open_channel
+from services.common.config import Env, ServerConfig, internal_port, tls_from_env
+from services.common.errors import StartupError
+from services.common.identity_client import RemoteIdentityDirectory
+from services.common.server import App, ServiceBinding
+from services.relay.queues import MessageQueues, RelayLimits
+from services.relay.servicer import RelayAdminServicer, RelayServicer
+
+SERVICE = "relay"
+PACKAGE = "securemsg.relay.v1"
+logger = logging.getLogger(__name__)
+
+
+def limits_from_env(env: Env) -> RelayLimits:
+    return RelayLimits(
+        max_body_bytes=env.integer("RELAY_MAX_BODY_BYTES", 64 * 1024, minimum=1),
+        default_ttl=env.number("RELAY_DEFAULT_TTL_SECONDS", 24 * 3600.0, minimum=1.0),
+        max_ttl=env.number("RELAY_MAX_TTL_SECONDS", 7 * 24 * 3600.0, minimum=1.0),
+        max_queue_messages=env.integer("RELAY_MAX_QUEUE_MESSAGES", 1000, minimum=1),
+        max_queue_bytes=env.integer("RELAY_MAX_QUEUE_BYTES", 8 * 1024 * 1024, minimum=1024),
+        max_total_bytes=env.integer("RELAY_MAX_TOTAL_BYTES", 256 * 1024 * 1024, minimum=1024),
+        sends_per_minute=env.integer("RELAY_SENDS_PER_MINUTE", 600, minimum=1),
+    )
+
+
+async def build(env: Env) -> App:
+    limits = limits_from_env(env)
+    # Leave room for the envelope fields around the largest body.
+    message_budget = ServerConfig.from_env(SERVICE, env).max_message_bytes - 16 * 1024
+    if limits.max_body_bytes > message_budget:
+        raise StartupError(
+            f"RELAY_MAX_BODY_BYTES ({limits.max_body_bytes}) must be at least 16 KiB below "
+            "MAX_MESSAGE_BYTES; raise MAX_MESSAGE_BYTES or lower the body cap"
+        )
+    queues = MessageQueues(limits)
+    tls = tls_from_env(env)
+    session_channel = open_channel(
+        env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls
+    )
+    identity_channel = open_channel(
+        env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"), tls
+    )
+    sweep_interval = env.number("RELAY_SWEEP_INTERVAL_SECONDS", 1.0, minimum=0.05)
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(sweep_interval)
+            expired = queues.expire()
+            if expired:
+                logger.info("expired messages dropped", extra={"fields": {"count": expired}})
+
+    async def end_streams() -> None:
+        queues.closing.set()
+
+    async def close() -> None:
+        await session_channel.close(grace=None)
+        await identity_channel.close(grace=None)
+
+    return App(
+        bindings=[
+            ServiceBinding(
+                f"{PACKAGE}.RelayService",
+                RelayServicer(
+                    queues,
+                    RemoteTokenValidator(session_channel),
+                    RemoteIdentityDirectory(identity_channel),
+                    revalidate_seconds=env.number(
+                        "RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1
+                    ),
+                    fetch_budget_bytes=message_budget,
+                ),
+                pb_grpc.add_RelayServiceServicer_to_server,
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.RelayAdminService",
+                RelayAdminServicer(queues),
+                admin_grpc.add_RelayAdminServiceServicer_to_server,
+                allowed_callers=frozenset({peers.OPERATOR}),
+            ),
+        ],
+        background=[sweep_forever],
+        on_draining=[end_streams],
+        on_stop=[close],
+    )

@@ -1,0 +1,105 @@
+"""Relay queues: caps, expiry, acknowledgement and wiping, without a network."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.relay.queues import MESSAGE_OVERHEAD_BYTES, MessageQueues, RelayLimits
+from tests.unit.conftest import FakeClock
+
+
+def queues(clock: FakeClock, **limits: int | float) -> MessageQueues:
+    return MessageQueues(RelayLimits(**limits), clock)  # type: ignore[arg-type]
+
+
+def send(q: MessageQueues, body: bytes = b"x", to: str = "bob", ttl: float | None = None) -> str:
+    admitted = q.admit("alice", to, body, ttl)
+    return q.send("alice", to, body, admitted).message_id
+
+
+def test_messages_wait_in_order_until_acknowledged(clock: FakeClock) -> None:
+    q = queues(clock)
+    first, second = send(q, b"1"), send(q, b"2")
+    assert [m.message_id for m in q.pending("bob")] == [first, second]
+    assert q.acknowledge("bob", [first, "unknown"]) == 1
+    assert q.acknowledge("bob", [first]) == 0
+    assert [m.message_id for m in q.pending("bob")] == [second]
+
+
+def test_acknowledging_wipes_the_stored_body(clock: FakeClock) -> None:
+    q = queues(clock)
+    message_id = send(q, b"secret")
+    message = q.pending("bob")[0]
+    q.acknowledge("bob", [message_id])
+    assert bytes(message.body) == b"\x00" * 6
+
+
+def test_expired_messages_are_hidden_then_swept(clock: FakeClock) -> None:
+    q = queues(clock)
+    send(q, ttl=1)
+    kept = send(q, ttl=10)
+    clock.advance(2)
+    assert [m.message_id for m in q.pending("bob")] == [kept]
+    assert q.expire() == 1
+    assert q.stats().queued_messages == 1
+
+
+def test_the_expiry_heap_is_compacted_after_acknowledgements(clock: FakeClock) -> None:
+    q = queues(clock, max_queue_messages=10_000, sends_per_minute=10_000)
+    ids = [send(q) for _ in range(3000)]
+    q.acknowledge("bob", ids)
+    q.expire()
+    assert len(q._expiry) == 0
+
+
+def test_per_recipient_count_cap(clock: FakeClock) -> None:
+    q = queues(clock, max_queue_messages=2)
+    send(q)
+    send(q)
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        send(q)
+    send(q, to="carol")  # other recipients are unaffected
+
+
+def test_total_cap_counts_bodies_and_overhead(clock: FakeClock) -> None:
+    q = queues(clock, max_total_bytes=3 * (100 + MESSAGE_OVERHEAD_BYTES))
+    for to in ("bob", "carol", "dave"):
+        send(q, b"x" * 100, to=to)
+    with pytest.raises(ResourceExhausted, match="capacity"):
+        send(q, b"x" * 100, to="erin")
+    assert q.stats().queued_bytes == 300
+
+
+def test_sender_rate_limit(clock: FakeClock) -> None:
+    q = queues(clock, sends_per_minute=3)
+    for _ in range(3):
+        send(q)
+    with pytest.raises(ResourceExhausted, match="retry after"):
+        send(q)
+
+
+@pytest.mark.parametrize(
+    ("body", "ttl", "error", "message"),
+    [
+        (b"", None, InvalidArgument, "body is required"),
+        (b"x" * 11, None, ResourceExhausted, "limit is 10"),
+        (b"x", 0.0, InvalidArgument, "ttl must be"),
+        (b"x", 101.0, InvalidArgument, "ttl must be"),
+    ],
+)
+def test_bad_sends(
+    clock: FakeClock, body: bytes, ttl: float | None, error: type[Exception], message: str
+) -> None:
+    q = queues(clock, max_body_bytes=10, max_ttl=100)
+    with pytest.raises(error, match=message):
+        q.admit("alice", "bob", body, ttl)
+
+
+def test_pending_respects_count_and_byte_budgets(clock: FakeClock) -> None:
+    q = queues(clock)
+    for _ in range(5):
+        send(q, b"x" * 1000)
+    assert len(q.pending("bob", limit=2)) == 2
+    assert len(q.pending("bob", max_bytes=2 * (1000 + MESSAGE_OVERHEAD_BYTES))) == 2
+    assert len(q.pending("bob", max_bytes=1)) == 1  # always at least one
