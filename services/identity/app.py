@@ -10,6 +10,7 @@ from services.common import peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.outbox import OutboxShipper, SqliteOutbox
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_database
 from services.identity.domain import Identity
@@ -35,7 +36,9 @@ async def build(env: Env) -> App:
         migrations=MIGRATIONS,
         synchronous="FULL",  # an acknowledged registration must survive power loss
     )
-    identity = Identity(SqliteIdentityStore(opened.database, opened.keyring))
+    outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
+    shipper = OutboxShipper.from_env(outbox, env)
+    identity = Identity(SqliteIdentityStore(opened.database, opened.keyring, outbox))
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
         tls_from_env(env),
@@ -43,6 +46,7 @@ async def build(env: Env) -> App:
     revoker = RemoteSessionRevoker(session_channel)
 
     async def close() -> None:
+        await shipper.close()
         await session_channel.close(grace=None)
         opened.database.close()
 
@@ -61,10 +65,11 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.IdentityAdminService",
-                IdentityAdminServicer(identity, revoker),
+                IdentityAdminServicer(identity, revoker, outbox),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
         ],
+        background=[shipper.run],
         on_stop=[close],
     )

@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common import validation
+from services.common import audit_events, validation
+from services.common.audit_events import AuditRecord
 from services.common.errors import NotFound, ResourceExhausted
 from services.identity import keys
 from services.identity.keys import OneTimePrekey, SignedKey
@@ -77,7 +78,8 @@ class Identity:
                 pq_prekey=pq,
                 one_time_prekeys=prekeys,
                 create_time=self._clock(),
-            )
+            ),
+            AuditRecord(audit_events.USER_REGISTERED, request.user_id),
         )
         return self.profile(request.user_id)
 
@@ -103,7 +105,12 @@ class Identity:
     def upload_one_time_prekeys(self, user_id: str, prekeys: list[OneTimePrekey]) -> int:
         keys.check_one_time_prekeys(prekeys, max_count=MAX_PREKEYS_PER_REQUEST, allow_empty=False)
         try:
-            return self._store.add_one_time_prekeys(user_id, prekeys, MAX_PREKEY_POOL)
+            return self._store.add_one_time_prekeys(
+                user_id,
+                prekeys,
+                MAX_PREKEY_POOL,
+                AuditRecord(audit_events.PREKEYS_UPLOADED, user_id, {"count": str(len(prekeys))}),
+            )
         except LookupError:
             raise NotFound(_NO_SUCH_USER) from None
         except PoolFull as full:
@@ -123,7 +130,16 @@ class Identity:
         new_signed = keys.check_signed_prekey(verifier, signed)
         new_pq = keys.check_pq_prekey(verifier, pq) if pq is not None else None
         try:
-            self._store.set_prekeys(user_id, new_signed, new_pq)
+            self._store.set_prekeys(
+                user_id,
+                new_signed,
+                new_pq,
+                AuditRecord(
+                    audit_events.SIGNED_PREKEY_ROTATED,
+                    user_id,
+                    {"pq_prekey": "rotated" if new_pq else "kept"},
+                ),
+            )
         except LookupError:
             raise NotFound(_NO_SUCH_USER) from None
         return Bundle(
@@ -153,9 +169,14 @@ class Identity:
         validation.user_id(user_id)
         return self._store.get_status(user_id)
 
-    def deactivate(self, user_id: str) -> float:
+    def deactivate(self, user_id: str, by: str = "owner") -> float:
+        """Deactivates for good; `by` ("owner" or "operator") goes into the audit trail."""
         validation.user_id(user_id)
-        when = self._store.deactivate(user_id, self._clock())
+        when = self._store.deactivate(
+            user_id,
+            self._clock(),
+            AuditRecord(audit_events.USER_DEACTIVATED, user_id, {"by": by}),
+        )
         if when is None:
             raise NotFound("no user with that user id")
         return when

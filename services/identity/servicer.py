@@ -17,6 +17,7 @@ from securemsg.identity.v1 import keys_pb2
 
 from services.common import convert
 from services.common.auth import TokenValidator, authenticate
+from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.identity.domain import Bundle, Identity, Registration
 from services.identity.keys import OneTimePrekey, SignedKey, fingerprint
@@ -67,10 +68,10 @@ def _bundle(bundle: Bundle) -> keys_pb2.KeyBundle:
     )
 
 
-async def _deactivate(identity: Identity, revoker: SessionRevoker, user_id: str) -> float:
+async def _deactivate(identity: Identity, revoker: SessionRevoker, user_id: str, by: str) -> float:
     # Deactivate first: from then on no new login succeeds. Revoking is idempotent, so a
     # failed revocation is finished by repeating the call.
-    when = await asyncio.to_thread(identity.deactivate, user_id)
+    when = await asyncio.to_thread(identity.deactivate, user_id, by)
     await revoker.revoke_all(user_id)
     return when
 
@@ -147,7 +148,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         self, request: pb.DeactivateAccountRequest, context: Context
     ) -> pb.DeactivateAccountResponse:
         caller = await authenticate(context, self._tokens)
-        when = await _deactivate(self._identity, self._revoker, caller.user_id)
+        when = await _deactivate(self._identity, self._revoker, caller.user_id, "owner")
         return pb.DeactivateAccountResponse(deactivate_time=convert.timestamp(when))
 
 
@@ -176,15 +177,18 @@ class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
 
 
 class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
-    def __init__(self, identity: Identity, revoker: SessionRevoker) -> None:
+    def __init__(self, identity: Identity, revoker: SessionRevoker, outbox: Outbox) -> None:
         self._identity = identity
         self._revoker = revoker
+        self._outbox = outbox
 
     async def GetIdentityStats(
         self, request: admin_pb.GetIdentityStatsRequest, context: Context
     ) -> admin_pb.GetIdentityStatsResponse:
         counts = await asyncio.to_thread(self._identity.counts)
+        backlog = await asyncio.to_thread(self._outbox.backlog)
         return admin_pb.GetIdentityStatsResponse(
+            audit_outbox_backlog=backlog,
             registered_users=counts.registered,
             active_users=counts.active,
             deactivated_users=counts.deactivated,
@@ -195,5 +199,5 @@ class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
     async def DeactivateUser(
         self, request: admin_pb.DeactivateUserRequest, context: Context
     ) -> admin_pb.DeactivateUserResponse:
-        when = await _deactivate(self._identity, self._revoker, request.user_id)
+        when = await _deactivate(self._identity, self._revoker, request.user_id, "operator")
         return admin_pb.DeactivateUserResponse(deactivate_time=convert.timestamp(when))

@@ -12,8 +12,10 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
 from services.common.errors import AlreadyExists
+from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
 from services.common.sqlite import Database, Migration
 from services.identity.keys import OneTimePrekey, SignedKey
 
@@ -47,6 +49,7 @@ MIGRATIONS = [
         ) STRICT, WITHOUT ROWID;
         """,
     ),
+    Migration(2, OUTBOX_TABLE),
 ]
 
 
@@ -94,15 +97,19 @@ class IdentityCounts:
 class IdentityStore(Protocol):
     """What the identity domain needs from storage; SQLite today, others later."""
 
-    def add_user(self, user: NewUser) -> None: ...
+    def add_user(self, user: NewUser, audit: AuditRecord) -> None: ...
     def get_user(self, user_id: str) -> User | None: ...
     def get_verify_key(self, user_id: str) -> bytes | None: ...
     def get_status(self, user_id: str) -> tuple[bool, bool]: ...
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None: ...
-    def add_one_time_prekeys(self, user_id: str, keys: list[OneTimePrekey], cap: int) -> int: ...
-    def set_prekeys(self, user_id: str, signed: SignedKey, pq: SignedKey | None) -> None: ...
+    def add_one_time_prekeys(
+        self, user_id: str, keys: list[OneTimePrekey], cap: int, audit: AuditRecord
+    ) -> int: ...
+    def set_prekeys(
+        self, user_id: str, signed: SignedKey, pq: SignedKey | None, audit: AuditRecord
+    ) -> None: ...
     def record_login(self, user_id: str, when: float) -> bool: ...
-    def deactivate(self, user_id: str, when: float) -> float | None: ...
+    def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None: ...
     def counts(self) -> IdentityCounts: ...
 
 
@@ -123,14 +130,17 @@ _USER_COLUMNS = """
 
 
 class SqliteIdentityStore:
-    def __init__(self, db: Database, keyring: Keyring) -> None:
+    """Every change is written together with its audit event (see services.common.outbox)."""
+
+    def __init__(self, db: Database, keyring: Keyring, outbox: SqliteOutbox) -> None:
         self._db = db
+        self._outbox = outbox
         self._index = keyring.blind_index("users.user_id")
         self._user_id = keyring.field("users", "user_id")
         self._alias = keyring.field("users", "alias")
         self._metadata = keyring.field("users", "metadata")
 
-    def add_user(self, user: NewUser) -> None:
+    def add_user(self, user: NewUser, audit: AuditRecord) -> None:
         index = self._index(user.user_id)
         metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
         with self._db.write() as conn:
@@ -162,6 +172,7 @@ class SqliteIdentityStore:
                 "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
                 [(cursor.lastrowid, k.key_id, k.public_key) for k in user.one_time_prekeys],
             )
+            self._outbox.add(conn, audit)
 
     def get_user(self, user_id: str) -> User | None:
         with self._db.read() as conn:
@@ -230,7 +241,9 @@ class SqliteIdentityStore:
             ).fetchone()
         return None if row is None else OneTimePrekey(row[0], row[1])
 
-    def add_one_time_prekeys(self, user_id: str, keys: list[OneTimePrekey], cap: int) -> int:
+    def add_one_time_prekeys(
+        self, user_id: str, keys: list[OneTimePrekey], cap: int, audit: AuditRecord
+    ) -> int:
         with self._db.write() as conn:
             user_row = self._active_row(conn, user_id)
             if user_row is None:
@@ -250,9 +263,12 @@ class SqliteIdentityStore:
                     "a one-time prekey with one of these key ids is already in the pool; "
                     "use fresh key ids"
                 ) from None
+            self._outbox.add(conn, audit)
             return int(current) + len(keys)
 
-    def set_prekeys(self, user_id: str, signed: SignedKey, pq: SignedKey | None) -> None:
+    def set_prekeys(
+        self, user_id: str, signed: SignedKey, pq: SignedKey | None, audit: AuditRecord
+    ) -> None:
         with self._db.write() as conn:
             user_row = self._active_row(conn, user_id)
             if user_row is None:
@@ -268,6 +284,7 @@ class SqliteIdentityStore:
                        WHERE id = ?""",
                     (pq.key_id, pq.public_key, pq.signature, user_row),
                 )
+            self._outbox.add(conn, audit)
 
     def record_login(self, user_id: str, when: float) -> bool:
         with self._db.write() as conn:
@@ -278,7 +295,7 @@ class SqliteIdentityStore:
             )
             return cursor.rowcount == 1
 
-    def deactivate(self, user_id: str, when: float) -> float | None:
+    def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None:
         """Deactivates and drops the prekey pool; returns the deactivation time, None if unknown."""
         index = self._index(user_id)
         with self._db.write() as conn:
@@ -292,6 +309,7 @@ class SqliteIdentityStore:
                 return float(already)
             conn.execute("UPDATE users SET deactivate_time = ? WHERE id = ?", (when, user_row))
             conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,))
+            self._outbox.add(conn, audit)
             return when
 
     def counts(self) -> IdentityCounts:

@@ -16,10 +16,10 @@ from pathlib import Path
 from services.common.config import DEFAULT_PORTS
 from services.launcher.pki import ensure_pki
 
-# Start order: identity's token checks need session, session's logins need identity;
-# both tolerate the other being briefly absent, so order only shortens the wait.
-SERVICES = ("identity", "session", "relay")
-PERSISTENT = ("identity", "session")
+# Each service tolerates the others being briefly absent (calls wait for readiness within
+# their deadline; audit events wait in outboxes), so start order does not matter.
+SERVICES = ("identity", "session", "relay", "audit")
+PERSISTENT = ("identity", "session", "audit")
 CERT_NAMES = ("identity", "session", "relay", "audit", "operator")
 ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
 

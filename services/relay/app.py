@@ -17,6 +17,7 @@ from services.common.channels import open_channel
 from services.common.config import Env, ServerConfig, internal_port, tls_from_env
 from services.common.errors import StartupError
 from services.common.identity_client import RemoteIdentityDirectory
+from services.common.outbox import MemoryOutbox, OutboxShipper
 from services.common.server import App, ServiceBinding
 from services.relay.queues import MessageQueues, RelayLimits
 from services.relay.servicer import RelayAdminServicer, RelayServicer
@@ -47,7 +48,9 @@ async def build(env: Env) -> App:
             f"RELAY_MAX_BODY_BYTES ({limits.max_body_bytes}) must be at least 16 KiB below "
             "MAX_MESSAGE_BYTES; raise MAX_MESSAGE_BYTES or lower the body cap"
         )
-    queues = MessageQueues(limits)
+    outbox = MemoryOutbox(SERVICE)
+    shipper = OutboxShipper.from_env(outbox, env)
+    queues = MessageQueues(limits, outbox)
     tls = tls_from_env(env)
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls
@@ -68,6 +71,7 @@ async def build(env: Env) -> App:
         queues.closing.set()
 
     async def close() -> None:
+        await shipper.close()
         await session_channel.close(grace=None)
         await identity_channel.close(grace=None)
 
@@ -88,12 +92,12 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.RelayAdminService",
-                RelayAdminServicer(queues),
+                RelayAdminServicer(queues, outbox),
                 admin_grpc.add_RelayAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
         ],
-        background=[sweep_forever],
+        background=[sweep_forever, shipper.run],
         on_draining=[end_streams],
         on_stop=[close],
     )

@@ -14,8 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common import validation
+from services.common import audit_events, validation
+from services.common.audit_events import AuditRecord
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.outbox import AuditSink
 from services.common.ratelimit import SlidingWindowLimiter
 
 # Bookkeeping per queued message beyond its body (object, id, dict slots, heap entry),
@@ -73,9 +75,17 @@ class RelayStats:
 
 
 class MessageQueues:
-    def __init__(self, limits: RelayLimits, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        limits: RelayLimits,
+        audit: AuditSink,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.limits = limits
+        self._audit = audit
         self._clock = clock
+        # Security events, at most one per kind and key a minute; never who messages whom.
+        self._announced = SlidingWindowLimiter(1, 60.0)
         self._boxes: dict[str, _Mailbox] = {}
         self._expiry: list[tuple[float, str, str]] = []  # (expire time, message id, recipient)
         self._total_cost = 0
@@ -111,8 +121,14 @@ class MessageQueues:
         ttl = self.ttl(requested_ttl)
         wait = self._senders.acquire(sender_id)
         if wait is not None:
+            self.announce(audit_events.RATE_LIMIT_EXCEEDED, sender_id, {"limit": "relay_sends"})
             raise ResourceExhausted("you are sending too fast", retry_after=wait)
         return ttl
+
+    def announce(self, action: str, user_id: str, details: dict[str, str]) -> None:
+        key = f"{action}:{user_id}:{sorted(details.items())}"
+        if self._announced.acquire(key) is None:
+            self._audit.record(AuditRecord(action, user_id, details))
 
     def send(self, sender_id: str, recipient_id: str, body: bytes, ttl: float) -> Message:
         """Queues an admitted message for an active recipient, if there is room."""
@@ -122,10 +138,12 @@ class MessageQueues:
             len(box.messages) >= self.limits.max_queue_messages
             or box.cost + cost > self.limits.max_queue_bytes
         ):
+            self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "recipient_queue"})
             raise ResourceExhausted(
                 "the recipient's queue is full; try again after they read their messages"
             )
         if self._total_cost + cost > self.limits.max_total_bytes:
+            self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "relay_total"})
             raise ResourceExhausted("the relay is at capacity; try again later", retry_after=30)
         now = self._clock()
         message = Message(secrets.token_hex(16), sender_id, bytearray(body), now, now + ttl)

@@ -12,9 +12,10 @@ from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2 as pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
-from services.common import convert
-from services.common.auth import TokenValidator, authenticate, bearer_token
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common import audit_events, convert, peers
+from services.common.auth import AuthenticatedUser, TokenValidator, bearer_token
+from services.common.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.relay.queues import Message, MessageQueues
 
@@ -39,6 +40,23 @@ def _envelope(message: Message) -> pb.Envelope:
     )
 
 
+class _AuditedTokens:
+    """Token checks that leave an auth_failed event (per address, at most once a minute)."""
+
+    def __init__(self, tokens: TokenValidator, queues: MessageQueues) -> None:
+        self._tokens = tokens
+        self._queues = queues
+
+    async def check(self, context: Context, token: str | None = None) -> AuthenticatedUser:
+        try:
+            return await self._tokens.validate(
+                token if token is not None else bearer_token(context)
+            )
+        except Unauthenticated:
+            self._queues.announce(audit_events.AUTH_FAILED, "", {"ip": peers.peer_host(context)})
+            raise
+
+
 class RelayServicer(pb_grpc.RelayServiceServicer):
     def __init__(
         self,
@@ -50,7 +68,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         fetch_budget_bytes: int,
     ) -> None:
         self._queues = queues
-        self._tokens = tokens
+        self._tokens = _AuditedTokens(tokens, queues)
         self._recipients = recipients
         self._revalidate = revalidate_seconds
         self._fetch_budget = fetch_budget_bytes
@@ -58,7 +76,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
-        sender = await authenticate(context, self._tokens)
+        sender = await self._tokens.check(context)
         requested = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
         ttl = self._queues.admit(sender.user_id, request.recipient_id, request.body, requested)
         if not await self._recipients.is_active(request.recipient_id):
@@ -71,7 +89,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def FetchMessages(
         self, request: pb.FetchMessagesRequest, context: Context
     ) -> pb.FetchMessagesResponse:
-        caller = await authenticate(context, self._tokens)
+        caller = await self._tokens.check(context)
         limit = request.max_messages or DEFAULT_FETCH
         if limit > MAX_FETCH:
             raise InvalidArgument(f"max_messages must be at most {MAX_FETCH}")
@@ -81,7 +99,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
     async def AcknowledgeMessages(
         self, request: pb.AcknowledgeMessagesRequest, context: Context
     ) -> pb.AcknowledgeMessagesResponse:
-        caller = await authenticate(context, self._tokens)
+        caller = await self._tokens.check(context)
         ids = list(request.message_ids)
         if not ids:
             raise InvalidArgument("message_ids must name at least one message")
@@ -94,7 +112,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         self, request: pb.SubscribeMessagesRequest, context: Context
     ) -> AsyncIterator[pb.SubscribeMessagesResponse]:
         token = bearer_token(context)
-        caller = await self._tokens.validate(token)
+        caller = await self._tokens.check(context, token)
         loop = asyncio.get_running_loop()
         wakeup = self._queues.watch(caller.user_id)
         delivered: set[str] = set()
@@ -114,7 +132,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
                 if self._queues.closing.is_set():
                     raise Unavailable("the relay is restarting; subscribe again")
                 if loop.time() >= recheck_at:
-                    await self._tokens.validate(token)  # a revoked token ends the stream
+                    await self._tokens.check(context, token)  # a revoked token ends the stream
                     recheck_at = loop.time() + self._revalidate
         finally:
             self._queues.unwatch(caller.user_id, wakeup)
@@ -130,8 +148,9 @@ async def _first_of(first: asyncio.Event, second: asyncio.Event) -> None:
 
 
 class RelayAdminServicer(admin_grpc.RelayAdminServiceServicer):
-    def __init__(self, queues: MessageQueues) -> None:
+    def __init__(self, queues: MessageQueues, outbox: Outbox) -> None:
         self._queues = queues
+        self._outbox = outbox
 
     async def GetRelayStats(
         self, request: admin_pb.GetRelayStatsRequest, context: Context
@@ -142,4 +161,5 @@ class RelayAdminServicer(admin_grpc.RelayAdminServiceServicer):
             queued_bytes=stats.queued_bytes,
             recipients=stats.recipients,
             subscribers=stats.subscribers,
+            audit_outbox_backlog=self._outbox.backlog(),
         )

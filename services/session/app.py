@@ -13,6 +13,7 @@ from services.common import peers
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
 from services.common.identity_client import RemoteIdentityDirectory
+from services.common.outbox import OutboxShipper, SqliteOutbox
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_database
 from services.session.login import ChallengeBook, Login, LoginLimits
@@ -45,7 +46,9 @@ async def build(env: Env) -> App:
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
         max_lifetime=env.number("SESSION_MAX_LIFETIME_SECONDS", 12 * 3600.0, minimum=1.0),
     )
-    sessions = Sessions(SqliteSessionStore(opened.database, opened.keyring), policy)
+    outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
+    shipper = OutboxShipper.from_env(outbox, env)
+    sessions = Sessions(SqliteSessionStore(opened.database, opened.keyring, outbox), policy)
     identity_channel = open_channel(
         env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),
         tls_from_env(env),
@@ -62,6 +65,7 @@ async def build(env: Env) -> App:
                 "LOGIN_CHALLENGES_PER_MINUTE", 120, minimum=1
             ),
         ),
+        outbox,
     )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
 
@@ -81,6 +85,7 @@ async def build(env: Env) -> App:
 
     async def close() -> None:
         await cleanup_once("shutdown")
+        await shipper.close()
         await identity_channel.close(grace=None)
         opened.database.close()
 
@@ -99,11 +104,11 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.SessionAdminService",
-                SessionAdminServicer(sessions, login),
+                SessionAdminServicer(sessions, login, outbox),
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
                 allowed_callers=frozenset({"identity", peers.OPERATOR}),
             ),
         ],
-        background=[cleanup_forever],
+        background=[cleanup_forever, shipper.run],
         on_stop=[close],
     )

@@ -19,8 +19,10 @@ from typing import Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.common import validation
+from services.common import audit_events, validation
+from services.common.audit_events import AuditRecord
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.outbox import AuditSink
 from services.common.ratelimit import SlidingWindowLimiter
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
 from services.session.store import SessionRecord
@@ -122,12 +124,16 @@ class Login:
         directory: IdentityDirectory,
         challenges: ChallengeBook,
         limits: LoginLimits,
+        audit: AuditSink,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._sessions = sessions
         self._directory = directory
         self._challenges = challenges
+        self._audit = audit
         self._clock = clock
+        # One rate_limit_exceeded event per key and window, not one per refused attempt.
+        self._announced = SlidingWindowLimiter(1, limits.window_seconds)
         self._by_account = SlidingWindowLimiter(limits.failures_per_account, limits.window_seconds)
         self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
         self._challenges_by_address = SlidingWindowLimiter(
@@ -138,16 +144,25 @@ class Login:
         validation.user_id(user_id)
         wait = self._challenges_by_address.acquire(address)
         if wait is not None:
+            self._announce_limit("login_challenges", address, "")
             raise ResourceExhausted("too many login challenges from your address", retry_after=wait)
         return self._challenges.issue(user_id)
 
+    def _announce_limit(self, limit: str, key: str, user_id: str) -> None:
+        if self._announced.acquire(f"{limit}:{key}") is None:
+            details = {"limit": limit}
+            if not user_id:
+                details["ip"] = key
+            self._audit.record(AuditRecord(audit_events.RATE_LIMIT_EXCEEDED, user_id, details))
+
     def check_limits(self, user_id: str, address: str) -> None:
-        for limiter, key, what in (
-            (self._by_account, user_id, "this account"),
-            (self._by_address, address, "your address"),
+        for limiter, key, what, limit in (
+            (self._by_account, user_id, "this account", "login_account"),
+            (self._by_address, address, "your address", "login_address"),
         ):
             wait = limiter.retry_after(key)
             if wait is not None:
+                self._announce_limit(limit, key, user_id if limit == "login_account" else "")
                 raise ResourceExhausted(f"too many failed logins for {what}", retry_after=wait)
 
     async def sign_in(
@@ -186,6 +201,8 @@ class Login:
         if not (verified and challenge is not None and raw_key is not None):
             self._by_account.hit(user_id)
             self._by_address.hit(address)
+            failure = AuditRecord(audit_events.USER_LOGIN_FAILED, user_id, {"ip": address})
+            await asyncio.to_thread(self._audit.record, failure)
             raise Unauthenticated(LOGIN_FAILED)
 
         self._by_account.reset(user_id)

@@ -14,6 +14,7 @@ from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
 from services.common import convert, peers
 from services.common.auth import bearer_token
+from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.session.login import Login
 from services.session.sessions import Sessions
@@ -124,9 +125,10 @@ class SessionInternalServicer(internal_grpc.SessionInternalServiceServicer):
 
 
 class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
-    def __init__(self, sessions: Sessions, login: Login) -> None:
+    def __init__(self, sessions: Sessions, login: Login, outbox: Outbox) -> None:
         self._sessions = sessions
         self._login = login
+        self._outbox = outbox
 
     async def RevokeUserSessions(
         self, request: admin_pb.RevokeUserSessionsRequest, context: Context
@@ -144,7 +146,9 @@ class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
         self, request: admin_pb.GetSessionStatsRequest, context: Context
     ) -> admin_pb.GetSessionStatsResponse:
         active, users = await asyncio.to_thread(self._sessions.counts)
+        backlog = await asyncio.to_thread(self._outbox.backlog)
         return admin_pb.GetSessionStatsResponse(
+            audit_outbox_backlog=backlog,
             active_sessions=active,
             users_with_sessions=users,
             pending_challenges=self._login.pending_challenges(),

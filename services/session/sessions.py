@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common import validation
+from services.common import audit_events, validation
+from services.common.audit_events import AuditRecord
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
 from services.session.store import SessionRecord, SessionStore
 
@@ -67,7 +68,13 @@ class Sessions:
             expire_time=min(now + self.policy.idle_timeout, deadline),
         )
         token = new_token()
-        self._store.add(record, hash_token(token))
+        event = AuditRecord(
+            audit_events.USER_LOGIN,
+            user_id,
+            {"session_id": record.session_id, "ip": ip_address},
+            occur_time=now,
+        )
+        self._store.add(record, hash_token(token), event)
         return token, record
 
     def validate(self, token: str, *, strict_shape: bool = False) -> SessionRecord:
@@ -104,18 +111,33 @@ class Sessions:
 
     def delete(self, caller: SessionRecord, session_id: str) -> None:
         target = session_id or caller.session_id
-        if not self._store.delete(caller.user_id, target):
+        event = AuditRecord(audit_events.USER_LOGOUT, caller.user_id, {"session_id": target})
+        if not self._store.delete(caller.user_id, target, event):
             raise NotFound("no session of yours has that session_id")
 
     def revoke_others(self, caller: SessionRecord) -> int:
-        return self._store.delete_user(caller.user_id, keep_session_id=caller.session_id)
+        return self._store.delete_user(
+            caller.user_id,
+            _revoked(caller.user_id, "others"),
+            keep_session_id=caller.session_id,
+        )
 
     def revoke_user(self, user_id: str) -> int:
         validation.user_id(user_id)
-        return self._store.delete_user(user_id)
+        return self._store.delete_user(user_id, _revoked(user_id, "all"))
 
     def cleanup(self) -> int:
         return self._store.delete_expired(self._clock())
 
     def counts(self) -> tuple[int, int]:
         return self._store.counts(self._clock())
+
+
+def _revoked(user_id: str, scope: str) -> Callable[[int], AuditRecord | None]:
+    def event(count: int) -> AuditRecord | None:
+        if count == 0:
+            return None
+        details = {"count": str(count), "scope": scope}
+        return AuditRecord(audit_events.SESSIONS_REVOKED, user_id, details)
+
+    return event

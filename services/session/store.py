@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
+from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
 from services.common.sqlite import Database, Migration
 
 MIGRATIONS = [
@@ -38,6 +41,7 @@ MIGRATIONS = [
         CREATE INDEX sessions_by_expiry ON sessions (expire_time);
         """,
     ),
+    Migration(2, OUTBOX_TABLE),
 ]
 
 _TIMES = struct.Struct(">dd")  # login time, absolute deadline
@@ -54,27 +58,36 @@ class SessionRecord:
     expire_time: float
 
 
+# Builds the audit event for a bulk deletion once its count is known (None: no event).
+CountedEvent = Callable[[int], AuditRecord | None]
+
+
 class SessionStore(Protocol):
-    def add(self, record: SessionRecord, token_hash: bytes) -> None: ...
+    def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None: ...
     def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None: ...
     def set_expiry(self, session_id: str, expire_time: float) -> None: ...
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]: ...
-    def delete(self, user_id: str, session_id: str) -> bool: ...
-    def delete_user(self, user_id: str, *, keep_session_id: str | None = None) -> int: ...
+    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool: ...
+    def delete_user(
+        self, user_id: str, audit: CountedEvent, *, keep_session_id: str | None = None
+    ) -> int: ...
     def delete_expired(self, now: float) -> int: ...
     def counts(self, now: float) -> tuple[int, int]: ...
 
 
 class SqliteSessionStore:
-    def __init__(self, db: Database, keyring: Keyring) -> None:
+    """Every change is written together with its audit event (see services.common.outbox)."""
+
+    def __init__(self, db: Database, keyring: Keyring, outbox: SqliteOutbox) -> None:
         self._db = db
+        self._outbox = outbox
         self._index = keyring.blind_index("sessions.user_id")
         self._user_id = keyring.field("sessions", "user_id")
         self._ip = keyring.field("sessions", "ip_address")
         self._user_agent = keyring.field("sessions", "user_agent")
         self._times = keyring.field("sessions", "times")
 
-    def add(self, record: SessionRecord, token_hash: bytes) -> None:
+    def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
         row_key = record.session_id.encode()
         with self._db.write() as conn:
             conn.execute(
@@ -94,6 +107,7 @@ class SqliteSessionStore:
                     record.expire_time,
                 ),
             )
+            self._outbox.add(conn, audit)
 
     def _decode(self, row: sqlite3.Row) -> SessionRecord:
         row_key = row["session_id"].encode()
@@ -132,21 +146,29 @@ class SqliteSessionStore:
         records = [self._decode(row) for row in rows]
         return sorted(records, key=lambda r: r.create_time, reverse=True)
 
-    def delete(self, user_id: str, session_id: str) -> bool:
+    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool:
         with self._db.write() as conn:
             cursor = conn.execute(
                 "DELETE FROM sessions WHERE session_id = ? AND user_index = ?",
                 (session_id, self._index(user_id)),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            self._outbox.add(conn, audit)
+            return True
 
-    def delete_user(self, user_id: str, *, keep_session_id: str | None = None) -> int:
+    def delete_user(
+        self, user_id: str, audit: CountedEvent, *, keep_session_id: str | None = None
+    ) -> int:
         with self._db.write() as conn:
-            cursor = conn.execute(
+            count = conn.execute(
                 "DELETE FROM sessions WHERE user_index = ? AND session_id IS NOT ?",
                 (self._index(user_id), keep_session_id),
-            )
-            return cursor.rowcount
+            ).rowcount
+            event = audit(count)
+            if event is not None:
+                self._outbox.add(conn, event)
+            return count
 
     def delete_expired(self, now: float) -> int:
         with self._db.write() as conn:

@@ -25,8 +25,14 @@ PACKAGES = {
     "identity": "securemsg.identity.v1.IdentityService",
     "session": "securemsg.session.v1.SessionService",
     "relay": "securemsg.relay.v1.RelayService",
+    "audit": "securemsg.audit.v1.AuditService",
 }
-FAST_KDF = {"KDF_ITERATIONS": "100000", "LOG_LEVEL": "INFO"}
+FAST_KDF = {
+    "KDF_ITERATIONS": "100000",
+    "LOG_LEVEL": "INFO",
+    "AUDIT_SHIP_IDLE_SECONDS": "0.1",
+    "AUDIT_SHIP_MAX_BACKOFF_SECONDS": "0.5",
+}
 
 
 def free_port() -> int:
@@ -140,7 +146,9 @@ class Stack:
     ) -> None:
         self.layout = StackLayout(root)
         self.layout.prepare()
-        self.ports = {name: (free_port(), free_port()) for name in services}
+        # Ports for all four services, so that one not started here is simply absent
+        # (calls to it fail and are retried) rather than a stray one on a default port.
+        self.ports = {name: (free_port(), free_port()) for name in PACKAGES}
         self.services = {
             name: ServiceProcess(
                 name,

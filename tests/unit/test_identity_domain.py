@@ -9,6 +9,7 @@ import pytest
 
 from services.client.keys import UserKeys
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.outbox import SqliteOutbox
 from services.common.sqlite import OpenedDatabase
 from services.identity import keys as bundle_keys
 from services.identity.domain import MAX_PREKEY_POOL, Identity, Registration
@@ -35,7 +36,8 @@ def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registrat
 
 @pytest.fixture
 def identity(identity_db: OpenedDatabase, clock: FakeClock) -> Identity:
-    return Identity(SqliteIdentityStore(identity_db.database, identity_db.keyring), clock)
+    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
+    return Identity(SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox), clock)
 
 
 def test_registration_returns_the_profile(identity: Identity, clock: FakeClock) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from services.client.keys import UserKeys
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.outbox import SqliteOutbox
 from services.common.sqlite import OpenedDatabase
 from services.session.login import LOGIN_FAILED, ChallengeBook, Login, LoginLimits
 from services.session.sessions import SessionPolicy, Sessions
@@ -31,15 +32,21 @@ def directory() -> Directory:
 
 
 @pytest.fixture
-def login(session_db: OpenedDatabase, directory: Directory, clock: FakeClock) -> Login:
-    sessions = Sessions(
-        SqliteSessionStore(session_db.database, session_db.keyring), SessionPolicy(), clock
-    )
+def outbox(session_db: OpenedDatabase) -> SqliteOutbox:
+    return SqliteOutbox(session_db.database, session_db.keyring, "session")
+
+
+@pytest.fixture
+def login(
+    session_db: OpenedDatabase, outbox: SqliteOutbox, directory: Directory, clock: FakeClock
+) -> Login:
+    store = SqliteSessionStore(session_db.database, session_db.keyring, outbox)
     return Login(
-        sessions,
+        Sessions(store, SessionPolicy(), clock),
         directory,
         ChallengeBook(ttl=60, clock=clock),
         LoginLimits(3, 5, 900, challenges_per_address_per_minute=20),
+        outbox,
         clock,
     )
 
@@ -149,3 +156,20 @@ def test_challenges_per_address_are_capped(login: Login) -> None:
     with pytest.raises(ResourceExhausted, match="too many login challenges"):
         login.challenge("alice", "9.9.9.9")
     login.challenge("alice", "8.8.8.8")
+
+
+async def test_failures_and_the_first_refusal_are_audited_once(
+    login: Login, directory: Directory, outbox: SqliteOutbox
+) -> None:
+    user(directory, "alice")
+    stranger = UserKeys.generate(0)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await sign_in(login, "alice", stranger)
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted):
+            await sign_in(login, "alice", stranger)
+    events = [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(100)]
+    assert events == [("user_login_failed", "alice", {"ip": "1.2.3.4"})] * 3 + [
+        ("rate_limit_exceeded", "alice", {"limit": "login_account"})
+    ]

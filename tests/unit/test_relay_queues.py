@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.outbox import MemoryOutbox
 from services.relay.queues import MESSAGE_OVERHEAD_BYTES, MessageQueues, RelayLimits
 from tests.unit.conftest import FakeClock
 
 
 def queues(clock: FakeClock, **limits: int | float) -> MessageQueues:
-    return MessageQueues(RelayLimits(**limits), clock)  # type: ignore[arg-type]
+    return MessageQueues(RelayLimits(**limits), MemoryOutbox("relay"), clock)  # type: ignore[arg-type]
 
 
 def send(q: MessageQueues, body: bytes = b"x", to: str = "bob", ttl: float | None = None) -> str:
@@ -103,3 +104,19 @@ def test_pending_respects_count_and_byte_budgets(clock: FakeClock) -> None:
     assert len(q.pending("bob", limit=2)) == 2
     assert len(q.pending("bob", max_bytes=2 * (1000 + MESSAGE_OVERHEAD_BYTES))) == 2
     assert len(q.pending("bob", max_bytes=1)) == 1  # always at least one
+
+
+def test_security_events_go_to_the_outbox_once_a_minute_and_name_no_recipient(
+    clock: FakeClock,
+) -> None:
+    outbox = MemoryOutbox("relay")
+    q = MessageQueues(RelayLimits(max_queue_messages=1, sends_per_minute=3), outbox, clock)
+    send(q)
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted):
+            send(q)
+    events = [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(10)]
+    assert events == [
+        ("capacity_exceeded", "", {"scope": "recipient_queue"}),
+        ("rate_limit_exceeded", "alice", {"limit": "relay_sends"}),
+    ]

@@ -1,0 +1,64 @@
+"""Wiring of the audit service."""
+
+from __future__ import annotations
+
+from securemsg.audit.v1 import audit_admin_service_pb2_grpc as admin_grpc
+from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
+from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
+
+from services.audit.domain import AuditLog
+from services.audit.servicer import AuditAdminServicer, AuditIngestServicer, AuditServicer
+from services.audit.store import MIGRATIONS, SqliteAuditStore
+from services.common import peers
+from services.common.auth import RemoteTokenValidator
+from services.common.channels import open_channel
+from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.server import App, ServiceBinding
+from services.common.sqlite import open_database
+
+SERVICE = "audit"
+PACKAGE = "securemsg.audit.v1"
+
+
+async def build(env: Env) -> App:
+    db_config = DatabaseConfig.from_env(SERVICE, env)
+    opened = open_database(
+        db_config.path,
+        service=SERVICE,
+        master_key=db_config.master_key,
+        kdf_iterations=db_config.kdf_iterations,
+        migrations=MIGRATIONS,
+        synchronous="FULL",  # an acknowledged event is deleted from the sender's outbox
+    )
+    log = AuditLog(SqliteAuditStore(opened.database, opened.keyring))
+    tls = tls_from_env(env)
+    session_channel = open_channel(
+        env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls
+    )
+
+    async def close() -> None:
+        await session_channel.close(grace=None)
+        opened.database.close()
+
+    return App(
+        bindings=[
+            ServiceBinding(
+                f"{PACKAGE}.AuditService",
+                AuditServicer(log, RemoteTokenValidator(session_channel), insecure=tls is None),
+                pb_grpc.add_AuditServiceServicer_to_server,
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.AuditIngestService",
+                AuditIngestServicer(log),
+                ingest_grpc.add_AuditIngestServiceServicer_to_server,
+                allowed_callers=frozenset({"identity", "session", "relay"}),
+            ),
+            ServiceBinding(
+                f"{PACKAGE}.AuditAdminService",
+                AuditAdminServicer(log),
+                admin_grpc.add_AuditAdminServiceServicer_to_server,
+                allowed_callers=frozenset({peers.OPERATOR}),
+            ),
+        ],
+        on_stop=[close],
+    )

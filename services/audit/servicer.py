@@ -1,0 +1,114 @@
+"""gRPC transport for the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+
+from securemsg.audit.v1 import audit_admin_service_pb2 as admin_pb
+from securemsg.audit.v1 import audit_admin_service_pb2_grpc as admin_grpc
+from securemsg.audit.v1 import audit_event_pb2
+from securemsg.audit.v1 import audit_ingest_service_pb2 as ingest_pb
+from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
+from securemsg.audit.v1 import audit_service_pb2 as pb
+from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
+
+from services.audit.domain import AuditLog, ListRequest, Reader
+from services.audit.store import NewEvent, StoredEvent
+from services.common import convert, peers
+from services.common.auth import TokenValidator, authenticate
+from services.common.peers import Context
+
+
+def _event(event: StoredEvent) -> audit_event_pb2.AuditEvent:
+    return audit_event_pb2.AuditEvent(
+        event_id=event.event_id,
+        action=event.action,
+        source=event.source,
+        user_id=event.user_id,
+        occur_time=convert.timestamp(event.occur_time),
+        details=event.details,
+        sequence=event.sequence,
+        record_time=convert.timestamp(event.record_time),
+    )
+
+
+class AuditServicer(pb_grpc.AuditServiceServicer):
+    def __init__(self, log: AuditLog, tokens: TokenValidator, *, insecure: bool) -> None:
+        self._log = log
+        self._tokens = tokens
+        self._insecure = insecure
+
+    async def _reader(self, context: Context) -> Reader:
+        if peers.certificate_name(context) == peers.OPERATOR:
+            return Reader(operator=True)
+        sent_token = any(key == "authorization" for key, _ in context.invocation_metadata() or ())
+        if self._insecure and not sent_token and peers.is_loopback(context.peer()):
+            return Reader(operator=True)  # plaintext development mode: loopback is the operator
+        user = await authenticate(context, self._tokens)
+        return Reader(operator=False, user_id=user.user_id)
+
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Context
+    ) -> pb.ListAuditEventsResponse:
+        reader = await self._reader(context)
+        query = ListRequest(
+            user_id=request.user_id,
+            action=request.action,
+            start_time=(
+                convert.seconds(request.start_time) if request.HasField("start_time") else None
+            ),
+            end_time=convert.seconds(request.end_time) if request.HasField("end_time") else None,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        events, token = await asyncio.to_thread(self._log.list, reader, query)
+        return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=token)
+
+
+class AuditIngestServicer(ingest_grpc.AuditIngestServiceServicer):
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    async def AppendAuditEvents(
+        self, request: ingest_pb.AppendAuditEventsRequest, context: Context
+    ) -> ingest_pb.AppendAuditEventsResponse:
+        events = [
+            NewEvent(
+                event_id=e.event_id,
+                action=e.action,
+                source=e.source,
+                user_id=e.user_id,
+                occur_time=convert.seconds(e.occur_time) if e.HasField("occur_time") else 0.0,
+                details=dict(e.details),
+            )
+            for e in request.events
+        ]
+        caller = peers.certificate_name(context)
+        appended, duplicates = await asyncio.to_thread(self._log.append, events, caller)
+        return ingest_pb.AppendAuditEventsResponse(
+            appended_count=appended, duplicate_count=duplicates
+        )
+
+
+class AuditAdminServicer(admin_grpc.AuditAdminServiceServicer):
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    async def VerifyAuditLog(
+        self, request: admin_pb.VerifyAuditLogRequest, context: Context
+    ) -> admin_pb.VerifyAuditLogResponse:
+        result = await asyncio.to_thread(self._log.verify)
+        return admin_pb.VerifyAuditLogResponse(
+            ok=result.ok,
+            checked_count=result.checked,
+            first_bad_sequence=result.first_bad_sequence,
+            problem=result.problem,
+        )
+
+    async def GetAuditStats(
+        self, request: admin_pb.GetAuditStatsRequest, context: Context
+    ) -> admin_pb.GetAuditStatsResponse:
+        counts = await asyncio.to_thread(self._log.counts)
+        return admin_pb.GetAuditStatsResponse(
+            total_events=sum(counts.values()), events_by_action=counts
+        )

@@ -1,0 +1,251 @@
+"""The audit log in an encrypted SQLite file, linked into a keyed hash chain.
+
+Each row's link is HMAC-SHA256(chain key, previous link || the row's stored bytes), the
+first row chaining from 32 zero bytes. The head (last sequence and link) is kept in its
+own table in the same transaction, so removing events at the end is noticed as well.
+What a stolen file shows: event ids, actions, sources, times, and which events concern
+the same (unnamed) user. User ids and details are ciphertext.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import sqlite3
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.crypto import Keyring
+from services.common.sqlite import Database, Migration
+
+MIGRATIONS = [
+    Migration(
+        1,
+        """
+        CREATE TABLE audit_events (
+            sequence    INTEGER PRIMARY KEY,
+            event_id    TEXT    NOT NULL UNIQUE,
+            action      TEXT    NOT NULL,
+            source      TEXT    NOT NULL,
+            user_index  BLOB,
+            user_id_ct  BLOB,
+            details_ct  BLOB    NOT NULL,
+            occur_time  REAL    NOT NULL,
+            record_time REAL    NOT NULL,
+            link        BLOB    NOT NULL
+        ) STRICT;
+        CREATE INDEX audit_by_user ON audit_events (user_index, sequence);
+        CREATE INDEX audit_by_action ON audit_events (action, sequence);
+        CREATE INDEX audit_by_time ON audit_events (occur_time);
+        CREATE TABLE audit_head (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            sequence INTEGER NOT NULL,
+            link     BLOB    NOT NULL
+        ) STRICT;
+        """,
+    ),
+]
+
+GENESIS = bytes(32)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event_id: str
+    action: str
+    source: str
+    user_id: str
+    occur_time: float
+    details: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    sequence: int
+    event_id: str
+    action: str
+    source: str
+    user_id: str
+    occur_time: float
+    record_time: float
+    details: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str | None
+    action: str | None
+    start_time: float | None
+    end_time: float | None
+    before_sequence: int | None
+    limit: int
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    checked: int
+    first_bad_sequence: int = 0
+    problem: str = ""
+
+
+class AuditStore(Protocol):
+    def append(self, events: list[NewEvent], now: float) -> tuple[int, int]: ...
+    def query(self, query: Query) -> list[StoredEvent]: ...
+    def verify(self) -> Verification: ...
+    def counts(self) -> dict[str, int]: ...
+
+
+def _canonical(row: sqlite3.Row | dict[str, object]) -> bytes:
+    parts: list[bytes] = [
+        struct.pack(">Q", row["sequence"]),
+        str(row["event_id"]).encode(),
+        str(row["action"]).encode(),
+        str(row["source"]).encode(),
+        bytes(row["user_index"] or b""),  # type: ignore[arg-type]
+        bytes(row["user_id_ct"] or b""),  # type: ignore[arg-type]
+        bytes(row["details_ct"]),  # type: ignore[arg-type]
+        struct.pack(">dd", row["occur_time"], row["record_time"]),
+    ]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+class SqliteAuditStore:
+    def __init__(self, db: Database, keyring: Keyring) -> None:
+        self._db = db
+        self._index = keyring.blind_index("audit_events.user_id")
+        self._user_id = keyring.field("audit_events", "user_id")
+        self._details = keyring.field("audit_events", "details")
+        self._chain_key = keyring.chain_key()
+
+    def _link(self, previous: bytes, row: dict[str, object]) -> bytes:
+        return hmac.digest(self._chain_key, previous + _canonical(row), "sha256")
+
+    def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
+        """Appends the batch in order, skipping known event ids: (appended, duplicates)."""
+        appended = duplicates = 0
+        with self._db.write() as conn:
+            head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
+            sequence, link = (head["sequence"], head["link"]) if head else (0, GENESIS)
+            for event in events:
+                known = conn.execute(
+                    "SELECT 1 FROM audit_events WHERE event_id = ?", (event.event_id,)
+                ).fetchone()
+                if known:
+                    duplicates += 1
+                    continue
+                sequence += 1
+                row_key = event.event_id.encode()
+                row: dict[str, object] = {
+                    "sequence": sequence,
+                    "event_id": event.event_id,
+                    "action": event.action,
+                    "source": event.source,
+                    "user_index": self._index(event.user_id) if event.user_id else None,
+                    "user_id_ct": (
+                        self._user_id.encrypt_text(event.user_id, row_key)
+                        if event.user_id
+                        else None
+                    ),
+                    "details_ct": self._details.encrypt_text(
+                        json.dumps(event.details, sort_keys=True), row_key
+                    ),
+                    "occur_time": event.occur_time,
+                    "record_time": now,
+                }
+                link = self._link(link, row)
+                conn.execute(
+                    """INSERT INTO audit_events (sequence, event_id, action, source, user_index,
+                           user_id_ct, details_ct, occur_time, record_time, link)
+                       VALUES (:sequence, :event_id, :action, :source, :user_index, :user_id_ct,
+                               :details_ct, :occur_time, :record_time, :link)""",
+                    {**row, "link": link},
+                )
+                appended += 1
+            if appended:
+                conn.execute(
+                    "INSERT INTO audit_head (id, sequence, link) VALUES (1, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET sequence = excluded.sequence,"
+                    " link = excluded.link",
+                    (sequence, link),
+                )
+        return appended, duplicates
+
+    def _decode(self, row: sqlite3.Row) -> StoredEvent:
+        row_key = row["event_id"].encode()
+        return StoredEvent(
+            sequence=row["sequence"],
+            event_id=row["event_id"],
+            action=row["action"],
+            source=row["source"],
+            user_id=(
+                self._user_id.decrypt_text(row["user_id_ct"], row_key) if row["user_id_ct"] else ""
+            ),
+            occur_time=row["occur_time"],
+            record_time=row["record_time"],
+            details=json.loads(self._details.decrypt_text(row["details_ct"], row_key)),
+        )
+
+    def query(self, query: Query) -> list[StoredEvent]:
+        """Matching events, newest (highest sequence) first."""
+        clauses: list[str] = ["1 = 1"]
+        params: list[object] = []
+        if query.user_id:
+            clauses.append("user_index = ?")
+            params.append(self._index(query.user_id))
+        if query.action:
+            clauses.append("action = ?")
+            params.append(query.action)
+        if query.start_time is not None:
+            clauses.append("occur_time >= ?")
+            params.append(query.start_time)
+        if query.end_time is not None:
+            clauses.append("occur_time < ?")
+            params.append(query.end_time)
+        if query.before_sequence is not None:
+            clauses.append("sequence < ?")
+            params.append(query.before_sequence)
+        sql = (
+            "SELECT * FROM audit_events WHERE "  # noqa: S608 - clauses are fixed strings
+            + " AND ".join(clauses)
+            + " ORDER BY sequence DESC LIMIT ?"
+        )
+        with self._db.read() as conn:
+            rows = conn.execute(sql, (*params, query.limit)).fetchall()
+        return [self._decode(row) for row in rows]
+
+    def _rows(self) -> Iterator[sqlite3.Row]:
+        with self._db.read() as conn:
+            yield from conn.execute("SELECT * FROM audit_events ORDER BY sequence")
+
+    def verify(self) -> Verification:
+        """Walks the chain from the first event; names the first position that fails."""
+        expected, link, checked = 1, GENESIS, 0
+        for row in self._rows():
+            if row["sequence"] != expected:
+                return Verification(
+                    False, checked, expected, f"event {expected} is missing (deleted)"
+                )
+            link = self._link(link, dict(row))
+            if not hmac.compare_digest(link, row["link"]):
+                return Verification(
+                    False, checked, expected, f"event {expected} was altered, inserted or moved"
+                )
+            checked += 1
+            expected += 1
+        with self._db.read() as conn:
+            head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
+        head_sequence = head["sequence"] if head else 0
+        if head_sequence != checked or (head and not hmac.compare_digest(head["link"], link)):
+            bad = min(head_sequence, checked) + 1
+            return Verification(
+                False, checked, bad, f"the log ends at {checked} but its head says {head_sequence}"
+            )
+        return Verification(True, checked)
+
+    def counts(self) -> dict[str, int]:
+        with self._db.read() as conn:
+            rows = conn.execute("SELECT action, COUNT(*) FROM audit_events GROUP BY action")
+            return {row[0]: int(row[1]) for row in rows}

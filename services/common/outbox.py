@@ -1,0 +1,205 @@
+"""Audit outbox: events are stored beside the change they describe, then shipped.
+
+A persistent service writes each audit event into its own database, in the same
+transaction as the change (`SqliteOutbox.add`), so the event exists exactly when the
+change does. `OutboxShipper` sends batches to AuditIngestService in the background with
+exponential backoff and deletes them only after the audit service acknowledged them.
+The audit service ignores event ids it already has, so a batch sent twice (say, the
+process died between acknowledgement and deletion) is stored once.
+
+The relay has no database; `MemoryOutbox` gives it the same shipper over a bounded
+in-memory queue (events past the bound are counted and dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+from collections import deque
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+from securemsg.audit.v1 import audit_event_pb2
+from securemsg.audit.v1 import audit_ingest_service_pb2 as ingest_pb
+from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
+
+from services.common.audit_events import AuditRecord
+from services.common.channels import open_channel
+from services.common.config import Env, internal_port, tls_from_env
+from services.common.crypto import Keyring
+from services.common.sqlite import Database
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_TABLE = """
+CREATE TABLE audit_outbox (
+    id       INTEGER PRIMARY KEY,
+    event_id TEXT    NOT NULL UNIQUE,
+    event_ct BLOB    NOT NULL
+) STRICT;
+"""
+
+SEND_TIMEOUT_SECONDS = 5.0
+BATCH_SIZE = 200
+
+
+class AuditSink(Protocol):
+    """Where a component records an audit event that goes with no other change."""
+
+    def record(self, record: AuditRecord) -> None: ...
+
+
+class Outbox(Protocol):
+    def peek(self, limit: int) -> list[tuple[int, audit_event_pb2.AuditEvent]]: ...
+    def remove(self, ids: Sequence[int]) -> None: ...
+    def backlog(self) -> int: ...
+
+
+class SqliteOutbox:
+    """Outbox table in a service's own encrypted database (the event is encrypted whole)."""
+
+    def __init__(self, db: Database, keyring: Keyring, source: str) -> None:
+        self._db = db
+        self._cipher = keyring.field("audit_outbox", "event")
+        self._source = source
+
+    def add(self, conn: sqlite3.Connection, record: AuditRecord) -> None:
+        """Adds an event inside the caller's open write transaction."""
+        event = record.to_proto(self._source)
+        conn.execute(
+            "INSERT INTO audit_outbox (event_id, event_ct) VALUES (?, ?)",
+            (
+                event.event_id,
+                self._cipher.encrypt(event.SerializeToString(), event.event_id.encode()),
+            ),
+        )
+
+    def record(self, record: AuditRecord) -> None:
+        """Adds an event that goes with no other change (a failed login, say)."""
+        with self._db.write() as conn:
+            self.add(conn, record)
+
+    def peek(self, limit: int) -> list[tuple[int, audit_event_pb2.AuditEvent]]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT id, event_id, event_ct FROM audit_outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+        return [
+            (row["id"], audit_event_pb2.AuditEvent.FromString(
+                self._cipher.decrypt(row["event_ct"], row["event_id"].encode())
+            ))
+            for row in rows
+        ]  # fmt: skip
+
+    def remove(self, ids: Sequence[int]) -> None:
+        with self._db.write() as conn:
+            conn.executemany("DELETE FROM audit_outbox WHERE id = ?", [(i,) for i in ids])
+
+    def backlog(self) -> int:
+        with self._db.read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM audit_outbox").fetchone()[0])
+
+
+class MemoryOutbox:
+    """Bounded in-memory outbox for the relay, which must not write to disk."""
+
+    def __init__(self, source: str, capacity: int = 10_000) -> None:
+        self._source = source
+        self._events: deque[tuple[int, audit_event_pb2.AuditEvent]] = deque()
+        self._capacity = capacity
+        self._next_id = 1
+        self.dropped = 0
+
+    def record(self, record: AuditRecord) -> None:
+        if len(self._events) >= self._capacity:
+            self.dropped += 1
+            return
+        self._events.append((self._next_id, record.to_proto(self._source)))
+        self._next_id += 1
+
+    def peek(self, limit: int) -> list[tuple[int, audit_event_pb2.AuditEvent]]:
+        return list(self._events)[:limit]
+
+    def remove(self, ids: Sequence[int]) -> None:
+        gone = set(ids)
+        while self._events and self._events[0][0] in gone:
+            self._events.popleft()
+
+    def backlog(self) -> int:
+        return len(self._events)
+
+
+class OutboxShipper:
+    """Delivers an outbox to the audit service, in order, until cancelled."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        channel: grpc.aio.Channel,
+        *,
+        idle_seconds: float = 1.0,
+        max_backoff_seconds: float = 30.0,
+    ) -> None:
+        self._outbox = outbox
+        self._channel = channel
+        self._stub = ingest_grpc.AuditIngestServiceStub(channel)
+        self._idle = idle_seconds
+        self._max_backoff = max_backoff_seconds
+        self.shipped = 0
+        self.failures = 0
+
+    async def run(self) -> None:
+        backoff = 0.25
+        while True:
+            try:
+                sent = await self.ship_once()
+            except Exception as exc:  # any failure: keep the events, wait, retry
+                self.failures += 1
+                code = (
+                    exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+                )
+                logger.warning(
+                    "audit shipping failed",
+                    extra={"fields": {"code": code, "retry_in": round(backoff, 2)}},
+                )
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))  # noqa: S311
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            backoff = 0.25
+            if sent == 0:
+                await asyncio.sleep(self._idle)
+
+    async def ship_once(self) -> int:
+        """Sends the oldest batch; returns how many events were delivered."""
+        batch = await asyncio.to_thread(self._outbox.peek, BATCH_SIZE)
+        if not batch:
+            return 0
+        await self._stub.AppendAuditEvents(
+            ingest_pb.AppendAuditEventsRequest(events=[event for _, event in batch]),
+            timeout=SEND_TIMEOUT_SECONDS,
+        )
+        await asyncio.to_thread(self._outbox.remove, [row_id for row_id, _ in batch])
+        self.shipped += len(batch)
+        return len(batch)
+
+    async def close(self) -> None:
+        """One last delivery attempt (it matters for the memory outbox), then disconnect."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                while await self.ship_once():
+                    pass
+        await self._channel.close(grace=None)
+
+    @classmethod
+    def from_env(cls, outbox: Outbox, env: Env) -> OutboxShipper:
+        address = env.string("AUDIT_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('audit')}")
+        return cls(
+            outbox,
+            open_channel(address, tls_from_env(env)),
+            idle_seconds=env.number("AUDIT_SHIP_IDLE_SECONDS", 1.0, minimum=0.01),
+            max_backoff_seconds=env.number("AUDIT_SHIP_MAX_BACKOFF_SECONDS", 30.0, minimum=0.1),
+        )

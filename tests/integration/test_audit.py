@@ -1,0 +1,337 @@
+"""The audit log and the outboxes that feed it, against real processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from securemsg.audit.v1 import audit_admin_service_pb2 as admin_pb
+from securemsg.audit.v1 import audit_admin_service_pb2_grpc as admin_grpc
+from securemsg.audit.v1 import audit_event_pb2
+from securemsg.audit.v1 import audit_ingest_service_pb2 as ingest_pb
+from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
+from securemsg.audit.v1 import audit_service_pb2 as pb
+from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
+from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
+from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
+
+from services.common import convert
+from tests.support.stack import Stack
+from tests.support.users import Client, bearer, details
+
+ALL = ("identity", "session", "relay", "audit")
+
+
+def operator_list(stack: Stack, **filters: object) -> list[audit_event_pb2.AuditEvent]:
+    """Every matching event, newest first, following page tokens."""
+    events: list[audit_event_pb2.AuditEvent] = []
+    with stack.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        token = ""
+        while True:
+            page = stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(page_size=100, page_token=token, **filters),  # type: ignore[arg-type]
+                timeout=10,
+            )
+            events.extend(page.events)
+            token = page.next_page_token
+            if not token:
+                return events
+
+
+def audit_total(stack: Stack) -> int:
+    with stack.channel("audit", cert="operator") as channel:
+        stats = admin_grpc.AuditAdminServiceStub(channel).GetAuditStats(
+            admin_pb.GetAuditStatsRequest(), timeout=10
+        )
+    return stats.total_events
+
+
+def wait_for_total(stack: Stack, expected: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (total := audit_total(stack)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert total == expected
+
+
+def session_backlog(stack: Stack) -> int:
+    with stack.channel("session", cert="operator") as channel:
+        return (
+            session_admin_grpc.SessionAdminServiceStub(channel)
+            .GetSessionStats(session_admin_pb.GetSessionStatsRequest(), timeout=10)
+            .audit_outbox_backlog
+        )
+
+
+@pytest.fixture
+def stack_without_audit(tmp_path: Path) -> Iterator[Stack]:
+    many_logins = {"session": {"LOGIN_CHALLENGES_PER_MINUTE": "10000"}}
+    stack = Stack(tmp_path, ALL, extra_env=many_logins)
+    for name in ("identity", "session"):
+        stack[name].start()
+    yield stack
+    stack.stop()
+
+
+def test_events_made_while_audit_is_down_arrive_once_and_in_order(
+    stack_without_audit: Stack,
+) -> None:
+    stack = stack_without_audit
+    client = Client(stack)
+    users = {f"user{i}": client.register(f"user{i}") for i in range(10)}
+    for n in range(200):
+        user_id = f"user{n % 10}"
+        client.login(user_id, users[user_id])
+    assert session_backlog(stack) == 200
+
+    stack["audit"].start()
+    wait_for_total(stack, 210)
+    time.sleep(0.5)  # give a duplicate, were one to be sent, time to show up
+    assert audit_total(stack) == 210
+
+    events = list(reversed(operator_list(stack)))  # oldest first
+    assert len({e.event_id for e in events}) == 210
+    by_source = defaultdict(list)
+    for event in events:
+        by_source[event.source].append(event)
+    assert [e.action for e in by_source["identity"]] == ["user_registered"] * 10
+    assert [e.user_id for e in by_source["identity"]] == [f"user{i}" for i in range(10)]
+    assert [e.action for e in by_source["session"]] == ["user_login"] * 200
+    assert [e.user_id for e in by_source["session"]] == [f"user{n % 10}" for n in range(200)]
+    assert session_backlog(stack) == 0
+
+
+def test_kill_9_with_a_full_outbox_loses_no_event(stack_without_audit: Stack) -> None:
+    stack = stack_without_audit
+    client = Client(stack)
+    keys = client.register("victim")
+    for _ in range(30):
+        client.login("victim", keys)
+    stack["session"].kill()
+    stack["session"].start()
+    stack["audit"].start()
+    wait_for_total(stack, 31)
+    actions = sorted(e.action for e in operator_list(stack))
+    assert actions == ["user_login"] * 30 + ["user_registered"]
+
+
+@pytest.fixture
+def audit_only(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(tmp_path, ("audit",))
+    stack.start()
+    yield stack
+    stack.stop()
+
+
+def events(
+    count: int, source: str = "identity", **fields: object
+) -> list[audit_event_pb2.AuditEvent]:
+    now = time.time()
+    return [
+        audit_event_pb2.AuditEvent(
+            event_id=uuid.uuid4().hex,
+            action=str(fields.get("action", "user_login")),
+            source=source,
+            user_id=str(fields.get("user_id", f"user{i % 3}")),
+            occur_time=convert.timestamp(now + i),
+            details={"n": str(i)},
+        )
+        for i in range(count)
+    ]
+
+
+def append(
+    stack: Stack, batch: list[audit_event_pb2.AuditEvent], cert: str = "identity"
+) -> ingest_pb.AppendAuditEventsResponse:
+    with stack.channel("audit", cert=cert) as channel:
+        return ingest_grpc.AuditIngestServiceStub(channel).AppendAuditEvents(
+            ingest_pb.AppendAuditEventsRequest(events=batch), timeout=10
+        )
+
+
+def verify(stack: Stack) -> admin_pb.VerifyAuditLogResponse:
+    with stack.channel("audit", cert="operator") as channel:
+        return admin_grpc.AuditAdminServiceStub(channel).VerifyAuditLog(
+            admin_pb.VerifyAuditLogRequest(), timeout=30
+        )
+
+
+def test_a_retried_batch_is_stored_once(audit_only: Stack) -> None:
+    batch = events(5)
+    assert append(audit_only, batch).appended_count == 5
+    again = append(audit_only, batch)
+    assert (again.appended_count, again.duplicate_count) == (0, 5)
+    assert audit_total(audit_only) == 5
+    assert verify(audit_only).ok
+
+
+def tamper(stack: Stack, sql: str) -> None:
+    stack["audit"].stop()
+    with sqlite3.connect(stack.db_path("audit")) as conn:
+        if sql.startswith("FLIP "):  # FLIP <column> <sequence>: one bit of one byte
+            _, column, sequence = sql.split()
+            blob = bytearray(
+                conn.execute(
+                    f"SELECT {column} FROM audit_events WHERE sequence = ?", (sequence,)
+                ).fetchone()[0]
+            )
+            blob[len(blob) // 2] ^= 0x01
+            conn.execute(
+                f"UPDATE audit_events SET {column} = ? WHERE sequence = ?", (bytes(blob), sequence)
+            )
+        else:
+            conn.execute(sql)
+    stack["audit"].start()
+
+
+@pytest.mark.parametrize(
+    ("sql", "first_bad"),
+    [
+        ("FLIP details_ct 5", 5),
+        ("FLIP user_id_ct 2", 2),
+        ("FLIP link 9", 9),
+        ("UPDATE audit_events SET action = 'user_logout' WHERE sequence = 6", 6),
+        ("UPDATE audit_events SET occur_time = occur_time + 1 WHERE sequence = 4", 4),
+        ("UPDATE audit_events SET user_index = NULL WHERE sequence = 8", 8),
+        ("DELETE FROM audit_events WHERE sequence = 7", 7),
+        ("DELETE FROM audit_events WHERE sequence = 10", 10),  # the last one
+    ],
+)
+def test_verify_names_the_first_tampered_position(
+    audit_only: Stack, sql: str, first_bad: int
+) -> None:
+    append(audit_only, events(10))
+    assert verify(audit_only).ok
+    tamper(audit_only, sql)
+    result = verify(audit_only)
+    assert not result.ok
+    assert result.first_bad_sequence == first_bad
+    assert str(first_bad) in result.problem
+
+
+def test_verify_finds_two_swapped_rows(audit_only: Stack) -> None:
+    append(audit_only, events(10))
+    stack = audit_only
+    stack["audit"].stop()
+    with sqlite3.connect(stack.db_path("audit")) as conn:
+        conn.execute("UPDATE audit_events SET sequence = -3 WHERE sequence = 3")
+        conn.execute("UPDATE audit_events SET sequence = 3 WHERE sequence = 4")
+        conn.execute("UPDATE audit_events SET sequence = 4 WHERE sequence = -3")
+    stack["audit"].start()
+    result = verify(stack)
+    assert (result.ok, result.first_bad_sequence) == (False, 3)
+
+
+def test_pagination_returns_every_event_exactly_once_newest_first(audit_only: Stack) -> None:
+    append(audit_only, events(57))
+    seen: list[int] = []
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        token = ""
+        pages = 0
+        while True:
+            page = stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(page_size=10, page_token=token), timeout=10
+            )
+            seen.extend(e.sequence for e in page.events)
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+    assert pages == 6
+    assert seen == list(range(57, 0, -1))
+
+
+def test_filters_by_user_action_and_time(audit_only: Stack) -> None:
+    batch = events(9) + events(3, action="user_logout", user_id="user9")
+    append(audit_only, batch)
+    assert len(operator_list(audit_only, user_id="user0")) == 3
+    assert len(operator_list(audit_only, action="user_logout")) == 3
+    middle = batch[2].occur_time
+    later = operator_list(audit_only, start_time=middle, action="user_login")
+    assert sorted(int(e.details["n"]) for e in later) == list(range(2, 9))
+
+
+def test_a_page_token_from_another_query_is_invalid_argument(audit_only: Stack) -> None:
+    append(audit_only, events(5))
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        token = stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=2)).next_page_token
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(page_size=2, page_token=token, action="user_logout")
+            )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in details(error.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"event_id": "has spaces"}, "events[0].event_id"),
+        ({"action": "Bad-Action"}, "events[0].action"),
+        ({"source": "session"}, "events[0].source must be 'identity'"),
+        ({"user_id": "X"}, "events[0].user_id must be"),
+    ],
+)
+def test_malformed_events_reject_the_whole_batch(
+    audit_only: Stack, change: dict[str, str], message: str
+) -> None:
+    batch = events(2)
+    for field, value in change.items():
+        setattr(batch[0], field, value)
+    with pytest.raises(grpc.RpcError) as error:
+        append(audit_only, batch)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details(error.value)
+    assert audit_total(audit_only) == 0
+
+
+def test_only_backend_services_may_append(audit_only: Stack) -> None:
+    for cert in ("operator", "audit"):
+        with pytest.raises(grpc.RpcError) as error:
+            append(audit_only, events(1, source=cert), cert=cert)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_users_read_only_their_own_events(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ALL)
+    stack.start()
+    try:
+        client = Client(stack)
+        alice_token = client.login("alice", client.register("alice"))
+        client.login("bob", client.register("bob"))
+        wait_for_total(stack, 4)
+        with stack.channel("audit") as channel:
+            stub = pb_grpc.AuditServiceStub(channel)
+            own = stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(), metadata=bearer(alice_token), timeout=10
+            ).events
+            assert sorted(e.action for e in own) == ["user_login", "user_registered"]
+            assert {e.user_id for e in own} == {"alice"}
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListAuditEvents(
+                    pb.ListAuditEventsRequest(user_id="bob"),
+                    metadata=bearer(alice_token),
+                    timeout=10,
+                )
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListAuditEvents(pb.ListAuditEventsRequest(), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        stack.stop()
+
+
+def test_the_audit_file_holds_no_user_id_or_details(audit_only: Stack) -> None:
+    append(audit_only, events(3, user_id="walrus-secret") + events(1, user_id="x" * 3))
+    audit_only["audit"].stop()
+    raw = b"".join(p.read_bytes() for p in audit_only.layout.data.glob("audit.db*"))
+    assert b"walrus-secret" not in raw
+    assert b'"n"' not in raw
