@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 import grpc
+from securemsg.audit.v1 import audit_admin_service_pb2 as audit_admin_pb
+from securemsg.audit.v1 import audit_admin_service_pb2_grpc as audit_admin_grpc
+from securemsg.audit.v1 import audit_service_pb2 as audit_pb
+from securemsg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from securemsg.identity.v1 import identity_admin_service_pb2 as identity_admin_pb
 from securemsg.identity.v1 import identity_admin_service_pb2_grpc as identity_admin_grpc
 from securemsg.relay.v1 import relay_admin_service_pb2 as relay_admin_pb
@@ -91,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     inbox.add_argument("--follow", type=float, metavar="SECONDS", help="then wait for more")
     commands.add_parser("sessions", help="list your sessions").add_argument("user_id")
     commands.add_parser("logout", help="end the stored session").add_argument("user_id")
+    commands.add_parser("audit", help="your own audit trail").add_argument("user_id")
     commands.add_parser("stats", help="operator: counts from every service")
+    commands.add_parser("verify", help="operator: check the audit log's hash chain")
     return parser
 
 
@@ -101,6 +107,9 @@ def _run(args: argparse.Namespace) -> None:
     command = args.command
     if command == "stats":
         _stats(endpoints, args.operator_cert)
+        return
+    if command == "verify":
+        _verify(endpoints, args.operator_cert)
         return
     with UserClient(endpoints) as client:
         if command == "register":
@@ -157,10 +166,33 @@ def _run(args: argparse.Namespace) -> None:
             for s in client.sessions(home.token(args.user_id)):
                 mark = "*" if s.current else " "
                 print(f"{mark} {s.session_id}  {s.ip_address:15}  {s.user_agent}")
+        elif command == "audit":
+            with endpoints.channel("audit") as channel:
+                page = audit_grpc.AuditServiceStub(channel).ListAuditEvents(
+                    audit_pb.ListAuditEventsRequest(page_size=50),
+                    metadata=(("authorization", f"Bearer {home.token(args.user_id)}"),),
+                    timeout=10,
+                )
+            for event in page.events:
+                when = event.occur_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+                facts = " ".join(f"{k}={v}" for k, v in sorted(event.details.items()))
+                print(f"{when}Z  {event.source:8}  {event.action:22} {facts}")
         elif command == "logout":
             client.logout(home.token(args.user_id))
             home.forget_token(args.user_id)
             print(f"logged out {args.user_id}")
+
+
+def _verify(endpoints: Endpoints, cert: Path) -> None:
+    with endpoints.channel("audit", client_cert=cert) as channel:
+        result = audit_admin_grpc.AuditAdminServiceStub(channel).VerifyAuditLog(
+            audit_admin_pb.VerifyAuditLogRequest(), timeout=600
+        )
+    if result.ok:
+        print(f"audit log intact: {result.checked_count} events verified")
+    else:
+        print(f"audit log BROKEN at event {result.first_bad_sequence}: {result.problem}")
+        raise SystemExit(3)
 
 
 def _show(sender: str, plaintext: bytes | None) -> None:
@@ -185,8 +217,15 @@ def _stats(endpoints: Endpoints, cert: Path) -> None:
         )
     print(f"session   active sessions {session.active_sessions} "
           f"for {session.users_with_sessions} users")  # fmt: skip
+    with endpoints.channel("audit", client_cert=cert) as channel:
+        audit = audit_admin_grpc.AuditAdminServiceStub(channel).GetAuditStats(
+            audit_admin_pb.GetAuditStatsRequest(), timeout=10
+        )
     print(f"relay     {relay.queued_messages} queued messages ({relay.queued_bytes} bytes) "
           f"for {relay.recipients} recipients, {relay.subscribers} live subscribers")  # fmt: skip
+    print(f"audit     {audit.total_events} events; outbox backlog: identity "
+          f"{identity.audit_outbox_backlog}, session {session.audit_outbox_backlog}, "
+          f"relay {relay.audit_outbox_backlog}")  # fmt: skip
 
 
 def main() -> int:

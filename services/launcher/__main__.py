@@ -86,7 +86,9 @@ Try it:
   .venv/bin/python -m services.cli login bob
   .venv/bin/python -m services.cli send alice bob "hello, bob"
   .venv/bin/python -m services.cli inbox bob
+  .venv/bin/python -m services.cli audit bob
   .venv/bin/python -m services.cli stats
+  .venv/bin/python -m services.cli verify
 Logs: var/log/<service>.log    Stop: make stop"""
     )
     return 0
