@@ -9,7 +9,7 @@ from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from services.audit.domain import AuditLog
 from services.audit.servicer import AuditAdminServicer, AuditIngestServicer, AuditServicer
 from services.audit.store import MIGRATIONS, SqliteAuditStore
-from services.common import peers
+from services.common import database_admin, peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
@@ -59,6 +59,7 @@ async def build(env: Env) -> App:
                 admin_grpc.add_AuditAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
+            database_admin.binding(SERVICE, opened.database),
         ],
         on_stop=[close],
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,10 +23,14 @@ from securemsg.relay.v1 import relay_admin_service_pb2 as relay_admin_pb
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as relay_admin_grpc
 from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
+from tqdm import tqdm
 
-from services.client import sealing
+from services.client import backups, sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
+from services.common.errors import StartupError
+
+PERSISTENT = ("identity", "session", "audit")
 
 
 class Home:
@@ -98,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("audit", help="your own audit trail").add_argument("user_id")
     commands.add_parser("stats", help="operator: counts from every service")
     commands.add_parser("verify", help="operator: check the audit log's hash chain")
+    commands.add_parser("cleanup", help="operator: delete expired sessions now")
+    backup = commands.add_parser("backup", help="operator: hot backup of databases")
+    backup.add_argument("--service", choices=[*PERSISTENT, "all"], default="all")
+    backup.add_argument("--dir", type=Path, default=Path("var/backups"))
+    restore = commands.add_parser(
+        "restore", help="operator: verify a backup and place it in an empty data directory"
+    )
+    restore.add_argument("--service", choices=PERSISTENT, required=True)
+    restore.add_argument("--backup", type=Path, required=True)
+    restore.add_argument("--data-dir", type=Path, required=True)
+    restore.add_argument(
+        "--key-file", type=Path, required=True, help="file holding that service's master key"
+    )
     return parser
 
 
@@ -110,6 +128,27 @@ def _run(args: argparse.Namespace) -> None:
         return
     if command == "verify":
         _verify(endpoints, args.operator_cert)
+        return
+    if command == "cleanup":
+        with endpoints.channel("session", client_cert=args.operator_cert) as channel:
+            deleted = session_admin_grpc.SessionAdminServiceStub(channel).CleanupExpiredSessions(
+                session_admin_pb.CleanupExpiredSessionsRequest(), timeout=60
+            )
+        print(f"{deleted.deleted_count} expired sessions deleted")
+        return
+    if command == "backup":
+        for service in PERSISTENT if args.service == "all" else (args.service,):
+            with (
+                endpoints.channel(service, client_cert=args.operator_cert) as channel,
+                tqdm(desc=f"{service:8}", unit="B", unit_scale=True) as bar,
+            ):
+                path = backups.download_backup(channel, args.dir, _bar(bar))
+            print(f"{service:8} backed up to {path}")
+        return
+    if command == "restore":
+        key = args.key_file.read_text().strip()
+        target = backups.restore_backup(args.backup, args.data_dir, args.service, key)
+        print(f"verified (integrity ok, key unlocks it) and restored to {target}")
         return
     with UserClient(endpoints) as client:
         if command == "register":
@@ -183,6 +222,15 @@ def _run(args: argparse.Namespace) -> None:
             print(f"logged out {args.user_id}")
 
 
+def _bar(bar: tqdm) -> Callable[[int, int], None]:  # type: ignore[type-arg]
+    def update(done: int, total: int) -> None:
+        bar.total = max(total, done)
+        bar.n = done
+        bar.refresh()
+
+    return update
+
+
 def _verify(endpoints: Endpoints, cert: Path) -> None:
     with endpoints.channel("audit", client_cert=cert) as channel:
         result = audit_admin_grpc.AuditAdminServiceStub(channel).VerifyAuditLog(
@@ -234,6 +282,9 @@ def main() -> int:
         _run(args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (StartupError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

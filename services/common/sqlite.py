@@ -11,6 +11,8 @@ read-only and its key-check value compared; only then is it opened for writing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hmac
 import os
 import sqlite3
@@ -49,9 +51,10 @@ class Migration:
 class Database:
     """A single serialized connection with explicit transactions."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, lock_fd: int) -> None:
         self._conn = conn
         self._lock = threading.RLock()
+        self._lock_fd = lock_fd
         self.path = path
 
     @contextmanager
@@ -76,9 +79,28 @@ class Database:
             finally:
                 self._conn.execute("COMMIT")
 
+    def snapshot(self, target: Path) -> None:
+        """Writes a consistent copy of the database to `target` without blocking writers.
+
+        A separate read-only connection runs VACUUM INTO inside its own read transaction;
+        a read-only connection never checkpoints, so the single-writer rule holds.
+        """
+        reader = _connect(self.path, read_only=True)
+        try:
+            reader.execute("VACUUM INTO ?", (str(target),))
+        finally:
+            reader.close()
+
+    def page_bytes(self) -> int:
+        with self._lock:
+            pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+            size = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        return int(pages) * int(size)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            os.close(self._lock_fd)
 
 
 @dataclass(frozen=True)
@@ -107,7 +129,12 @@ def open_database(
     if path.exists() and path.stat().st_size > 0:
         _precheck_existing(path, derived, latest=migrations[-1].version)
 
-    conn = _connect(path)
+    lock_fd = _lock_exclusively(path)
+    try:
+        conn = _connect(path)
+    except BaseException:
+        os.close(lock_fd)
+        raise
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -122,9 +149,23 @@ def open_database(
         conn.execute("COMMIT")
     except BaseException:
         conn.close()
+        os.close(lock_fd)
         raise
     keyring = crypto.Keyring(service, [version], primary=version.version)
-    return OpenedDatabase(Database(conn, path), keyring)
+    return OpenedDatabase(Database(conn, path, lock_fd), keyring)
+
+
+def _lock_exclusively(path: Path) -> int:
+    """One process per database file: a second writer could corrupt it (see above)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"{path.name} is in use by another process; run one instance per database file"
+        ) from None
+    return fd
 
 
 def _connect(path: Path, *, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
@@ -194,6 +235,29 @@ def _precheck_existing(path: Path, derived: _Derivations, *, latest: int) -> Non
             f"DB_ENCRYPTION_KEY does not unlock {path.name}: it was encrypted under another "
             "key. Refusing to start; the file was not modified"
         )
+
+
+def check_unlocks(path: Path, master_key: str) -> None:
+    """Raises StartupError unless `path` is a database that `master_key` unlocks.
+
+    Reads only (immutably): safe on a backup file that must stay untouched.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        raise StartupError(f"{path.name} does not exist or is empty")
+    conn = _connect(path, read_only=True, immutable=True)
+    try:
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(f"{path.name} is not a readable SQLite database ({exc})") from None
+    finally:
+        conn.close()
+    if integrity != "ok":
+        raise StartupError(f"{path.name} fails its integrity check: {integrity}")
+    _precheck_existing(path, _Derivations(master_key), latest=2**31)
+    with contextlib.closing(_connect(path, read_only=True, immutable=True)) as conn:
+        has_keys = conn.execute("SELECT COUNT(*) FROM key_versions").fetchone()[0]
+    if not has_keys:
+        raise StartupError(f"{path.name} has no key metadata; it is not a SecureMsg database")
 
 
 def _matches(derived: _Derivations, salt: bytes, iterations: int, check: bytes) -> bool:

@@ -6,7 +6,7 @@ from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.common import peers
+from services.common import database_admin, peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
@@ -69,6 +69,7 @@ async def build(env: Env) -> App:
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
+            database_admin.binding(SERVICE, opened.database),
         ],
         background=[shipper.run],
         on_stop=[close],

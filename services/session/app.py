@@ -9,7 +9,7 @@ from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
 from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
-from services.common import peers
+from services.common import database_admin, peers
 from services.common.channels import open_channel
 from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
 from services.common.identity_client import RemoteIdentityDirectory
@@ -108,6 +108,7 @@ async def build(env: Env) -> App:
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
                 allowed_callers=frozenset({"identity", peers.OPERATOR}),
             ),
+            database_admin.binding(SERVICE, opened.database),
         ],
         background=[cleanup_forever, shipper.run],
         on_stop=[close],

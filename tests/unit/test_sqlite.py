@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,26 @@ def test_migrations_apply_in_order_on_an_existing_file(tmp_path: Path) -> None:
 def test_misnumbered_migrations_are_a_programming_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="without gaps"):
         open_notes(tmp_path / "x.db", migrations=[Migration(2, "SELECT 1;")])
+
+
+def test_a_second_process_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    first = open_notes(path)
+    with pytest.raises(StartupError, match="in use by another process"):
+        open_notes(path)
+    first.database.close()
+    open_notes(path).database.close()  # free again once the first one closed
+
+
+def test_a_snapshot_is_a_consistent_readable_copy(tmp_path: Path) -> None:
+    opened = open_notes(tmp_path / "notes.db")
+    with opened.database.write() as conn:
+        conn.executemany(
+            "INSERT INTO notes (id, body) VALUES (?, x'01')", [(i,) for i in range(50)]
+        )
+    opened.database.snapshot(tmp_path / "copy.db")
+    opened.database.close()
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert copy.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 50
+    copy.close()

@@ -1,0 +1,78 @@
+"""Backups taken through DatabaseAdminService, and restoring one into a data directory."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from securemsg.admin.v1 import database_admin_service_pb2 as pb
+from securemsg.admin.v1 import database_admin_service_pb2_grpc as pb_grpc
+
+from services.common.sqlite import check_unlocks
+
+Progress = Callable[[int, int], None]  # (done, total) bytes
+
+
+def download_backup(
+    channel: grpc.Channel, directory: Path, progress: Progress | None = None, timeout: float = 3600
+) -> Path:
+    """Streams a snapshot into `directory` as <service>-<UTC time>.db; returns its path.
+
+    The file appears under its final name only after its size and SHA-256 match what the
+    server announced.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = directory / f".partial-{os.getpid()}.db"
+    digest = hashlib.sha256()
+    received = 0
+    final: pb.BackupDatabaseResponse | None = None
+    stream = pb_grpc.DatabaseAdminServiceStub(channel).BackupDatabase(
+        pb.BackupDatabaseRequest(), timeout=timeout
+    )
+    try:
+        with partial.open("wb") as handle:
+            for message in stream:
+                if message.chunk:
+                    handle.write(message.chunk)
+                    digest.update(message.chunk)
+                    received += len(message.chunk)
+                    if progress and final is None:
+                        progress(received, received)
+                elif message.sha256:
+                    final = message
+                elif progress:
+                    progress(message.copied_bytes, message.database_bytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if final is None or final.backup_bytes != received or final.sha256 != digest.hexdigest():
+            raise ValueError("backup stream ended early or arrived damaged; take it again")
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = directory / f"{final.service}-{stamp}.db"
+        partial.rename(target)
+        return target
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def restore_backup(backup: Path, data_dir: Path, service: str, master_key: str) -> Path:
+    """Copies a verified backup to <data_dir>/<service>.db, which must not exist yet.
+
+    Verification: SQLite integrity check, and the key-check value proves `master_key`
+    decrypts it. The service then starts on the restored file as on its own.
+    """
+    check_unlocks(backup, master_key)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target = data_dir / f"{service}.db"
+    if target.exists():
+        raise FileExistsError(f"{target} exists; restore into an empty data directory")
+    partial = data_dir / f".{service}.db.restoring"
+    shutil.copyfile(backup, partial)
+    with partial.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    partial.rename(target)
+    return target

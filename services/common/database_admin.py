@@ -1,0 +1,88 @@
+"""DatabaseAdminService: operator backups of a persistent service's database.
+
+Shared by identity, session and audit; each registers it for its own database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from securemsg.admin.v1 import database_admin_service_pb2 as pb
+from securemsg.admin.v1 import database_admin_service_pb2_grpc as pb_grpc
+
+from services.common import peers
+from services.common.errors import FailedPrecondition, IntegrityError
+from services.common.peers import Context
+from services.common.server import ServiceBinding
+from services.common.sqlite import Database
+
+CHUNK_BYTES = 256 * 1024
+PROGRESS_SECONDS = 0.2
+FULL_NAME = "securemsg.admin.v1.DatabaseAdminService"
+
+
+class DatabaseAdminServicer(pb_grpc.DatabaseAdminServiceServicer):
+    def __init__(self, service: str, database: Database) -> None:
+        self._service = service
+        self._database = database
+        self._busy = asyncio.Lock()
+
+    async def BackupDatabase(
+        self, request: pb.BackupDatabaseRequest, context: Context
+    ) -> AsyncIterator[pb.BackupDatabaseResponse]:
+        if self._busy.locked():
+            raise FailedPrecondition("a backup of this service is already running; wait for it")
+        async with self._busy:
+            workdir = self._database.path.parent / "backups"
+            workdir.mkdir(mode=0o700, exist_ok=True)
+            snapshot = workdir / f".snapshot-{uuid.uuid4().hex}.db"
+            try:
+                total = await asyncio.to_thread(self._database.page_bytes)
+                copy = asyncio.ensure_future(asyncio.to_thread(self._database.snapshot, snapshot))
+                while not copy.done():
+                    await asyncio.wait([copy], timeout=PROGRESS_SECONDS)
+                    done = snapshot.stat().st_size if snapshot.exists() else 0
+                    yield pb.BackupDatabaseResponse(
+                        copied_bytes=min(done, total), database_bytes=total
+                    )
+                await copy
+                await asyncio.to_thread(_check_integrity, snapshot)
+                yield pb.BackupDatabaseResponse(copied_bytes=total, database_bytes=total)
+                digest = hashlib.sha256()
+                with snapshot.open("rb") as handle:
+                    while chunk := await asyncio.to_thread(handle.read, CHUNK_BYTES):
+                        digest.update(chunk)
+                        yield pb.BackupDatabaseResponse(chunk=chunk)
+                yield pb.BackupDatabaseResponse(
+                    backup_bytes=snapshot.stat().st_size,
+                    sha256=digest.hexdigest(),
+                    service=self._service,
+                )
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    snapshot.unlink()
+
+
+def _check_integrity(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+    if result != "ok":
+        raise IntegrityError(f"backup snapshot failed integrity_check: {result}")
+
+
+def binding(service: str, database: Database) -> ServiceBinding:
+    return ServiceBinding(
+        FULL_NAME,
+        DatabaseAdminServicer(service, database),
+        pb_grpc.add_DatabaseAdminServiceServicer_to_server,
+        allowed_callers=frozenset({peers.OPERATOR}),
+    )

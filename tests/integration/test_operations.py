@@ -1,0 +1,123 @@
+"""Operator work against real processes: backups under load, restore, refusing doubles."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.client.backups import download_backup, restore_backup
+from services.common.errors import StartupError
+from tests.support.stack import ServiceProcess, Stack
+from tests.support.users import Client
+
+
+def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "live")
+    stack.start()
+    stop = threading.Event()
+    written: list[str] = []
+    errors: list[BaseException] = []
+
+    def keep_registering() -> None:
+        client = Client(stack)
+        n = 0
+        while not stop.is_set():
+            try:
+                client.register(f"load{n}", one_time=1)
+                written.append(f"load{n}")
+            except BaseException as exc:  # recorded and asserted below
+                errors.append(exc)
+            n += 1
+        client.close()
+
+    try:
+        client = Client(stack)
+        keys = client.register("before", alias="Before Backup")
+        writer = threading.Thread(target=keep_registering)
+        writer.start()
+        progress: list[tuple[int, int]] = []
+        with stack.channel("identity", cert="operator") as channel:
+            backup = download_backup(
+                channel, tmp_path / "backups", lambda d, t: progress.append((d, t))
+            )
+        stop.set()
+        writer.join()
+        assert errors == []
+        assert written, "the writer made progress during the backup"
+        assert progress
+        assert backup.name.startswith("identity-")
+    finally:
+        stop.set()
+        stack.stop()
+
+    key = stack.layout.key_file("identity").read_text()
+    restored_dir = tmp_path / "restored"
+    restore_backup(backup, restored_dir, "identity", key)
+
+    # A fresh identity process on the restored file, with the same key, serves the data.
+    live = stack["identity"]
+    restored = ServiceProcess(
+        "identity",
+        {**live.env, "DB_PATH": str(restored_dir / "identity.db")},
+        tmp_path / "restored.log",
+        live.ca_file,
+    )
+    stack.services["identity"] = restored
+    stack.start()
+    try:
+        client = Client(stack)
+        assert client.profile(client.login("before", keys)).alias == "Before Backup"
+    finally:
+        stack.stop()
+
+
+def test_restore_refuses_a_backup_the_key_does_not_unlock(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "live", ("identity",))
+    stack.start()
+    try:
+        with stack.channel("identity", cert="operator") as channel:
+            backup = download_backup(channel, tmp_path / "backups")
+    finally:
+        stack.stop()
+    with pytest.raises(StartupError, match="does not unlock"):
+        restore_backup(backup, tmp_path / "restored", "identity", "some other key entirely")
+    assert not (tmp_path / "restored" / "identity.db").exists()
+
+
+def test_backups_need_the_operator_certificate(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("identity",))
+    stack.start()
+    try:
+        with (
+            stack.channel("identity", cert="session") as channel,
+            pytest.raises(grpc.RpcError) as error,
+        ):
+            download_backup(channel, tmp_path / "backups")
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        stack.stop()
+
+
+def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("identity",))
+    stack.start()
+    try:
+        first = stack["identity"]
+        second = ServiceProcess(
+            "identity",
+            {
+                **first.env,
+                "LISTEN_ADDRESS": "127.0.0.1:0",
+                "INTERNAL_LISTEN_ADDRESS": "127.0.0.1:0",
+            },
+            tmp_path / "second.log",
+            first.ca_file,
+        )
+        code, output = second.run_to_exit()
+        assert code == 2
+        assert "in use by another process" in output
+    finally:
+        stack.stop()
