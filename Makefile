@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run stop status test pytest lint buf-lint clean
+.PHONY: help setup gen run stop status compose-secrets test pytest lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
@@ -14,6 +14,7 @@ help:
 	@echo "make test    set up, lint, and run every test"
 	@echo "make lint    ruff, mypy and buf lint"
 	@echo "make gen     regenerate Python code from protos/"
+	@echo "make compose-secrets  dev keys and certificates for docker-compose.yml"
 	@echo "make clean   remove the virtualenv, generated code and node_modules (not var/)"
 
 # Virtualenv with pinned dependencies; redone when a requirements file changes.
@@ -47,6 +48,9 @@ stop:
 
 status: setup
 	$(BIN)/python -m services.launcher status
+
+compose-secrets: setup
+	$(BIN)/python -m services.launcher compose-secrets
 
 buf-lint: node_modules/.installed
 	npx --no-install buf lint

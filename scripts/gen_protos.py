@@ -19,6 +19,8 @@ OUT = ROOT / "gen"
 
 
 def main() -> int:
+    # --runtime-only: just the Python modules (container builds need no mypy stubs).
+    stubs = "--runtime-only" not in sys.argv[1:]
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     if not files:
         print("no .proto files under protos/", file=sys.stderr)
@@ -35,8 +37,7 @@ def main() -> int:
         f"-I{well_known}",
         f"--python_out={OUT}",
         f"--grpc_python_out={OUT}",
-        f"--mypy_out={OUT}",
-        f"--mypy_grpc_out={OUT}",
+        *([f"--mypy_out={OUT}", f"--mypy_grpc_out={OUT}"] if stubs else []),
         *files,
     ]
     if protoc.main(args) != 0:
@@ -46,7 +47,8 @@ def main() -> int:
     for directory in [OUT, *[p for p in OUT.rglob("*") if p.is_dir()]]:
         if directory != OUT:
             (directory / "__init__.py").touch()
-    (OUT / "securemsg" / "py.typed").touch()
+    if stubs:
+        (OUT / "securemsg" / "py.typed").touch()
     print(f"generated {len(files)} proto files into gen/")
     return 0
 

@@ -28,6 +28,11 @@ def internal_port(service: str) -> int:
     return DEFAULT_PORTS[service] + INTERNAL_PORT_OFFSET
 
 
+def metrics_port(service: str) -> int:
+    """Prometheus /metrics: 9051 for identity ... 9054 for audit."""
+    return DEFAULT_PORTS[service] - 41_000
+
+
 class Env:
     """Typed reads from an environment mapping (os.environ by default)."""
 

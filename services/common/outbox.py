@@ -27,6 +27,7 @@ from securemsg.audit.v1 import audit_event_pb2
 from securemsg.audit.v1 import audit_ingest_service_pb2 as ingest_pb
 from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
 
+from services.common import metrics
 from services.common.audit_events import AuditRecord
 from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
@@ -159,6 +160,7 @@ class OutboxShipper:
                 sent = await self.ship_once()
             except Exception as exc:  # any failure: keep the events, wait, retry
                 self.failures += 1
+                metrics.AUDIT_SHIP_FAILURES.inc()
                 code = (
                     exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
                 )
@@ -184,6 +186,7 @@ class OutboxShipper:
         )
         await asyncio.to_thread(self._outbox.remove, [row_id for row_id, _ in batch])
         self.shipped += len(batch)
+        metrics.AUDIT_SHIPPED.inc(len(batch))
         return len(batch)
 
     async def close(self) -> None:
@@ -196,6 +199,11 @@ class OutboxShipper:
 
     @classmethod
     def from_env(cls, outbox: Outbox, env: Env) -> OutboxShipper:
+        metrics.gauge(
+            "securemsg_audit_outbox_backlog",
+            "Audit events waiting to be delivered",
+            outbox.backlog,
+        )
         address = env.string("AUDIT_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('audit')}")
         return cls(
             outbox,

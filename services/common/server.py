@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from services.common import log, peers
-from services.common.config import Env, ServerConfig
+from services.common import log, metrics, peers
+from services.common.config import Env, ServerConfig, metrics_port
 from services.common.errors import ResourceExhausted, ServiceError, StartupError
 from services.common.peers import Context
 
@@ -79,6 +80,12 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         given = incoming.get(REQUEST_ID_KEY)
         rid = given if isinstance(given, str) and 0 < len(given) <= 64 else uuid.uuid4().hex
 
+        def finish(code: grpc.StatusCode, started: float) -> None:
+            metrics.RPC_TOTAL.labels(method, code.name).inc()
+            metrics.RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+            level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
+            logger.log(level, "rpc", extra={"fields": {"method": method, "code": code.name}})
+
         def before(context: Context) -> None:
             log.request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
@@ -89,11 +96,15 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
+                started = time.perf_counter()
                 try:
                     before(context)
-                    return await inner(request, context)
+                    reply = await inner(request, context)
                 except Exception as exc:
+                    finish(_code_of(exc), started)
                     await _abort(context, exc, method, rid)
+                finish(grpc.StatusCode.OK, started)
+                return reply
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -104,12 +115,15 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                started = time.perf_counter()
                 try:
                     before(context)
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
+                    finish(_code_of(exc), started)
                     await _abort(context, exc, method, rid)
+                finish(grpc.StatusCode.OK, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -117,6 +131,14 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _code_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN  # aborted by the handler itself; code not exposed
+    return grpc.StatusCode.INTERNAL
 
 
 async def _abort(context: Context, exc: Exception, method: str, rid: str) -> None:
@@ -239,6 +261,7 @@ def run(service: str, build: Callable[[Env], Awaitable[App]]) -> None:
 
 async def _serve(service: str, env: Env, build: Callable[[Env], Awaitable[App]]) -> None:
     config = ServerConfig.from_env(service, env)
+    metrics.serve(env.string("METRICS_ADDRESS", f"127.0.0.1:{metrics_port(service)}"))
     app = await build(env)
     server = Server(config, app)
     try:

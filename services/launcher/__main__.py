@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from services.common.config import DEFAULT_PORTS, internal_port
 from services.launcher.health import check, wait_serving
-from services.launcher.topology import SERVICES, StackLayout, service_env
+from services.launcher.topology import SERVICES, StackLayout, default_ports, service_env
 
 LAYOUT = StackLayout(Path("var"))
 HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
-PORTS = {name: (DEFAULT_PORTS[name], internal_port(name)) for name in SERVICES}
+PORTS = default_ports()
 
 
 def _pid_file(service: str) -> Path:
@@ -73,8 +72,11 @@ def up() -> int:
     print()
     print("SecureMsg is running (TLS with the development CA in var/tls/ca.pem):")
     for service in SERVICES:
-        public, internal = PORTS[service]
-        print(f"  {service:9} 127.0.0.1:{public}  (internal, mutual TLS: 127.0.0.1:{internal})")
+        public, internal, metrics = PORTS[service]
+        print(
+            f"  {service:9} 127.0.0.1:{public}  (internal, mutual TLS: {internal};"
+            f" metrics: http://127.0.0.1:{metrics}/metrics)"
+        )
     print(
         """
 Try it:
@@ -121,11 +123,18 @@ def status() -> int:
     return 0 if healthy else 1
 
 
+def compose_secrets() -> int:
+    target = LAYOUT.root / "compose-secrets"
+    LAYOUT.export_for_compose(target)
+    print(f"development secrets for docker-compose.yml written to {target}/")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
-    parser.add_argument("command", choices=["up", "down", "status"], nargs="?", default="up")
-    command = parser.parse_args().command
-    return {"up": up, "down": down, "status": status}[command]()
+    commands = {"up": up, "down": down, "status": status, "compose-secrets": compose_secrets}
+    parser.add_argument("command", choices=list(commands), nargs="?", default="up")
+    return commands[parser.parse_args().command]()
 
 
 if __name__ == "__main__":

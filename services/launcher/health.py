@@ -39,3 +39,28 @@ def wait_serving(
             return
         time.sleep(0.1)
     raise TimeoutError(f"{service} at {address} not serving (last status {status})")
+
+
+def main() -> int:
+    """Container health check: `python -m services.launcher.health <service>`.
+
+    Asks the service's own public port, over TLS with its configured CA, whether the
+    service's main API is SERVING; exit status 0 only then.
+    """
+    import os
+    import sys
+
+    service = sys.argv[1]
+    port = os.environ.get("LISTEN_ADDRESS", "").rpartition(":")[2]
+    ca = os.environ.get("TLS_CA_FILE")
+    status = check(
+        f"localhost:{port}",
+        f"securemsg.{service}.v1.{service.capitalize()}Service",
+        Path(ca) if ca else None,
+    )
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

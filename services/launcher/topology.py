@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import DEFAULT_PORTS
+from services.common.config import DEFAULT_PORTS, internal_port, metrics_port
 from services.launcher.pki import ensure_pki
 
 # Each service tolerates the others being briefly absent (calls wait for readiness within
@@ -22,6 +22,17 @@ SERVICES = ("identity", "session", "relay", "audit")
 PERSISTENT = ("identity", "session", "audit")
 CERT_NAMES = ("identity", "session", "relay", "audit", "operator")
 ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
+# Whose internal API each service calls.
+CALLS = {
+    "identity": ("session", "audit"),
+    "session": ("identity", "audit"),
+    "relay": ("identity", "session", "audit"),
+    "audit": ("session",),
+}
+
+
+def default_ports() -> dict[str, tuple[int, int, int]]:
+    return {n: (DEFAULT_PORTS[n], internal_port(n), metrics_port(n)) for n in SERVICES}
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,26 @@ class StackLayout:
     def key_file(self, service: str) -> Path:
         return self.secrets / f"{service}.key"
 
+    def export_for_compose(self, target: Path) -> None:
+        """Copies TLS material and master keys to where docker-compose.yml expects them.
+
+        The copies are world-readable files in an owner-only directory: bind-mounted
+        secrets keep their host mode, and the container runs as an unprivileged user.
+        """
+        self.prepare()
+        target.mkdir(parents=True, exist_ok=True)
+        os.chmod(target, 0o700)
+        copies = {self.tls / "ca.pem": "ca.pem"}
+        for name in SERVICES:
+            copies[self.tls / f"{name}.pem"] = f"{name}.pem"
+            copies[self.tls / f"{name}.key"] = f"{name}.key"
+        for name in PERSISTENT:
+            copies[self.key_file(name)] = f"{name}.dbkey"
+        for source, name in copies.items():
+            destination = target / name
+            destination.write_bytes(source.read_bytes())
+            os.chmod(destination, 0o644)
+
     def prepare(self) -> None:
         """Creates TLS material and per-service master keys (0600) that do not exist yet."""
         ensure_pki(self.tls, CERT_NAMES)
@@ -71,25 +102,25 @@ class StackLayout:
 def service_env(
     layout: StackLayout,
     service: str,
-    ports: Mapping[str, tuple[int, int]],
+    ports: Mapping[str, tuple[int, int, int]],
     *,
     host: str = "127.0.0.1",
     extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment variables one service process is started with.
 
-    `ports` maps each service to its (public, internal) port.
+    `ports` maps each service to its (public, internal, metrics) ports.
     """
     env = {
         "LISTEN_ADDRESS": f"{host}:{ports[service][0]}",
         "INTERNAL_LISTEN_ADDRESS": f"{host}:{ports[service][1]}",
+        "METRICS_ADDRESS": f"{host}:{ports[service][2]}",
         "TLS_CERT_FILE": str(layout.tls / f"{service}.pem"),
         "TLS_KEY_FILE": str(layout.tls / f"{service}.key"),
         "TLS_CA_FILE": str(layout.tls / "ca.pem"),
     }
-    for other, variable in ADDRESS_VARIABLES.items():
-        if other != service and other in ports:
-            env[variable] = f"{host}:{ports[other][1]}"
+    for other in CALLS[service]:
+        env[ADDRESS_VARIABLES[other]] = f"{host}:{ports[other][1]}"
     if service not in PERSISTENT:
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # a memory-only service writes no file at all
     if service in PERSISTENT:

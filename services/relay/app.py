@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
-from services.common import peers
+from services.common import metrics, peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import Env, ServerConfig, internal_port, tls_from_env
@@ -25,6 +26,10 @@ from services.relay.servicer import RelayAdminServicer, RelayServicer
 SERVICE = "relay"
 PACKAGE = "securemsg.relay.v1"
 logger = logging.getLogger(__name__)
+
+
+def _stat_reader(queues: MessageQueues, field: str) -> Callable[[], float]:
+    return lambda: float(getattr(queues.stats(), field))
 
 
 def limits_from_env(env: Env) -> RelayLimits:
@@ -51,6 +56,13 @@ async def build(env: Env) -> App:
     outbox = MemoryOutbox(SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
     queues = MessageQueues(limits, outbox)
+    for field, text in (
+        ("queued_messages", "Messages waiting in the relay"),
+        ("queued_bytes", "Body bytes waiting in the relay"),
+        ("recipients", "Recipients with queued messages"),
+        ("subscribers", "Open SubscribeMessages streams"),
+    ):
+        metrics.gauge(f"securemsg_relay_{field}", text, _stat_reader(queues, field))
     tls = tls_from_env(env)
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls

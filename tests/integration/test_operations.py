@@ -112,6 +112,7 @@ def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path)
                 **first.env,
                 "LISTEN_ADDRESS": "127.0.0.1:0",
                 "INTERNAL_LISTEN_ADDRESS": "127.0.0.1:0",
+                "METRICS_ADDRESS": "127.0.0.1:0",
             },
             tmp_path / "second.log",
             first.ca_file,

@@ -148,7 +148,7 @@ class Stack:
         self.layout.prepare()
         # Ports for all four services, so that one not started here is simply absent
         # (calls to it fail and are retried) rather than a stray one on a default port.
-        self.ports = {name: (free_port(), free_port()) for name in PACKAGES}
+        self.ports = {name: (free_port(), free_port(), free_port()) for name in PACKAGES}
         self.services = {
             name: ServiceProcess(
                 name,
