@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run stop status compose-secrets test pytest lint buf-lint clean
+.PHONY: help setup gen run demo stop status compose-secrets test pytest lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
+	@echo "make demo    start the stack, then alice messages bob end to end, with audit trail"
 	@echo "make stop    stop the local services"
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
@@ -42,6 +43,9 @@ gen:
 
 run: setup
 	$(BIN)/python -m services.launcher up
+
+demo: run
+	$(BIN)/python -m services.cli demo
 
 stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.launcher down; fi

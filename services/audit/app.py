@@ -12,25 +12,28 @@ from services.audit.store import MIGRATIONS, SqliteAuditStore
 from services.common import database_admin, peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
-from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.config import Env, internal_port, tls_from_env
+from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
-from services.common.sqlite import open_database
+from services.common.sqlite import open_service_database
 
 SERVICE = "audit"
 PACKAGE = "securemsg.audit.v1"
 
 
 async def build(env: Env) -> App:
-    db_config = DatabaseConfig.from_env(SERVICE, env)
-    opened = open_database(
-        db_config.path,
-        service=SERVICE,
-        master_key=db_config.master_key,
-        kdf_iterations=db_config.kdf_iterations,
-        migrations=MIGRATIONS,
+    opened = open_service_database(
+        SERVICE,
+        env,
+        MIGRATIONS,
         synchronous="FULL",  # an acknowledged event is deleted from the sender's outbox
     )
-    log = AuditLog(SqliteAuditStore(opened.database, opened.keyring))
+    store = SqliteAuditStore(opened.database, opened.keyring)
+    log = AuditLog(store)
+    # The audit service has no outbox of its own: its rotation is in its log file.
+    rotation = rotation_from_env(
+        opened.database, opened.keyring, store.rotatables(), None, env.number
+    )
     tls = tls_from_env(env)
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls
@@ -59,7 +62,8 @@ async def build(env: Env) -> App:
                 admin_grpc.add_AuditAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
-            database_admin.binding(SERVICE, opened.database),
+            database_admin.binding(SERVICE, opened.database, rotation),
         ],
+        background=[rotation.run],
         on_stop=[close],
     )

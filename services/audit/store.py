@@ -13,12 +13,13 @@ import hmac
 import json
 import sqlite3
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.common.crypto import Keyring
-from services.common.sqlite import Database, Migration
+from services.common.errors import IntegrityError
+from services.common.rotation import Rotatable
+from services.common.sqlite import Database, Migration, any_of
 
 MIGRATIONS = [
     Migration(
@@ -43,6 +44,17 @@ MIGRATIONS = [
             id       INTEGER PRIMARY KEY CHECK (id = 1),
             sequence INTEGER NOT NULL,
             link     BLOB    NOT NULL
+        ) STRICT;
+        """,
+    ),
+    Migration(
+        2,
+        """
+        ALTER TABLE audit_events ADD COLUMN chain_version INTEGER NOT NULL DEFAULT 1;
+        CREATE TABLE audit_rotation (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            boundary INTEGER NOT NULL,
+            old_link BLOB    NOT NULL
         ) STRICT;
         """,
     ),
@@ -96,6 +108,7 @@ class AuditStore(Protocol):
     def query(self, query: Query) -> list[StoredEvent]: ...
     def verify(self) -> Verification: ...
     def counts(self) -> dict[str, int]: ...
+    def rotatables(self) -> list[Rotatable]: ...
 
 
 def _canonical(row: sqlite3.Row | dict[str, object]) -> bytes:
@@ -118,10 +131,14 @@ class SqliteAuditStore:
         self._index = keyring.blind_index("audit_events.user_id")
         self._user_id = keyring.field("audit_events", "user_id")
         self._details = keyring.field("audit_events", "details")
-        self._chain_key = keyring.chain_key()
+        self._chain_keys = keyring.chain_keys()
+        self._primary = keyring.primary_version
 
-    def _link(self, previous: bytes, row: dict[str, object]) -> bytes:
-        return hmac.digest(self._chain_key, previous + _canonical(row), "sha256")
+    def _link(self, previous: bytes, row: sqlite3.Row | dict[str, object], version: int) -> bytes:
+        key = self._chain_keys.get(version)
+        if key is None:
+            raise IntegrityError(f"audit chain key version {version} is not loaded")
+        return hmac.digest(key, previous + _canonical(row), "sha256")
 
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
         """Appends the batch in order, skipping known event ids: (appended, duplicates)."""
@@ -155,13 +172,13 @@ class SqliteAuditStore:
                     "occur_time": event.occur_time,
                     "record_time": now,
                 }
-                link = self._link(link, row)
+                link = self._link(link, row, self._primary)
                 conn.execute(
                     """INSERT INTO audit_events (sequence, event_id, action, source, user_index,
-                           user_id_ct, details_ct, occur_time, record_time, link)
+                           user_id_ct, details_ct, occur_time, record_time, link, chain_version)
                        VALUES (:sequence, :event_id, :action, :source, :user_index, :user_id_ct,
-                               :details_ct, :occur_time, :record_time, :link)""",
-                    {**row, "link": link},
+                               :details_ct, :occur_time, :record_time, :link, :chain_version)""",
+                    {**row, "link": link, "chain_version": self._primary},
                 )
                 appended += 1
             if appended:
@@ -193,8 +210,9 @@ class SqliteAuditStore:
         clauses: list[str] = ["1 = 1"]
         params: list[object] = []
         if query.user_id:
-            clauses.append("user_index = ?")
-            params.append(self._index(query.user_id))
+            candidates = self._index.candidates(query.user_id)
+            clauses.append(f"user_index IN {any_of(candidates)}")
+            params.extend(candidates)
         if query.action:
             clauses.append("action = ?")
             params.append(query.action)
@@ -216,27 +234,34 @@ class SqliteAuditStore:
             rows = conn.execute(sql, (*params, query.limit)).fetchall()
         return [self._decode(row) for row in rows]
 
-    def _rows(self) -> Iterator[sqlite3.Row]:
-        with self._db.read() as conn:
-            yield from conn.execute("SELECT * FROM audit_events ORDER BY sequence")
-
     def verify(self) -> Verification:
-        """Walks the chain from the first event; names the first position that fails."""
-        expected, link, checked = 1, GENESIS, 0
-        for row in self._rows():
-            if row["sequence"] != expected:
-                return Verification(
-                    False, checked, expected, f"event {expected} is missing (deleted)"
-                )
-            link = self._link(link, dict(row))
-            if not hmac.compare_digest(link, row["link"]):
-                return Verification(
-                    False, checked, expected, f"event {expected} was altered, inserted or moved"
-                )
-            checked += 1
-            expected += 1
+        """Walks the chain from the first event; names the first position that fails.
+
+        Runs in one read transaction, so appends and rotation batches wait for it.
+        """
         with self._db.read() as conn:
+            boundary, boundary_link = self._rotation_boundary(conn)
             head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
+            expected, link, checked = 1, GENESIS, 0
+            for row in conn.execute("SELECT * FROM audit_events ORDER BY sequence"):
+                if row["sequence"] != expected:
+                    return Verification(
+                        False, checked, expected, f"event {expected} is missing (deleted)"
+                    )
+                if expected == boundary + 1 and boundary_link is not None:
+                    link = boundary_link  # rotation under way: later rows chain on old links
+                try:
+                    link = self._link(link, row, row["chain_version"])
+                except IntegrityError:
+                    return Verification(
+                        False, checked, expected, f"event {expected} names an unknown chain key"
+                    )
+                if not hmac.compare_digest(link, row["link"]):
+                    return Verification(
+                        False, checked, expected, f"event {expected} was altered, inserted or moved"
+                    )
+                checked += 1
+                expected += 1
         head_sequence = head["sequence"] if head else 0
         if head_sequence != checked or (head and not hmac.compare_digest(head["link"], link)):
             bad = min(head_sequence, checked) + 1
@@ -244,6 +269,96 @@ class SqliteAuditStore:
                 False, checked, bad, f"the log ends at {checked} but its head says {head_sequence}"
             )
         return Verification(True, checked)
+
+    @staticmethod
+    def _rotation_boundary(conn: sqlite3.Connection) -> tuple[int, bytes | None]:
+        """(last re-chained sequence, its link before re-chaining), or (0, None)."""
+        row = conn.execute("SELECT boundary, old_link FROM audit_rotation WHERE id = 1").fetchone()
+        return (row["boundary"], row["old_link"]) if row else (0, None)
+
+    # Key rotation: re-encrypt each event and re-link the chain under the primary key, in
+    # sequence order. Every old link is checked before it is replaced, so a rotation never
+    # launders tampering: it stops with an integrity error at the first bad event.
+
+    def rotatables(self) -> list[Rotatable]:
+        return [self]
+
+    def rotate_batch(self, after: int, limit: int) -> tuple[int, int]:
+        with self._db.write() as conn:
+            boundary, old_prev = self._rotation_boundary(conn)
+            if old_prev is None:
+                if after > 0:  # this pass already reached the head and closed the rotation
+                    return after, 0
+                old_prev = GENESIS
+            rows = conn.execute(
+                "SELECT * FROM audit_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
+                (boundary, limit),
+            ).fetchall()
+            if not rows:
+                conn.execute("DELETE FROM audit_rotation")
+                return after, 0
+            previous = conn.execute(
+                "SELECT link FROM audit_events WHERE sequence = ?", (boundary,)
+            ).fetchone()
+            new_prev = previous["link"] if previous else GENESIS
+            for row in rows:
+                if not hmac.compare_digest(
+                    self._link(old_prev, row, row["chain_version"]), row["link"]
+                ):
+                    raise IntegrityError(
+                        f"audit event {row['sequence']} fails its link; rotation stopped"
+                    )
+                old_prev = row["link"]
+                new_prev = self._rechain_row(conn, row, new_prev)
+            last = rows[-1]["sequence"]
+            head = conn.execute("SELECT sequence FROM audit_head WHERE id = 1").fetchone()
+            if head is not None and head["sequence"] == last:
+                conn.execute("UPDATE audit_head SET link = ? WHERE id = 1", (new_prev,))
+                conn.execute("DELETE FROM audit_rotation")
+            else:
+                conn.execute(
+                    "INSERT INTO audit_rotation (id, boundary, old_link) VALUES (1, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET boundary = excluded.boundary,"
+                    " old_link = excluded.old_link",
+                    (last, old_prev),
+                )
+        return int(last), len(rows)
+
+    def _rechain_row(self, conn: sqlite3.Connection, row: sqlite3.Row, prev: bytes) -> bytes:
+        row_key = row["event_id"].encode()
+        updated = dict(row)
+        updated["details_ct"] = self._details.reencrypt(row["details_ct"], row_key, row_key)
+        if row["user_id_ct"] is not None:
+            user_id = self._user_id.decrypt_text(row["user_id_ct"], row_key)
+            updated["user_id_ct"] = self._user_id.encrypt_text(user_id, row_key)
+            updated["user_index"] = self._index(user_id)
+        link = self._link(prev, updated, self._primary)
+        conn.execute(
+            """UPDATE audit_events SET details_ct = ?, user_id_ct = ?, user_index = ?, link = ?,
+                   chain_version = ? WHERE sequence = ?""",
+            (
+                updated["details_ct"],
+                updated["user_id_ct"],
+                updated["user_index"],
+                link,
+                self._primary,
+                row["sequence"],
+            ),
+        )
+        return link
+
+    def query_user(self, user_id: str) -> list[StoredEvent]:
+        """Every event about one user, newest first."""
+        return self.query(Query(user_id, None, None, None, None, limit=2**31))
+
+    def remaining(self) -> int:
+        with self._db.read() as conn:
+            boundary, old_link = self._rotation_boundary(conn)
+            if old_link is not None:
+                query = "SELECT COUNT(*) FROM audit_events WHERE sequence > ?"
+                return int(conn.execute(query, (boundary,)).fetchone()[0])
+            query = "SELECT COUNT(*) FROM audit_events WHERE chain_version != ?"
+            return int(conn.execute(query, (self._primary,)).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
         with self._db.read() as conn:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+from securemsg.admin.v1 import database_admin_service_pb2 as admin_pb
+from securemsg.admin.v1 import database_admin_service_pb2_grpc as admin_grpc
 from securemsg.audit.v1 import audit_admin_service_pb2 as audit_admin_pb
 from securemsg.audit.v1 import audit_admin_service_pb2_grpc as audit_admin_grpc
+from securemsg.audit.v1 import audit_event_pb2
 from securemsg.audit.v1 import audit_service_pb2 as audit_pb
 from securemsg.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from securemsg.identity.v1 import identity_admin_service_pb2 as identity_admin_pb
@@ -101,9 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("sessions", help="list your sessions").add_argument("user_id")
     commands.add_parser("logout", help="end the stored session").add_argument("user_id")
     commands.add_parser("audit", help="your own audit trail").add_argument("user_id")
+    commands.add_parser("demo", help="alice sends bob a message, end to end, with audit trail")
     commands.add_parser("stats", help="operator: counts from every service")
     commands.add_parser("verify", help="operator: check the audit log's hash chain")
     commands.add_parser("cleanup", help="operator: delete expired sessions now")
+    rotation = commands.add_parser("rotation", help="operator: follow a key rotation")
+    rotation.add_argument("--service", choices=PERSISTENT, required=True)
     backup = commands.add_parser("backup", help="operator: hot backup of databases")
     backup.add_argument("--service", choices=[*PERSISTENT, "all"], default="all")
     backup.add_argument("--dir", type=Path, default=Path("var/backups"))
@@ -135,6 +143,12 @@ def _run(args: argparse.Namespace) -> None:
                 session_admin_pb.CleanupExpiredSessionsRequest(), timeout=60
             )
         print(f"{deleted.deleted_count} expired sessions deleted")
+        return
+    if command == "demo":
+        _demo(endpoints)
+        return
+    if command == "rotation":
+        _follow_rotation(endpoints, args.operator_cert, args.service)
         return
     if command == "backup":
         for service in PERSISTENT if args.service == "all" else (args.service,):
@@ -229,6 +243,74 @@ def _bar(bar: tqdm) -> Callable[[int, int], None]:  # type: ignore[type-arg]
         bar.refresh()
 
     return update
+
+
+def _demo(endpoints: Endpoints) -> None:
+    suffix = secrets.token_hex(3)
+    alice, bob = f"alice-{suffix}", f"bob-{suffix}"
+    keys = {name: UserKeys.generate(5) for name in (alice, bob)}
+    with UserClient(endpoints) as client:
+        for name in (alice, bob):
+            profile = client.register(name, name.split("-")[0].capitalize(), keys[name])
+            print(f"registered {name:12} fingerprint {profile.fingerprint[:19]}...")
+        tokens = {name: client.login(name, keys[name]) for name in (alice, bob)}
+        print(f"{alice} and {bob} logged in by signing a challenge with their keys")
+        bundle = client.bundle(tokens[alice], bob)
+        text = f"Hi {bob.split('-')[0]}, this is end-to-end encrypted."
+        client.send(tokens[alice], bob, sealing.seal(bundle.identity_key, text.encode()))
+        print(f"{alice} sealed a message to {bob}'s identity key and sent it via the relay")
+        for message in client.fetch(tokens[bob]):
+            plaintext = sealing.open_sealed(keys[bob].identity, message.body)
+            shown = "<cannot decrypt>" if plaintext is None else plaintext.decode()
+            print(f"{bob} received from {message.sender_id}: {shown}")
+            client.acknowledge(tokens[bob], [message.message_id])
+        print("\naudit trail (each user reads only their own events):")
+        for name in (alice, bob):
+            for event in _own_events(endpoints, tokens[name], expected=2):
+                facts = " ".join(f"{k}={v}" for k, v in sorted(event.details.items()))
+                print(f"  {event.source:8} {event.action:16} {event.user_id:12} {facts}")
+        for name in (alice, bob):
+            client.logout(tokens[name])
+    print("\nboth logged out; the relay holds nothing for them any more")
+
+
+def _own_events(
+    endpoints: Endpoints, token: str, expected: int
+) -> list[audit_event_pb2.AuditEvent]:
+    """The caller's events in the order they happened, waiting for the outboxes to ship."""
+    deadline = time.monotonic() + 15
+    with endpoints.channel("audit") as channel:
+        stub = audit_grpc.AuditServiceStub(channel)
+        while True:
+            events = stub.ListAuditEvents(
+                audit_pb.ListAuditEventsRequest(),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=10,
+            ).events
+            if len(events) >= expected or time.monotonic() > deadline:
+                return sorted(events, key=lambda e: e.occur_time.ToNanoseconds())
+            time.sleep(0.3)
+
+
+def _follow_rotation(endpoints: Endpoints, cert: Path, service: str) -> None:
+    with endpoints.channel(service, client_cert=cert) as channel:
+        stub = admin_grpc.DatabaseAdminServiceStub(channel)
+        request = admin_pb.GetKeyRotationStatusRequest()
+        status = stub.GetKeyRotationStatus(request, timeout=10)
+        with tqdm(desc=f"{service} re-encryption", unit="row") as bar:
+            while not status.old_keys_retirable:
+                bar.total = status.rows_done + status.rows_remaining
+                bar.n = status.rows_done
+                bar.refresh()
+                time.sleep(0.5)
+                status = stub.GetKeyRotationStatus(request, timeout=10)
+            bar.total = bar.n = status.rows_done
+            bar.refresh()
+    versions = ", ".join(map(str, status.loaded_key_versions))
+    print(
+        f"{service}: all data is under key version {status.primary_key_version} "
+        f"(loaded: {versions}); the old keys are no longer needed and may be deleted"
+    )
 
 
 def _verify(endpoints: Endpoints, cert: Path) -> None:

@@ -175,6 +175,7 @@ class DatabaseConfig:
     path: Path
     master_key: str
     kdf_iterations: int
+    old_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> DatabaseConfig:
@@ -185,9 +186,12 @@ class DatabaseConfig:
                 f"DB_ENCRYPTION_KEY must be at least {MIN_MASTER_KEY_CHARS} characters; "
                 "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
+        old = env.secret("DB_ENCRYPTION_OLD_KEYS", required=False) or ""
         return cls(
             path=Path(env.string("DB_PATH", f"var/data/{service}.db")),
             master_key=master,
+            # Previous master keys during a rotation, separated by commas or newlines.
+            old_keys=tuple(k.strip() for k in old.replace(",", "\n").splitlines() if k.strip()),
             kdf_iterations=env.integer(
                 "KDF_ITERATIONS", DEFAULT_KDF_ITERATIONS, minimum=MIN_KDF_ITERATIONS
             ),

@@ -128,15 +128,32 @@ class FieldCipher:
         """Which key version sealed `blob` (for finding rows still to re-encrypt)."""
         return int(_HEADER.unpack_from(blob)[1])
 
+    def reencrypt(self, blob: bytes, old_row_key: bytes, new_row_key: bytes) -> bytes:
+        """The same plaintext sealed under the primary key (and possibly a new row key)."""
+        return self.encrypt(self.decrypt(blob, old_row_key), new_row_key)
+
+    @property
+    def primary_version(self) -> int:
+        return self._primary
+
 
 class BlindIndex:
-    """Deterministic keyed hash for equality lookups on an encrypted value."""
+    """Deterministic keyed hash for equality lookups on an encrypted value.
 
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+    While a key rotation is under way, rows may still be indexed under an older key
+    version: lookups must match any of `candidates(value)`; writes use `value`'s
+    primary index (calling the object).
+    """
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self._keys = keys  # primary first
 
     def __call__(self, value: str) -> bytes:
-        return hmac.digest(self._key, value.encode("utf-8"), "sha256")
+        return hmac.digest(self._keys[0], value.encode("utf-8"), "sha256")
+
+    def candidates(self, value: str) -> list[bytes]:
+        data = value.encode("utf-8")
+        return [hmac.digest(key, data, "sha256") for key in self._keys]
 
 
 class Keyring:
@@ -163,9 +180,22 @@ class Keyring:
             )
         return self._fields[key]
 
-    def blind_index(self, name: str) -> BlindIndex:
-        root = self._roots[self.primary_version]
-        return BlindIndex(_hkdf(root, f"securemsg/{self.service}/blind-index/{name}"))
+    @property
+    def versions(self) -> list[int]:
+        """Loaded key versions, primary first."""
+        others = sorted((v for v in self._roots if v != self.primary_version), reverse=True)
+        return [self.primary_version, *others]
 
-    def chain_key(self) -> bytes:
-        return _hkdf(self._roots[self.primary_version], f"securemsg/{self.service}/chain")
+    @property
+    def rotating(self) -> bool:
+        return len(self._roots) > 1
+
+    def blind_index(self, name: str) -> BlindIndex:
+        info = f"securemsg/{self.service}/blind-index/{name}"
+        return BlindIndex([_hkdf(self._roots[v], info) for v in self.versions])
+
+    def chain_keys(self) -> dict[int, bytes]:
+        """The audit chain key of every loaded version (links record their version)."""
+        return {
+            v: _hkdf(root, f"securemsg/{self.service}/chain") for v, root in self._roots.items()
+        }

@@ -19,6 +19,7 @@ from securemsg.admin.v1 import database_admin_service_pb2_grpc as pb_grpc
 from services.common import peers
 from services.common.errors import FailedPrecondition, IntegrityError
 from services.common.peers import Context
+from services.common.rotation import KeyRotation
 from services.common.server import ServiceBinding
 from services.common.sqlite import Database
 
@@ -28,10 +29,23 @@ FULL_NAME = "securemsg.admin.v1.DatabaseAdminService"
 
 
 class DatabaseAdminServicer(pb_grpc.DatabaseAdminServiceServicer):
-    def __init__(self, service: str, database: Database) -> None:
+    def __init__(self, service: str, database: Database, rotation: KeyRotation) -> None:
         self._service = service
         self._database = database
+        self._rotation = rotation
         self._busy = asyncio.Lock()
+
+    async def GetKeyRotationStatus(
+        self, request: pb.GetKeyRotationStatusRequest, context: Context
+    ) -> pb.GetKeyRotationStatusResponse:
+        status = await asyncio.to_thread(self._rotation.status)
+        return pb.GetKeyRotationStatusResponse(
+            primary_key_version=status.primary_version,
+            loaded_key_versions=status.loaded_versions,
+            rows_remaining=status.rows_remaining,
+            rows_done=status.rows_done,
+            old_keys_retirable=status.old_keys_retirable,
+        )
 
     async def BackupDatabase(
         self, request: pb.BackupDatabaseRequest, context: Context
@@ -79,10 +93,10 @@ def _check_integrity(path: Path) -> None:
         raise IntegrityError(f"backup snapshot failed integrity_check: {result}")
 
 
-def binding(service: str, database: Database) -> ServiceBinding:
+def binding(service: str, database: Database, rotation: KeyRotation) -> ServiceBinding:
     return ServiceBinding(
         FULL_NAME,
-        DatabaseAdminServicer(service, database),
+        DatabaseAdminServicer(service, database, rotation),
         pb_grpc.add_DatabaseAdminServiceServicer_to_server,
         allowed_callers=frozenset({peers.OPERATOR}),
     )

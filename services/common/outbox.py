@@ -20,7 +20,7 @@ import random
 import sqlite3
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from securemsg.audit.v1 import audit_event_pb2
@@ -33,6 +33,9 @@ from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
 from services.common.crypto import Keyring
 from services.common.sqlite import Database
+
+if TYPE_CHECKING:
+    from services.common.rotation import EncryptedTable
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,13 @@ class SqliteOutbox:
                 event.event_id,
                 self._cipher.encrypt(event.SerializeToString(), event.event_id.encode()),
             ),
+        )
+
+    def rotatable(self) -> EncryptedTable:
+        from services.common.rotation import EncryptedTable  # rotation imports this module
+
+        return EncryptedTable(
+            self._db, "audit_outbox", "id", "event_id", [("event_ct", self._cipher)]
         )
 
     def record(self, record: AuditRecord) -> None:

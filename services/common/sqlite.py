@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from services.common import crypto
+from services.common.config import DatabaseConfig, Env
 from services.common.errors import StartupError
 
 Synchronous = Literal["FULL", "NORMAL"]
@@ -117,17 +118,23 @@ def open_database(
     kdf_iterations: int,
     migrations: Sequence[Migration],
     synchronous: Synchronous,
+    old_keys: Sequence[str] = (),
 ) -> OpenedDatabase:
     """Opens (or creates) a service's database and unlocks its keyring.
 
+    `master_key` is the primary key: new data is encrypted under it. When it is new to
+    the database, one of `old_keys` must unlock it; a new key version is then recorded
+    and the old versions stay loaded until re-encryption retires them (key rotation).
+
     Raises StartupError, having written nothing, when the file is not a database, was
-    made by a newer version, or was encrypted under another master key.
+    made by a newer version, or the keys given do not unlock every key version in use.
     """
     _check_migrations(migrations)
     path.parent.mkdir(parents=True, exist_ok=True)
     derived = _Derivations(master_key)
+    olds = [_Derivations(key) for key in old_keys if key != master_key]
     if path.exists() and path.stat().st_size > 0:
-        _precheck_existing(path, derived, latest=migrations[-1].version)
+        _precheck_existing(path, derived, olds, latest=migrations[-1].version)
 
     lock_fd = _lock_exclusively(path)
     try:
@@ -142,7 +149,7 @@ def open_database(
         conn.execute("BEGIN IMMEDIATE")
         try:
             _migrate(conn, migrations)
-            version = _unlock_or_create_key(conn, derived, kdf_iterations)
+            versions, primary = _unlock(conn, derived, olds, kdf_iterations)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -151,7 +158,7 @@ def open_database(
         conn.close()
         os.close(lock_fd)
         raise
-    keyring = crypto.Keyring(service, [version], primary=version.version)
+    keyring = crypto.Keyring(service, versions, primary=primary)
     return OpenedDatabase(Database(conn, path, lock_fd), keyring)
 
 
@@ -201,7 +208,9 @@ def _check_migrations(migrations: Sequence[Migration]) -> None:
         raise ValueError("migrations must be numbered 1, 2, 3, ... without gaps")
 
 
-def _precheck_existing(path: Path, derived: _Derivations, *, latest: int) -> None:
+def _precheck_existing(
+    path: Path, derived: _Derivations, olds: list[_Derivations], *, latest: int
+) -> None:
     # A clean shutdown leaves no -wal file: read the main file immutably, creating nothing.
     # After a crash the WAL holds committed data, so read through it (the -shm exists).
     wal = Path(f"{path}-wal")
@@ -213,11 +222,8 @@ def _precheck_existing(path: Path, derived: _Derivations, *, latest: int) -> Non
             has_keys = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='key_versions'"
             ).fetchone()
-            rows = (
-                conn.execute("SELECT salt, iterations, check_value FROM key_versions").fetchall()
-                if has_keys
-                else []
-            )
+            rows = _key_rows(conn) if has_keys else []
+            retired = _retired(conn)
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
@@ -230,11 +236,8 @@ def _precheck_existing(path: Path, derived: _Derivations, *, latest: int) -> Non
             f"{path.name} has schema version {schema_version}, newer than this release "
             f"understands ({latest}); run the newer release"
         )
-    if rows and not any(_matches(derived, salt, it, check) for salt, it, check in rows):
-        raise StartupError(
-            f"DB_ENCRYPTION_KEY does not unlock {path.name}: it was encrypted under another "
-            "key. Refusing to start; the file was not modified"
-        )
+    if rows:
+        _plan(path.name, rows, retired, derived, olds)
 
 
 def check_unlocks(path: Path, master_key: str) -> None:
@@ -253,7 +256,7 @@ def check_unlocks(path: Path, master_key: str) -> None:
         conn.close()
     if integrity != "ok":
         raise StartupError(f"{path.name} fails its integrity check: {integrity}")
-    _precheck_existing(path, _Derivations(master_key), latest=2**31)
+    _precheck_existing(path, _Derivations(master_key), [], latest=2**31)
     with contextlib.closing(_connect(path, read_only=True, immutable=True)) as conn:
         has_keys = conn.execute("SELECT COUNT(*) FROM key_versions").fetchone()[0]
     if not has_keys:
@@ -288,22 +291,129 @@ def _split(script: str) -> list[str]:
     return statements
 
 
-def _unlock_or_create_key(
-    conn: sqlite3.Connection, derived: _Derivations, iterations: int
-) -> crypto.KeyVersion:
-    rows = conn.execute(
-        "SELECT version, salt, iterations, check_value FROM key_versions ORDER BY version DESC"
+_RETIREMENTS = """
+CREATE TABLE IF NOT EXISTS key_retirements (
+    version     INTEGER PRIMARY KEY,
+    retire_time REAL    NOT NULL
+) STRICT
+"""
+
+
+def _key_rows(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return conn.execute(
+        "SELECT version, salt, iterations, check_value FROM key_versions ORDER BY version"
     ).fetchall()
-    for version, salt, its, check in rows:
-        if _matches(derived, salt, its, check):
-            return crypto.KeyVersion(version, derived.root(salt, its))
-    if rows:
-        raise StartupError("DB_ENCRYPTION_KEY does not unlock the database; refusing to start")
+
+
+def _retired(conn: sqlite3.Connection) -> set[int]:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='key_retirements'"
+    ).fetchone()
+    if not exists:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM key_retirements")}
+
+
+def _plan(
+    name: str,
+    rows: Sequence[sqlite3.Row],
+    retired: set[int],
+    primary: _Derivations,
+    olds: list[_Derivations],
+) -> tuple[crypto.KeyVersion | None, dict[int, crypto.KeyVersion]]:
+    """(primary's version if known, old versions unlocked); raises if keys are missing."""
+
+    def unlock(derived: _Derivations) -> crypto.KeyVersion | None:
+        for version, salt, iterations, check in rows:
+            if _matches(derived, salt, iterations, check):
+                return crypto.KeyVersion(version, derived.root(salt, iterations))
+        return None
+
+    primary_version = unlock(primary)
+    if primary_version is not None and primary_version.version in retired:
+        raise StartupError(
+            f"DB_ENCRYPTION_KEY unlocks only retired key version {primary_version.version} of "
+            f"{name}: its data was re-encrypted under a newer key. Use that key"
+        )
+    loaded = {v.version: v for v in map(unlock, olds) if v is not None and v.version not in retired}
+    if primary_version is None and not loaded:
+        raise StartupError(
+            f"DB_ENCRYPTION_KEY does not unlock {name}: it was encrypted under another "
+            "key. Refusing to start; the file was not modified. (Rotating keys? Put the "
+            "previous key in DB_ENCRYPTION_OLD_KEYS.)"
+        )
+    if primary_version is not None:
+        loaded[primary_version.version] = primary_version
+    missing = sorted({row[0] for row in rows} - retired - set(loaded))
+    if missing:
+        raise StartupError(
+            f"key version(s) {', '.join(map(str, missing))} of {name} still protect data: "
+            "give their keys in DB_ENCRYPTION_OLD_KEYS until re-encryption retires them"
+        )
+    return primary_version, loaded
+
+
+def _unlock(
+    conn: sqlite3.Connection, primary: _Derivations, olds: list[_Derivations], iterations: int
+) -> tuple[list[crypto.KeyVersion], int]:
+    conn.execute(_RETIREMENTS)
+    rows = _key_rows(conn)
+    if not rows:
+        return [_add_version(conn, primary, iterations, 1)], 1
+    known, loaded = _plan("the database", rows, _retired(conn), primary, olds)
+    if known is None:  # a new primary key: record it as the next version
+        known = _add_version(conn, primary, iterations, rows[-1][0] + 1)
+        loaded[known.version] = known
+    return list(loaded.values()), known.version
+
+
+def _add_version(
+    conn: sqlite3.Connection, derived: _Derivations, iterations: int, version: int
+) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
     conn.execute(
         "INSERT INTO key_versions (version, salt, iterations, check_value, create_time)"
-        " VALUES (1, ?, ?, ?, ?)",
-        (salt, iterations, crypto.key_check_value(root), time.time()),
+        " VALUES (?, ?, ?, ?, ?)",
+        (version, salt, iterations, crypto.key_check_value(root), time.time()),
     )
-    return crypto.KeyVersion(1, root)
+    return crypto.KeyVersion(version, root)
+
+
+def retire_versions(db: Database, keep: int) -> list[int]:
+    """Marks every key version but `keep` as no longer protecting data."""
+    with db.write() as conn:
+        versions = [
+            row[0]
+            for row in conn.execute(
+                "SELECT version FROM key_versions WHERE version != ? AND version NOT IN"
+                " (SELECT version FROM key_retirements)",
+                (keep,),
+            )
+        ]
+        conn.executemany(
+            "INSERT INTO key_retirements (version, retire_time) VALUES (?, ?)",
+            [(v, time.time()) for v in versions],
+        )
+    return versions
+
+
+def any_of(values: Sequence[object]) -> str:
+    """`(?, ?, ...)` for an IN clause over `values` (blind-index candidates, say)."""
+    return "(" + ", ".join("?" * len(values)) + ")"
+
+
+def open_service_database(
+    service: str, env: Env, migrations: Sequence[Migration], synchronous: Synchronous
+) -> OpenedDatabase:
+    """open_database with DB_PATH, DB_ENCRYPTION_KEY(_FILE), DB_ENCRYPTION_OLD_KEYS(_FILE)."""
+    config = DatabaseConfig.from_env(service, env)
+    return open_database(
+        config.path,
+        service=service,
+        master_key=config.master_key,
+        kdf_iterations=config.kdf_iterations,
+        migrations=migrations,
+        synchronous=synchronous,
+        old_keys=config.old_keys,
+    )

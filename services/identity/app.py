@@ -9,10 +9,11 @@ from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.common import database_admin, peers
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
-from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.config import Env, internal_port, tls_from_env
 from services.common.outbox import OutboxShipper, SqliteOutbox
+from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
-from services.common.sqlite import open_database
+from services.common.sqlite import open_service_database
 from services.identity.domain import Identity
 from services.identity.servicer import (
     IdentityAdminServicer,
@@ -27,18 +28,19 @@ PACKAGE = "securemsg.identity.v1"
 
 
 async def build(env: Env) -> App:
-    db_config = DatabaseConfig.from_env(SERVICE, env)
-    opened = open_database(
-        db_config.path,
-        service=SERVICE,
-        master_key=db_config.master_key,
-        kdf_iterations=db_config.kdf_iterations,
-        migrations=MIGRATIONS,
+    opened = open_service_database(
+        SERVICE,
+        env,
+        MIGRATIONS,
         synchronous="FULL",  # an acknowledged registration must survive power loss
     )
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
-    identity = Identity(SqliteIdentityStore(opened.database, opened.keyring, outbox))
+    store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
+    identity = Identity(store)
+    rotation = rotation_from_env(
+        opened.database, opened.keyring, store.rotatables(), outbox, env.number
+    )
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
         tls_from_env(env),
@@ -69,8 +71,8 @@ async def build(env: Env) -> App:
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),
-            database_admin.binding(SERVICE, opened.database),
+            database_admin.binding(SERVICE, opened.database, rotation),
         ],
-        background=[shipper.run],
+        background=[rotation.run, shipper.run],
         on_stop=[close],
     )

@@ -16,7 +16,8 @@ from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
 from services.common.errors import AlreadyExists
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
-from services.common.sqlite import Database, Migration
+from services.common.rotation import EncryptedTable, Reindex, Rotatable
+from services.common.sqlite import Database, Migration, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
 
 MIGRATIONS = [
@@ -111,6 +112,7 @@ class IdentityStore(Protocol):
     def record_login(self, user_id: str, when: float) -> bool: ...
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None: ...
     def counts(self) -> IdentityCounts: ...
+    def rotatables(self) -> list[Rotatable]: ...
 
 
 class PoolFull(Exception):
@@ -143,7 +145,14 @@ class SqliteIdentityStore:
     def add_user(self, user: NewUser, audit: AuditRecord) -> None:
         index = self._index(user.user_id)
         metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
+        candidates = self._index.candidates(user.user_id)
         with self._db.write() as conn:
+            taken = conn.execute(
+                f"SELECT 1 FROM users WHERE user_index IN {any_of(candidates)}",  # noqa: S608
+                candidates,
+            ).fetchone()
+            if taken:
+                raise AlreadyExists("that user id is already taken")
             try:
                 cursor = conn.execute(
                     """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct,
@@ -177,17 +186,37 @@ class SqliteIdentityStore:
     def get_user(self, user_id: str) -> User | None:
         with self._db.read() as conn:
             row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users WHERE user_index = ?",  # noqa: S608
-                (self._index(user_id),),
+                f"SELECT {_USER_COLUMNS} FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                self._index.candidates(user_id),
             ).fetchone()
         return None if row is None else self._decode(row)
+
+    def _match(self, user_id: str) -> str:
+        """WHERE condition for a user's row, under any loaded key version's index."""
+        return f"user_index IN {any_of(self._index.candidates(user_id))}"
+
+    def rotatables(self) -> list[Rotatable]:
+        users = EncryptedTable(
+            self._db,
+            "users",
+            "id",
+            "user_index",
+            [
+                ("user_id_ct", self._user_id),
+                ("alias_ct", self._alias),
+                ("metadata_ct", self._metadata),
+            ],
+            Reindex("user_index", self._index, "user_id_ct"),
+        )
+        return [users, self._outbox.rotatable()]
 
     def get_verify_key(self, user_id: str) -> bytes | None:
         """An active user's verify key, without decrypting anything (the login hot path)."""
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT verify_key FROM users WHERE user_index = ? AND deactivate_time IS NULL",
-                (self._index(user_id),),
+                f"SELECT verify_key FROM users WHERE {self._match(user_id)}"  # noqa: S608
+                " AND deactivate_time IS NULL",
+                self._index.candidates(user_id),
             ).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -195,8 +224,8 @@ class SqliteIdentityStore:
         """(exists, active)."""
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT deactivate_time IS NULL FROM users WHERE user_index = ?",
-                (self._index(user_id),),
+                f"SELECT deactivate_time IS NULL FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                self._index.candidates(user_id),
             ).fetchone()
         return (False, False) if row is None else (True, bool(row[0]))
 
@@ -220,8 +249,8 @@ class SqliteIdentityStore:
 
     def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int | None:
         row = conn.execute(
-            "SELECT id FROM users WHERE user_index = ? AND deactivate_time IS NULL",
-            (self._index(user_id),),
+            f"SELECT id FROM users WHERE {self._match(user_id)} AND deactivate_time IS NULL",  # noqa: S608
+            self._index.candidates(user_id),
         ).fetchone()
         return None if row is None else int(row[0])
 
@@ -289,18 +318,18 @@ class SqliteIdentityStore:
     def record_login(self, user_id: str, when: float) -> bool:
         with self._db.write() as conn:
             cursor = conn.execute(
-                """UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)
-                   WHERE user_index = ? AND deactivate_time IS NULL""",
-                (when, self._index(user_id)),
+                "UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)"  # noqa: S608
+                f" WHERE {self._match(user_id)} AND deactivate_time IS NULL",
+                (when, *self._index.candidates(user_id)),
             )
             return cursor.rowcount == 1
 
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None:
         """Deactivates and drops the prekey pool; returns the deactivation time, None if unknown."""
-        index = self._index(user_id)
         with self._db.write() as conn:
             row = conn.execute(
-                "SELECT id, deactivate_time FROM users WHERE user_index = ?", (index,)
+                f"SELECT id, deactivate_time FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                self._index.candidates(user_id),
             ).fetchone()
             if row is None:
                 return None

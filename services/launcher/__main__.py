@@ -123,6 +123,26 @@ def status() -> int:
     return 0 if healthy else 1
 
 
+def rotate(service: str) -> int:
+    """Rotates one service's master key: new key, old one kept, service restarted."""
+    if service not in ("identity", "session", "audit"):
+        print("rotate needs one of: identity, session, audit", file=sys.stderr)
+        return 2
+    LAYOUT.rotate_key(service)
+    pid = _running_pid(service)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        while _running_pid(service) is not None:
+            time.sleep(0.1)
+        _pid_file(service).unlink(missing_ok=True)
+    print(f"{service}: new master key in var/secrets/{service}.key; the previous one is kept")
+    print(f"in var/secrets/{service}.old-keys until re-encryption finishes.")
+    status = up()
+    if status == 0:
+        print(f"Follow progress: .venv/bin/python -m services.cli rotation --service {service}")
+    return status
+
+
 def compose_secrets() -> int:
     target = LAYOUT.root / "compose-secrets"
     LAYOUT.export_for_compose(target)
@@ -133,8 +153,12 @@ def compose_secrets() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
     commands = {"up": up, "down": down, "status": status, "compose-secrets": compose_secrets}
-    parser.add_argument("command", choices=list(commands), nargs="?", default="up")
-    return commands[parser.parse_args().command]()
+    parser.add_argument("command", choices=[*commands, "rotate"], nargs="?", default="up")
+    parser.add_argument("service", nargs="?", help="for rotate: identity, session or audit")
+    args = parser.parse_args()
+    if args.command == "rotate":
+        return rotate(args.service or "")
+    return commands[args.command]()
 
 
 if __name__ == "__main__":

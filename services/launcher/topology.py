@@ -64,6 +64,18 @@ class StackLayout:
     def key_file(self, service: str) -> Path:
         return self.secrets / f"{service}.key"
 
+    def old_keys_file(self, service: str) -> Path:
+        """Previous master keys while a rotation is under way (see `launcher rotate`)."""
+        return self.secrets / f"{service}.old-keys"
+
+    def rotate_key(self, service: str) -> None:
+        """Makes a new master key the primary one; the current one joins the old keys."""
+        old = self.old_keys_file(service)
+        previous = old.read_text() if old.exists() else ""
+        current = self.key_file(service).read_text().strip()
+        _write_secret(old, previous + current + "\n")
+        _write_secret(self.key_file(service), secrets.token_urlsafe(32))
+
     def export_for_compose(self, target: Path) -> None:
         """Copies TLS material and master keys to where docker-compose.yml expects them.
 
@@ -92,9 +104,7 @@ class StackLayout:
         for service in PERSISTENT:
             path = self.key_file(service)
             if not path.exists():
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(secrets.token_urlsafe(32))
+                _write_secret(path, secrets.token_urlsafe(32))
         for directory in (self.data, self.logs, self.run):
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -126,5 +136,13 @@ def service_env(
     if service in PERSISTENT:
         env["DB_PATH"] = str(layout.data / f"{service}.db")
         env["DB_ENCRYPTION_KEY_FILE"] = str(layout.key_file(service))
+        if layout.old_keys_file(service).exists():
+            env["DB_ENCRYPTION_OLD_KEYS_FILE"] = str(layout.old_keys_file(service))
     env.update(extra or {})
     return env
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)

@@ -11,11 +11,12 @@ from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
 from services.common import database_admin, peers
 from services.common.channels import open_channel
-from services.common.config import DatabaseConfig, Env, internal_port, tls_from_env
+from services.common.config import Env, internal_port, tls_from_env
 from services.common.identity_client import RemoteIdentityDirectory
 from services.common.outbox import OutboxShipper, SqliteOutbox
+from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
-from services.common.sqlite import open_database
+from services.common.sqlite import open_service_database
 from services.session.login import ChallengeBook, Login, LoginLimits
 from services.session.servicer import (
     SessionAdminServicer,
@@ -31,13 +32,10 @@ logger = logging.getLogger(__name__)
 
 
 async def build(env: Env) -> App:
-    db_config = DatabaseConfig.from_env(SERVICE, env)
-    opened = open_database(
-        db_config.path,
-        service=SERVICE,
-        master_key=db_config.master_key,
-        kdf_iterations=db_config.kdf_iterations,
-        migrations=MIGRATIONS,
+    opened = open_service_database(
+        SERVICE,
+        env,
+        MIGRATIONS,
         # A session lost to power failure costs a re-login, not data: NORMAL still
         # survives a process crash (the WAL is in the OS cache) and saves an fsync per login.
         synchronous="NORMAL",
@@ -48,7 +46,11 @@ async def build(env: Env) -> App:
     )
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
-    sessions = Sessions(SqliteSessionStore(opened.database, opened.keyring, outbox), policy)
+    store = SqliteSessionStore(opened.database, opened.keyring, outbox)
+    sessions = Sessions(store, policy)
+    rotation = rotation_from_env(
+        opened.database, opened.keyring, store.rotatables(), outbox, env.number
+    )
     identity_channel = open_channel(
         env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),
         tls_from_env(env),
@@ -108,8 +110,8 @@ async def build(env: Env) -> App:
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
                 allowed_callers=frozenset({"identity", peers.OPERATOR}),
             ),
-            database_admin.binding(SERVICE, opened.database),
+            database_admin.binding(SERVICE, opened.database, rotation),
         ],
-        background=[cleanup_forever, shipper.run],
+        background=[rotation.run, cleanup_forever, shipper.run],
         on_stop=[close],
     )

@@ -20,7 +20,8 @@ from typing import Protocol
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
-from services.common.sqlite import Database, Migration
+from services.common.rotation import EncryptedTable, Reindex, Rotatable
+from services.common.sqlite import Database, Migration, any_of
 
 MIGRATIONS = [
     Migration(
@@ -73,6 +74,7 @@ class SessionStore(Protocol):
     ) -> int: ...
     def delete_expired(self, now: float) -> int: ...
     def counts(self, now: float) -> tuple[int, int]: ...
+    def rotatables(self) -> list[Rotatable]: ...
 
 
 class SqliteSessionStore:
@@ -86,6 +88,26 @@ class SqliteSessionStore:
         self._ip = keyring.field("sessions", "ip_address")
         self._user_agent = keyring.field("sessions", "user_agent")
         self._times = keyring.field("sessions", "times")
+
+    def _match(self, user_id: str) -> str:
+        """WHERE condition for a user's rows, under any loaded key version's index."""
+        return f"user_index IN {any_of(self._index.candidates(user_id))}"
+
+    def rotatables(self) -> list[Rotatable]:
+        sessions = EncryptedTable(
+            self._db,
+            "sessions",
+            "id",
+            "session_id",
+            [
+                ("user_id_ct", self._user_id),
+                ("ip_ct", self._ip),
+                ("user_agent_ct", self._user_agent),
+                ("times_ct", self._times),
+            ],
+            Reindex("user_index", self._index, "user_id_ct"),
+        )
+        return [sessions, self._outbox.rotatable()]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
         row_key = record.session_id.encode()
@@ -140,8 +162,8 @@ class SqliteSessionStore:
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
         with self._db.read() as conn:
             rows = conn.execute(
-                "SELECT * FROM sessions WHERE user_index = ? AND expire_time > ?",
-                (self._index(user_id), now),
+                f"SELECT * FROM sessions WHERE {self._match(user_id)} AND expire_time > ?",  # noqa: S608
+                (*self._index.candidates(user_id), now),
             ).fetchall()
         records = [self._decode(row) for row in rows]
         return sorted(records, key=lambda r: r.create_time, reverse=True)
@@ -149,8 +171,8 @@ class SqliteSessionStore:
     def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool:
         with self._db.write() as conn:
             cursor = conn.execute(
-                "DELETE FROM sessions WHERE session_id = ? AND user_index = ?",
-                (session_id, self._index(user_id)),
+                f"DELETE FROM sessions WHERE session_id = ? AND {self._match(user_id)}",  # noqa: S608
+                (session_id, *self._index.candidates(user_id)),
             )
             if cursor.rowcount != 1:
                 return False
@@ -162,8 +184,8 @@ class SqliteSessionStore:
     ) -> int:
         with self._db.write() as conn:
             count = conn.execute(
-                "DELETE FROM sessions WHERE user_index = ? AND session_id IS NOT ?",
-                (self._index(user_id), keep_session_id),
+                f"DELETE FROM sessions WHERE {self._match(user_id)} AND session_id IS NOT ?",  # noqa: S608
+                (*self._index.candidates(user_id), keep_session_id),
             ).rowcount
             event = audit(count)
             if event is not None:

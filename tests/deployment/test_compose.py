@@ -54,11 +54,11 @@ def test_the_file_defines_exactly_the_launchers_services(compose: dict[str, Any]
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_each_service_runs_its_module_with_the_launchers_variables(
-    compose: dict[str, Any], name: str
+    compose: dict[str, Any], name: str, tmp_path: Path
 ) -> None:
     service = compose["services"][name]
     assert service["command"] == ["python", "-m", f"services.{name}"]
-    launcher_env = service_env(StackLayout(Path("var")), name, default_ports())
+    launcher_env = service_env(StackLayout(tmp_path), name, default_ports())
     assert set(service["environment"]) == set(launcher_env)
     public, internal, metrics = default_ports()[name]
     assert service["environment"]["LISTEN_ADDRESS"] == f"0.0.0.0:{public}"
