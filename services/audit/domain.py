@@ -110,8 +110,8 @@ class AuditLog:
         page = events[:size]
         return page, _make_token(page[-1].sequence, fingerprint)
 
-    def verify(self) -> Verification:
-        return self._store.verify()
+    def verify(self, start: int = 1, limit: int = 0) -> Verification:
+        return self._store.verify(start, limit)
 
     def counts(self) -> dict[str, int]:
         return self._store.counts()

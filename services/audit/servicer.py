@@ -97,12 +97,16 @@ class AuditAdminServicer(admin_grpc.AuditAdminServiceServicer):
     async def VerifyAuditLog(
         self, request: admin_pb.VerifyAuditLogRequest, context: Context
     ) -> admin_pb.VerifyAuditLogResponse:
-        result = await asyncio.to_thread(self._log.verify)
+        result = await asyncio.to_thread(
+            self._log.verify, request.start_sequence, request.max_events
+        )
         return admin_pb.VerifyAuditLogResponse(
             ok=result.ok,
             checked_count=result.checked,
             first_bad_sequence=result.first_bad_sequence,
             problem=result.problem,
+            next_sequence=result.next_sequence,
+            total_events=result.total,
         )
 
     async def GetAuditStats(

@@ -101,12 +101,14 @@ class Verification:
     checked: int
     first_bad_sequence: int = 0
     problem: str = ""
+    next_sequence: int = 0  # where the next slice starts; 0 once the end was reached
+    total: int = 0
 
 
 class AuditStore(Protocol):
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]: ...
     def query(self, query: Query) -> list[StoredEvent]: ...
-    def verify(self) -> Verification: ...
+    def verify(self, start: int = 1, limit: int = 0) -> Verification: ...
     def counts(self) -> dict[str, int]: ...
     def rotatables(self) -> list[Rotatable]: ...
 
@@ -234,41 +236,57 @@ class SqliteAuditStore:
             rows = conn.execute(sql, (*params, query.limit)).fetchall()
         return [self._decode(row) for row in rows]
 
-    def verify(self) -> Verification:
-        """Walks the chain from the first event; names the first position that fails.
+    def verify(self, start: int = 1, limit: int = 0) -> Verification:
+        """Checks events from `start` (at most `limit` of them, 0 = all): each against the
+        stored link before it. Names the first position that fails.
 
         Runs in one read transaction, so appends and rotation batches wait for it.
         """
+        start = max(start, 1)
         with self._db.read() as conn:
             boundary, boundary_link = self._rotation_boundary(conn)
             head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
-            expected, link, checked = 1, GENESIS, 0
-            for row in conn.execute("SELECT * FROM audit_events ORDER BY sequence"):
-                if row["sequence"] != expected:
+            head_sequence = head["sequence"] if head else 0
+            total = int(conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0])
+            link = GENESIS
+            if start > 1:
+                before = conn.execute(
+                    "SELECT link FROM audit_events WHERE sequence = ?", (start - 1,)
+                ).fetchone()
+                if before is None:
                     return Verification(
-                        False, checked, expected, f"event {expected} is missing (deleted)"
+                        False, 0, start - 1, f"event {start - 1} is missing (deleted)", 0, total
                     )
+                link = before["link"]
+            rows = conn.execute(
+                "SELECT * FROM audit_events WHERE sequence >= ? ORDER BY sequence LIMIT ?",
+                (start, limit if limit > 0 else -1),
+            )
+            expected, checked = start, 0
+            for row in rows:
+                if row["sequence"] != expected:
+                    problem = f"event {expected} is missing (deleted)"
+                    return Verification(False, checked, expected, problem, 0, total)
                 if expected == boundary + 1 and boundary_link is not None:
                     link = boundary_link  # rotation under way: later rows chain on old links
                 try:
                     link = self._link(link, row, row["chain_version"])
                 except IntegrityError:
-                    return Verification(
-                        False, checked, expected, f"event {expected} names an unknown chain key"
-                    )
+                    problem = f"event {expected} names an unknown chain key"
+                    return Verification(False, checked, expected, problem, 0, total)
                 if not hmac.compare_digest(link, row["link"]):
-                    return Verification(
-                        False, checked, expected, f"event {expected} was altered, inserted or moved"
-                    )
+                    problem = f"event {expected} was altered, inserted or moved"
+                    return Verification(False, checked, expected, problem, 0, total)
                 checked += 1
                 expected += 1
-        head_sequence = head["sequence"] if head else 0
-        if head_sequence != checked or (head and not hmac.compare_digest(head["link"], link)):
-            bad = min(head_sequence, checked) + 1
-            return Verification(
-                False, checked, bad, f"the log ends at {checked} but its head says {head_sequence}"
-            )
-        return Verification(True, checked)
+        last = expected - 1
+        if limit > 0 and checked == limit and last < max(head_sequence, total):
+            return Verification(True, checked, next_sequence=expected, total=total)
+        if head_sequence != last or (head and not hmac.compare_digest(head["link"], link)):
+            bad = min(head_sequence, last) + 1
+            problem = f"the log ends at {last} but its head says {head_sequence}"
+            return Verification(False, checked, bad, problem, 0, total)
+        return Verification(True, checked, total=total)
 
     @staticmethod
     def _rotation_boundary(conn: sqlite3.Connection) -> tuple[int, bytes | None]:

@@ -335,3 +335,32 @@ def test_the_audit_file_holds_no_user_id_or_details(audit_only: Stack) -> None:
     raw = b"".join(p.read_bytes() for p in audit_only.layout.data.glob("audit.db*"))
     assert b"walrus-secret" not in raw
     assert b'"n"' not in raw
+
+
+def verify_in_slices(stack: Stack, size: int) -> list[admin_pb.VerifyAuditLogResponse]:
+    results = []
+    with stack.channel("audit", cert="operator") as channel:
+        stub = admin_grpc.AuditAdminServiceStub(channel)
+        start = 1
+        while True:
+            result = stub.VerifyAuditLog(
+                admin_pb.VerifyAuditLogRequest(start_sequence=start, max_events=size), timeout=30
+            )
+            results.append(result)
+            if not result.ok or result.next_sequence == 0:
+                return results
+            start = result.next_sequence
+
+
+def test_verifying_in_slices_checks_the_same_as_one_walk(audit_only: Stack) -> None:
+    append(audit_only, events(10))
+    slices = verify_in_slices(audit_only, 3)
+    assert [(r.ok, r.checked_count, r.next_sequence) for r in slices] == [
+        (True, 3, 4), (True, 3, 7), (True, 3, 10), (True, 1, 0),
+    ]  # fmt: skip
+    assert {r.total_events for r in slices} == {10}
+    tamper(audit_only, "FLIP details_ct 8")
+    broken = verify_in_slices(audit_only, 3)[-1]
+    assert (broken.ok, broken.first_bad_sequence) == (False, 8)
+    tamper(audit_only, "DELETE FROM audit_events WHERE sequence = 10")
+    assert verify_in_slices(audit_only, 3)[-1].first_bad_sequence == 8
