@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run demo stop status compose-secrets test pytest lint buf-lint clean
+.PHONY: help setup gen run demo bench stop status compose-secrets test pytest lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
@@ -14,6 +14,7 @@ help:
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
 	@echo "make lint    ruff, mypy and buf lint"
+	@echo "make bench   benchmarks side by side (BENCH_ARGS='--large 1000000' for a million rows)"
 	@echo "make gen     regenerate Python code from protos/"
 	@echo "make compose-secrets  dev keys and certificates for docker-compose.yml"
 	@echo "make clean   remove the virtualenv, generated code and node_modules (not var/)"
@@ -43,6 +44,16 @@ gen:
 
 run: setup
 	$(BIN)/python -m services.launcher up
+
+# Benchmarks: peers (Redis, SQLCipher) and the chart come from requirements-bench.txt;
+# redis-server from Debian's package.
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt -c constraints.txt
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 demo: run
 	$(BIN)/python -m services.cli demo

@@ -1,0 +1,80 @@
+"""The peer a user might pick instead of the relay: a Redis list per recipient.
+
+Redis runs from Debian's package with persistence off (`save ""`, `appendonly no`), as
+memory-only as the relay; the same concurrency and payload drive RPUSH + BLPOP (which
+fetches and deletes in one step) that the relay case drives through send, stream, ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as redis
+
+from bench import load
+from bench.rpc_cases import PAYLOAD
+from tests.support.stack import free_port
+
+
+@asynccontextmanager
+async def redis_server() -> AsyncIterator[int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (apt install redis-server)")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except redis.ConnectionError:
+                await asyncio.sleep(0.05)
+        await client.aclose()
+        yield port
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def delivery(concurrency: int, seconds: float) -> load.Result:
+    async with redis_server() as port:
+        producer = redis.Redis(port=port)
+        consumer = redis.Redis(port=port)
+        arrivals: dict[bytes, asyncio.Future[None]] = {}
+
+        async def receive() -> None:
+            while True:
+                popped = await consumer.blpop(["inbox:bob"], timeout=1)
+                if popped is None:
+                    continue
+                body = popped[1]
+                waiter = arrivals.pop(body if isinstance(body, bytes) else body.encode(), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+        receiver = asyncio.create_task(receive())
+
+        async def deliver(n: int) -> None:
+            body = n.to_bytes(8, "big") + PAYLOAD
+            arrived = asyncio.get_running_loop().create_future()
+            arrivals[body] = arrived
+            await producer.rpush("inbox:bob", body)
+            await asyncio.wait_for(arrived, 10)
+
+        try:
+            return await load.run(
+                "Redis list (rpush, blpop)", deliver, concurrency=concurrency, seconds=seconds
+            )
+        finally:
+            receiver.cancel()
+            await producer.aclose()
+            await consumer.aclose()

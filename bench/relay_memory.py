@@ -1,0 +1,29 @@
+"""Relay memory per queued message, beyond its body, measured with tracemalloc."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+from services.common.outbox import MemoryOutbox
+from services.relay.queues import MessageQueues, RelayLimits
+
+BODY = bytes(256)
+
+
+def overhead_per_message(count: int = 100_000, recipients: int = 1000) -> float:
+    limits = RelayLimits(
+        max_queue_messages=count, max_queue_bytes=2**40, max_total_bytes=2**40,
+        sends_per_minute=2**31,
+    )  # fmt: skip
+    queues = MessageQueues(limits, MemoryOutbox("relay"))
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(count):
+        ttl = queues.admit(f"sender{i % 100}", f"user{i % recipients}", BODY, None)
+        queues.send(f"sender{i % 100}", f"user{i % recipients}", BODY, ttl)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return (after - before) / count - len(BODY)
