@@ -31,9 +31,13 @@ from tests.support.stack import Stack, free_port
 from tests.support.users import Client, registration
 
 PAYLOAD = bytes(120)  # about the size of the smaller requests below
+PRODUCTION_CACHES = {"TOKEN_CACHE_SECONDS": "2", "RECIPIENT_CACHE_SECONDS": "10"}
 UNLIMITED = {
+    "identity": PRODUCTION_CACHES,
+    "audit": PRODUCTION_CACHES,
     "session": {"LOGIN_CHALLENGES_PER_MINUTE": "100000000"},
     "relay": {
+        **PRODUCTION_CACHES,
         "RELAY_SENDS_PER_MINUTE": "100000000",
         "RELAY_MAX_QUEUE_MESSAGES": "10000000",
         "RELAY_MAX_QUEUE_BYTES": "4000000000",

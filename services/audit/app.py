@@ -47,7 +47,13 @@ async def build(env: Env) -> App:
         bindings=[
             ServiceBinding(
                 f"{PACKAGE}.AuditService",
-                AuditServicer(log, RemoteTokenValidator(session_channel), insecure=tls is None),
+                AuditServicer(
+                    log,
+                    RemoteTokenValidator(
+                        session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
+                    ),
+                    insecure=tls is None,
+                ),
                 pb_grpc.add_AuditServiceServicer_to_server,
             ),
             ServiceBinding(

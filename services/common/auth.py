@@ -7,6 +7,7 @@ Both sit behind the `TokenValidator` protocol so servicers do not care which.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,6 +15,7 @@ import grpc
 from securemsg.session.v1 import session_internal_service_pb2 as session_pb
 from securemsg.session.v1 import session_internal_service_pb2_grpc as session_grpc
 
+from services.common.cache import TtlCache
 from services.common.errors import Unauthenticated, Unavailable
 from services.common.peers import Context
 
@@ -51,12 +53,29 @@ async def authenticate(context: Context, validator: TokenValidator) -> Authentic
 
 
 class RemoteTokenValidator:
-    """Validates tokens with the session service over (mutual TLS) gRPC."""
+    """Validates tokens with the session service over (mutual TLS) gRPC.
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    Successful answers are cached for `cache_seconds`: that is how long a token revoked
+    at the session service may still be accepted here (the documented bound; 0 turns
+    the cache off). Failures are never cached, so a new token works at once.
+    """
+
+    def __init__(
+        self, channel: grpc.aio.Channel, *, cache_seconds: float = 0.0, max_entries: int = 100_000
+    ) -> None:
         self._stub = session_grpc.SessionInternalServiceStub(channel)
+        self._cache = TtlCache[AuthenticatedUser](cache_seconds, max_entries)
 
     async def validate(self, token: str) -> AuthenticatedUser:
+        key = hashlib.sha256(token.encode("utf-8", "replace")).digest()  # no raw tokens kept
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        user = await self._ask(token)
+        self._cache.put(key, user)
+        return user
+
+    async def _ask(self, token: str) -> AuthenticatedUser:
         try:
             reply = await self._stub.ValidateSession(
                 session_pb.ValidateSessionRequest(token=token),

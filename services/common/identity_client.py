@@ -9,6 +9,7 @@ from securemsg.identity.v1 import identity_internal_service_pb2 as pb
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as pb_grpc
 
 from services.common import convert
+from services.common.cache import TtlCache
 from services.common.errors import Unavailable
 
 TIMEOUT_SECONDS = 3.0
@@ -16,8 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 class RemoteIdentityDirectory:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, active_cache_seconds: float = 0.0) -> None:
         self._stub = pb_grpc.IdentityInternalServiceStub(channel)
+        # Only "active" answers are cached: a user deactivated meanwhile may still be sent
+        # messages for this long (they stay opaque and expire); unknown users are rechecked.
+        self._active = TtlCache[bool](active_cache_seconds, 100_000)
 
     async def verify_key(self, user_id: str) -> bytes | None:
         try:
@@ -49,6 +53,8 @@ class RemoteIdentityDirectory:
 
     async def is_active(self, user_id: str) -> bool:
         """Whether the user exists and is not deactivated."""
+        if self._active.get(user_id):
+            return True
         try:
             reply = await self._stub.GetUserStatus(
                 pb.GetUserStatusRequest(user_id=user_id),
@@ -60,4 +66,6 @@ class RemoteIdentityDirectory:
             raise Unavailable(
                 "cannot check the recipient right now (identity service); retry"
             ) from None
+        if reply.active:
+            self._active.put(user_id, True)
         return reply.active

@@ -56,7 +56,13 @@ async def build(env: Env) -> App:
         bindings=[
             ServiceBinding(
                 f"{PACKAGE}.IdentityService",
-                IdentityServicer(identity, RemoteTokenValidator(session_channel), revoker),
+                IdentityServicer(
+                    identity,
+                    RemoteTokenValidator(
+                        session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
+                    ),
+                    revoker,
+                ),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
             ServiceBinding(

@@ -93,8 +93,13 @@ async def build(env: Env) -> App:
                 f"{PACKAGE}.RelayService",
                 RelayServicer(
                     queues,
-                    RemoteTokenValidator(session_channel),
-                    RemoteIdentityDirectory(identity_channel),
+                    RemoteTokenValidator(
+                        session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
+                    ),
+                    RemoteIdentityDirectory(
+                        identity_channel,
+                        active_cache_seconds=env.number("RECIPIENT_CACHE_SECONDS", 10.0),
+                    ),
                     revalidate_seconds=env.number(
                         "RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1
                     ),

@@ -58,9 +58,10 @@ class Message:
 
 
 class _Mailbox:
-    __slots__ = ("cost", "messages", "wakeups")
+    __slots__ = ("cost", "messages", "recipient", "wakeups")
 
-    def __init__(self) -> None:
+    def __init__(self, recipient: str) -> None:
+        self.recipient = recipient  # one string per recipient, shared by the expiry heap
         self.messages: OrderedDict[str, Message] = OrderedDict()
         self.cost = 0
         self.wakeups: set[asyncio.Event] = set()
@@ -146,15 +147,16 @@ class MessageQueues:
             self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "relay_total"})
             raise ResourceExhausted("the relay is at capacity; try again later", retry_after=30)
         now = self._clock()
-        message = Message(secrets.token_hex(16), sender_id, bytearray(body), now, now + ttl)
+        # 96 random bits: ids only name messages inside one recipient's own queue.
+        message = Message(secrets.token_urlsafe(12), sender_id, bytearray(body), now, now + ttl)
         if box is None:
-            box = self._boxes[recipient_id] = _Mailbox()
+            box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.messages[message.message_id] = message
         box.cost += cost
         self._total_cost += cost
         self._total_messages += 1
         self._total_body_bytes += len(body)
-        heapq.heappush(self._expiry, (message.expire_time, message.message_id, recipient_id))
+        heapq.heappush(self._expiry, (message.expire_time, message.message_id, box.recipient))
         for wakeup in box.wakeups:
             wakeup.set()
         return message
@@ -234,7 +236,7 @@ class MessageQueues:
     def watch(self, recipient_id: str) -> asyncio.Event:
         """An event set whenever a message arrives for the recipient."""
         wakeup = asyncio.Event()
-        self._boxes.setdefault(recipient_id, _Mailbox()).wakeups.add(wakeup)
+        self._boxes.setdefault(recipient_id, _Mailbox(recipient_id)).wakeups.add(wakeup)
         return wakeup
 
     def unwatch(self, recipient_id: str, wakeup: asyncio.Event) -> None:

@@ -321,3 +321,23 @@ def test_touch_slides_the_idle_deadline(client: Client) -> None:
     ).session
     assert touched.current
     assert touched.expire_time.ToNanoseconds() > before.expire_time.ToNanoseconds()
+
+
+def test_token_cache_bound_a_revoked_token_passes_elsewhere_for_at_most_that_long(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(tmp_path, extra_env={"identity": {"TOKEN_CACHE_SECONDS": "1"}})
+    stack.start()
+    try:
+        client = Client(stack)
+        token = client.login("alice", client.register("alice"))
+        client.profile(token)  # identity has now cached the answer
+        client.session.DeleteSession(pb.DeleteSessionRequest(), metadata=bearer(token), timeout=10)
+        revoked_at = time.monotonic()
+        assert client.profile(token).user_id == "alice"  # within the documented bound
+        assert time.monotonic() - revoked_at < 1.0
+        time.sleep(1.1)
+        assert refused(lambda: client.profile(token)).code() == grpc.StatusCode.UNAUTHENTICATED
+        client.close()
+    finally:
+        stack.stop()

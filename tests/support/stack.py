@@ -32,6 +32,9 @@ FAST_KDF = {
     "LOG_LEVEL": "INFO",
     "AUDIT_SHIP_IDLE_SECONDS": "0.1",
     "AUDIT_SHIP_MAX_BACKOFF_SECONDS": "0.5",
+    # Revocation takes effect at once in tests; the cache's bound has its own test.
+    "TOKEN_CACHE_SECONDS": "0",
+    "RECIPIENT_CACHE_SECONDS": "0",
 }
 
 
