@@ -69,7 +69,7 @@ def encrypted(path: Path, writes: int, reads: int) -> list[Result]:
 
     def read(i: int) -> None:
         key = index(f"user{random.randrange(writes)}")
-        with db.read() as conn:
+        with db.read(snapshot=False) as conn:
             row = conn.execute("SELECT alias FROM users WHERE user_key = ?", (key,)).fetchone()
         alias.decrypt_text(row[0], key)
 

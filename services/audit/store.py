@@ -232,7 +232,7 @@ class SqliteAuditStore:
             + " AND ".join(clauses)
             + " ORDER BY sequence DESC LIMIT ?"
         )
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             rows = conn.execute(sql, (*params, query.limit)).fetchall()
         return [self._decode(row) for row in rows]
 

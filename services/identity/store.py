@@ -184,7 +184,7 @@ class SqliteIdentityStore:
             self._outbox.add(conn, audit)
 
     def get_user(self, user_id: str) -> User | None:
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 f"SELECT {_USER_COLUMNS} FROM users WHERE {self._match(user_id)}",  # noqa: S608
                 self._index.candidates(user_id),
@@ -212,7 +212,7 @@ class SqliteIdentityStore:
 
     def get_verify_key(self, user_id: str) -> bytes | None:
         """An active user's verify key, without decrypting anything (the login hot path)."""
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 f"SELECT verify_key FROM users WHERE {self._match(user_id)}"  # noqa: S608
                 " AND deactivate_time IS NULL",
@@ -222,7 +222,7 @@ class SqliteIdentityStore:
 
     def get_status(self, user_id: str) -> tuple[bool, bool]:
         """(exists, active)."""
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 f"SELECT deactivate_time IS NULL FROM users WHERE {self._match(user_id)}",  # noqa: S608
                 self._index.candidates(user_id),

@@ -145,7 +145,7 @@ class SqliteSessionStore:
         )
 
     def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 "SELECT * FROM sessions WHERE token_hash = ? AND expire_time > ?",
                 (token_hash, now),
@@ -160,7 +160,7 @@ class SqliteSessionStore:
             )
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
-        with self._db.read() as conn:
+        with self._db.read(snapshot=False) as conn:
             rows = conn.execute(
                 f"SELECT * FROM sessions WHERE {self._match(user_id)} AND expire_time > ?",  # noqa: S608
                 (*self._index.candidates(user_id), now),
