@@ -176,6 +176,7 @@ class DatabaseConfig:
     master_key: str
     kdf_iterations: int
     old_keys: tuple[str, ...] = ()
+    max_bytes: int = 0  # 0: as large as the disk allows
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> DatabaseConfig:
@@ -195,4 +196,5 @@ class DatabaseConfig:
             kdf_iterations=env.integer(
                 "KDF_ITERATIONS", DEFAULT_KDF_ITERATIONS, minimum=MIN_KDF_ITERATIONS
             ),
+            max_bytes=env.integer("DB_MAX_BYTES", 0, minimum=0),
         )

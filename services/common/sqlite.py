@@ -26,7 +26,7 @@ from typing import Literal
 
 from services.common import crypto
 from services.common.config import DatabaseConfig, Env
-from services.common.errors import StartupError
+from services.common.errors import ResourceExhausted, StartupError
 
 Synchronous = Literal["FULL", "NORMAL"]
 
@@ -60,15 +60,25 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE transaction: committed when the block ends, rolled back on error."""
+        """An IMMEDIATE transaction: committed when the block ends, rolled back on error.
+
+        A full disk (or the DB_MAX_BYTES limit) rolls the whole transaction back and
+        becomes RESOURCE_EXHAUSTED; nothing of it is kept.
+        """
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+                    raise ResourceExhausted(
+                        "the service's storage is full; nothing was written. An operator must "
+                        "free space (or raise DB_MAX_BYTES) and the request can be retried"
+                    ) from None
                 raise
-            self._conn.execute("COMMIT")
 
     @contextmanager
     def read(self, *, snapshot: bool = True) -> Iterator[sqlite3.Connection]:
@@ -126,6 +136,7 @@ def open_database(
     migrations: Sequence[Migration],
     synchronous: Synchronous,
     old_keys: Sequence[str] = (),
+    max_bytes: int = 0,
 ) -> OpenedDatabase:
     """Opens (or creates) a service's database and unlocks its keyring.
 
@@ -153,6 +164,9 @@ def open_database(
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
+        if max_bytes:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count={max(1, max_bytes // page_size)}")
         conn.execute("BEGIN IMMEDIATE")
         try:
             _migrate(conn, migrations)
@@ -226,6 +240,7 @@ def _precheck_existing(
         conn = _connect(path, read_only=True, immutable=immutable)
         try:
             schema_version = conn.execute("PRAGMA user_version").fetchone()[0]
+            health = conn.execute("PRAGMA quick_check").fetchone()[0]
             has_keys = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='key_versions'"
             ).fetchone()
@@ -238,6 +253,11 @@ def _precheck_existing(
             f"{path.name} is not a readable SQLite database ({exc}); restore it from a backup "
             "or point DB_PATH at the right file"
         ) from None
+    if health != "ok":
+        raise StartupError(
+            f"{path.name} is damaged (SQLite quick_check: {health}); restore it from a "
+            "backup. The file was not modified"
+        )
     if schema_version > latest:
         raise StartupError(
             f"{path.name} has schema version {schema_version}, newer than this release "
@@ -423,4 +443,5 @@ def open_service_database(
         migrations=migrations,
         synchronous=synchronous,
         old_keys=config.old_keys,
+        max_bytes=config.max_bytes,
     )

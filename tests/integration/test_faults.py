@@ -1,0 +1,215 @@
+"""Faults: crashes mid-write, a full disk, damaged files, a hanging audit service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from securemsg.identity.v1 import identity_internal_service_pb2 as identity_internal_pb
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as identity_internal_grpc
+
+from tests.integration.test_audit import append, audit_total, events, operator_list
+from tests.integration.test_session import validate
+from tests.support.stack import Stack
+from tests.support.users import Client, details
+
+
+def hammer(work: Callable[[int, int], object], seconds: float, threads: int = 6) -> list[object]:
+    """Runs `work(worker, n)` in threads for a while; returns what was acknowledged."""
+    acknowledged: list[object] = []
+    stop = time.monotonic() + seconds
+
+    def loop(worker: int) -> None:
+        n = 0
+        while time.monotonic() < stop:
+            with contextlib.suppress(grpc.RpcError):  # unacknowledged: may or may not exist
+                acknowledged.append(work(worker, n))
+            n += 1
+
+    pool = [threading.Thread(target=loop, args=(w,)) for w in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return acknowledged
+
+
+def kill_during(
+    stack: Stack, name: str, work: Callable[[int, int], object], seconds: float = 1.5
+) -> list[object]:
+    killer = threading.Timer(seconds * 0.6, lambda: os.kill(stack[name].pid, signal.SIGKILL))
+    killer.start()
+    acknowledged = hammer(work, seconds)
+    killer.join()
+    stack[name].process = None  # it is gone; start() makes a new one
+    return acknowledged
+
+
+def integrity(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def test_kill_9_during_registrations_loses_no_acknowledged_user(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("identity", "session"))
+    stack.start()
+    try:
+        clients = [Client(stack) for _ in range(6)]
+
+        def register(worker: int, n: int) -> str:
+            user_id = f"w{worker}-{n}"
+            clients[worker].register(user_id, one_time=1)
+            return user_id
+
+        acknowledged = kill_during(stack, "identity", register)
+        assert acknowledged
+        stack["identity"].start()
+        with stack.channel("identity", cert="session") as channel:
+            stub = identity_internal_grpc.IdentityInternalServiceStub(channel)
+            for user_id in acknowledged:
+                status = stub.GetUserStatus(
+                    identity_internal_pb.GetUserStatusRequest(user_id=str(user_id)), timeout=10
+                )
+                assert status.active, user_id
+    finally:
+        stack.stop()
+    assert integrity(stack.db_path("identity")) == "ok"
+
+
+def test_kill_9_during_logins_loses_no_acknowledged_session(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("identity", "session"), extra_env={
+        "session": {"LOGIN_CHALLENGES_PER_MINUTE": "100000"},
+    })  # fmt: skip
+    stack.start()
+    try:
+        setup = Client(stack)
+        keys = {w: setup.register(f"user{w}") for w in range(6)}
+        clients = [Client(stack) for _ in range(6)]
+
+        def login(worker: int, n: int) -> str:
+            return clients[worker].login(f"user{worker}", keys[worker])
+
+        tokens = kill_during(stack, "session", login)
+        assert tokens
+        stack["session"].start()
+        for token in tokens:
+            assert validate(stack, str(token)).user_id.startswith("user")
+    finally:
+        stack.stop()
+    assert integrity(stack.db_path("session")) == "ok"
+
+
+def test_kill_9_during_appends_loses_no_acknowledged_event(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("audit",))
+    stack.start()
+    try:
+
+        def add(worker: int, n: int) -> list[str]:
+            batch = events(5)
+            append(stack, batch)
+            return [e.event_id for e in batch]
+
+        acknowledged = kill_during(stack, "audit", add)
+        assert acknowledged
+        stack["audit"].start()
+        stored = {e.event_id for e in operator_list(stack)}
+        for batch_ids in acknowledged:
+            assert isinstance(batch_ids, list)
+            assert set(batch_ids) <= stored
+    finally:
+        stack.stop()
+    assert integrity(stack.db_path("audit")) == "ok"
+
+
+def test_a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns(
+    tmp_path: Path,
+) -> None:
+    limit = {"identity": {"DB_MAX_BYTES": str(256 * 1024)}}
+    stack = Stack(tmp_path, ("identity", "session"), extra_env=limit)
+    stack.start()
+    try:
+        client = Client(stack)
+        registered, refusal = 0, None
+        for n in range(500):
+            try:
+                client.register(f"filler{n}", one_time=20)
+                registered += 1
+            except grpc.RpcError as exc:
+                refusal = exc
+                failed = f"filler{n}"
+                break
+        assert refusal is not None
+        assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "storage is full" in details(refusal)
+        with stack.channel("identity", cert="session") as channel:
+            stub = identity_internal_grpc.IdentityInternalServiceStub(channel)
+            status = stub.GetUserStatus(
+                identity_internal_pb.GetUserStatusRequest(user_id=failed), timeout=10
+            )
+            assert not status.exists  # no partial row
+        # Space returns: the operator raises the limit and restarts.
+        identity = stack["identity"]
+        identity.stop()
+        identity.env["DB_MAX_BYTES"] = str(64 * 1024 * 1024)
+        identity.start()
+        client.register(failed, one_time=20)
+        keys = client.register("after-recovery")
+        assert client.profile(client.login("after-recovery", keys)).user_id == "after-recovery"
+        assert registered > 5
+    finally:
+        stack.stop()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_database_refuses_to_start_and_stays_as_it_was(
+    tmp_path: Path, damage: str
+) -> None:
+    stack = Stack(tmp_path, ("identity", "session"))
+    stack.start()
+    client = Client(stack)
+    for n in range(60):
+        client.register(f"user{n}", one_time=20)
+    stack.stop()
+    db = stack.db_path("identity")
+    raw = bytearray(db.read_bytes())
+    if damage == "garbage":
+        middle = len(raw) // 2
+        raw[middle : middle + 4096] = os.urandom(4096)
+    else:
+        raw = raw[: len(raw) // 2]
+    db.write_bytes(bytes(raw))
+    code, output = stack["identity"].run_to_exit()
+    assert code == 2
+    assert "identity.db is damaged" in output or "not a readable SQLite database" in output
+    assert "restore it from a backup" in output
+    assert db.read_bytes() == bytes(raw)
+
+
+def test_a_hanging_audit_service_does_not_stall_logins(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, ("identity", "session", "audit"))
+    stack.start()
+    try:
+        client = Client(stack)
+        keys = client.register("alice")
+        audit_pid = stack["audit"].pid
+        os.kill(audit_pid, signal.SIGSTOP)  # alive, accepting connections, answering nothing
+        try:
+            for _ in range(15):  # each call has a 10 s deadline; a stall would blow it
+                client.login("alice", keys)
+            client.register("bob")
+        finally:
+            os.kill(audit_pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while audit_total(stack) < 17 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert audit_total(stack) == 17
+    finally:
+        stack.stop()
