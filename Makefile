@@ -75,7 +75,7 @@ lint: setup buf-lint
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup node_modules/.installed
 	$(BIN)/pytest
 
 test: lint pytest
