@@ -111,7 +111,8 @@ class AuditLog:
         return page, _make_token(page[-1].sequence, fingerprint)
 
     def verify(self, start: int = 1, limit: int = 0) -> Verification:
-        return self._store.verify(start, limit)
+        # uint64 fields beyond SQLite's signed 64-bit range mean "everything" / "past the end".
+        return self._store.verify(min(start, 2**62), min(limit, 2**62))
 
     def counts(self) -> dict[str, int]:
         return self._store.counts()
