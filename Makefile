@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run demo bench stop status compose-secrets test pytest lint buf-lint clean
+.PHONY: help setup gen run demo bench soak buf-breaking stop status compose-secrets test pytest lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
@@ -13,7 +13,8 @@ help:
 	@echo "make stop    stop the local services"
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
-	@echo "make lint    ruff, mypy and buf lint"
+	@echo "make lint    ruff, mypy, buf lint and buf breaking (against the previous commit)"
+	@echo "make soak    long load and fuzz runs (minutes), printing their figures"
 	@echo "make bench   benchmarks side by side (BENCH_ARGS='--large 1000000' for a million rows)"
 	@echo "make gen     regenerate Python code from protos/"
 	@echo "make compose-secrets  dev keys and certificates for docker-compose.yml"
@@ -70,7 +71,13 @@ compose-secrets: setup
 buf-lint: node_modules/.installed
 	npx --no-install buf lint
 
-lint: setup buf-lint
+# Contracts must stay wire- and source-compatible with the previous commit.
+buf-breaking: node_modules/.installed
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+	  npx --no-install buf breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit in this clone, nothing to compare"; fi
+
+lint: setup buf-lint buf-breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -79,6 +86,11 @@ pytest: setup node_modules/.installed
 	$(BIN)/pytest
 
 test: lint pytest
+
+# The long runs: bigger load, more property-based examples; prints the figures.
+soak: setup node_modules/.installed
+	LOAD_CLIENTS=50 LOAD_SECONDS=120 HYPOTHESIS_EXAMPLES=300 \
+	  $(BIN)/pytest -s tests/integration/test_load.py tests/integration/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) gen node_modules .pytest_cache .mypy_cache .ruff_cache
