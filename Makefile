@@ -90,7 +90,7 @@ test: lint pytest
 # The long runs: bigger load, more property-based examples; prints the figures.
 soak: setup node_modules/.installed
 	LOAD_CLIENTS=50 LOAD_SECONDS=120 HYPOTHESIS_EXAMPLES=300 \
-	  $(BIN)/pytest -s tests/integration/test_load.py tests/integration/test_fuzz.py
+	  $(BIN)/pytest -s --timeout 1800 tests/integration/test_load.py tests/integration/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) gen node_modules .pytest_cache .mypy_cache .ruff_cache
