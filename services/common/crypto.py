@@ -124,10 +124,6 @@ class FieldCipher:
     def decrypt_text(self, blob: bytes, row_key: bytes) -> str:
         return self.decrypt(blob, row_key).decode("utf-8")
 
-    def key_version_of(self, blob: bytes) -> int:
-        """Which key version sealed `blob` (for finding rows still to re-encrypt)."""
-        return int(_HEADER.unpack_from(blob)[1])
-
     def reencrypt(self, blob: bytes, old_row_key: bytes, new_row_key: bytes) -> bytes:
         """The same plaintext sealed under the primary key (and possibly a new row key)."""
         return self.encrypt(self.decrypt(blob, old_row_key), new_row_key)

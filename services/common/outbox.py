@@ -160,8 +160,6 @@ class OutboxShipper:
         self._stub = ingest_grpc.AuditIngestServiceStub(channel)
         self._idle = idle_seconds
         self._max_backoff = max_backoff_seconds
-        self.shipped = 0
-        self.failures = 0
 
     async def run(self) -> None:
         backoff = 0.25
@@ -169,7 +167,6 @@ class OutboxShipper:
             try:
                 sent = await self.ship_once()
             except Exception as exc:  # any failure: keep the events, wait, retry
-                self.failures += 1
                 metrics.AUDIT_SHIP_FAILURES.inc()
                 code = (
                     exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
@@ -195,7 +192,6 @@ class OutboxShipper:
             timeout=SEND_TIMEOUT_SECONDS,
         )
         await asyncio.to_thread(self._outbox.remove, [row_id for row_id, _ in batch])
-        self.shipped += len(batch)
         metrics.AUDIT_SHIPPED.inc(len(batch))
         return len(batch)
 

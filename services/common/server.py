@@ -243,9 +243,6 @@ class Server:
         for hook in self.app.on_stop:
             await hook()
 
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
-
 
 def run(service: str, build: Callable[[Env], Awaitable[App]]) -> None:
     """Entry point of `python -m services.<name>`: build, serve until SIGTERM, stop."""

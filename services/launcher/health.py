@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -47,9 +49,6 @@ def main() -> int:
     Asks the service's own public port, over TLS with its configured CA, whether the
     service's main API is SERVING; exit status 0 only then.
     """
-    import os
-    import sys
-
     service = sys.argv[1]
     port = os.environ.get("LISTEN_ADDRESS", "").rpartition(":")[2]
     ca = os.environ.get("TLS_CA_FILE")

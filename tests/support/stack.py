@@ -5,14 +5,13 @@ Environments come from services.launcher.topology, the same code `make run` uses
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -202,13 +201,3 @@ class Stack:
 
     def db_path(self, name: str) -> Path:
         return Path(self.services[name].env["DB_PATH"])
-
-
-@contextlib.contextmanager
-def running(root: Path, **kwargs: object) -> Iterator[Stack]:
-    stack = Stack(root, **kwargs)  # type: ignore[arg-type]
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.stop()
