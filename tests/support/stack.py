@@ -38,9 +38,21 @@ FAST_KDF = {
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: all sockets stay open until every port is chosen."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 class ServiceProcess:
@@ -150,7 +162,8 @@ class Stack:
         self.layout.prepare()
         # Ports for all four services, so that one not started here is simply absent
         # (calls to it fail and are retried) rather than a stray one on a default port.
-        self.ports = {name: (free_port(), free_port(), free_port()) for name in PACKAGES}
+        ports = iter(free_ports(3 * len(PACKAGES)))
+        self.ports = {name: (next(ports), next(ports), next(ports)) for name in PACKAGES}
         self.services = {
             name: ServiceProcess(
                 name,
