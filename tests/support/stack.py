@@ -57,7 +57,12 @@ def free_ports(count: int) -> list[int]:
 
 class ServiceProcess:
     def __init__(
-        self, name: str, env: dict[str, str], log_path: Path, ca_file: Path, cwd: Path = REPO
+        self,
+        name: str,
+        env: dict[str, str],
+        log_path: Path,
+        ca_file: Path | None,
+        cwd: Path = REPO,
     ) -> None:
         self.name = name
         self.env = env
