@@ -364,3 +364,36 @@ def test_verifying_in_slices_checks_the_same_as_one_walk(audit_only: Stack) -> N
     assert (broken.ok, broken.first_bad_sequence) == (False, 8)
     tamper(audit_only, "DELETE FROM audit_events WHERE sequence = 10")
     assert verify_in_slices(audit_only, 3)[-1].first_bad_sequence == 8
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"page_size": -1}, "page_size must not be negative"),
+        ({"page_size": 1001}, "page_size must be at most 1000"),
+        ({"action": "Not An Action"}, "action must be"),
+        ({"user_id": "NO"}, "user_id must be"),
+        ({"page_token": "garbage"}, "page_token"),
+    ],
+)
+def test_malformed_list_requests_are_invalid_argument(
+    audit_only: Stack, request_fields: dict[str, object], message: str
+) -> None:
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListAuditEvents(pb.ListAuditEventsRequest(**request_fields), timeout=10)  # type: ignore[arg-type]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details(error.value)
+
+
+def test_a_time_range_that_ends_before_it_starts_is_invalid_argument(audit_only: Stack) -> None:
+    later, earlier = convert.timestamp(2000.0), convert.timestamp(1000.0)
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(start_time=later, end_time=earlier), timeout=10
+            )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start_time must be before end_time" in details(error.value)

@@ -293,3 +293,48 @@ def test_sigterm_stops_gracefully(stack: Stack) -> None:
     identity = stack["identity"]
     assert identity.stop() == 0
     assert '"message": "stopped"' in identity.log()
+
+
+def test_rotating_the_signed_prekey_checks_the_signature_and_serves_the_new_key(
+    client: Client,
+) -> None:
+    keys = client.register("rotator")
+    token = client.login("rotator", keys)
+    keys.signed_prekey_id = 7
+    fresh = keys.signed_prekey_proto()
+    forged = keys_pb2.SignedPrekey()
+    forged.CopyFrom(fresh)
+    forged.signature = bytes(64)
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.RotateSignedPrekey(
+            pb.RotateSignedPrekeyRequest(signed_prekey=forged), metadata=bearer(token), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    rotated = client.identity.RotateSignedPrekey(
+        pb.RotateSignedPrekeyRequest(signed_prekey=fresh), metadata=bearer(token), timeout=10
+    ).bundle
+    assert rotated.signed_prekey.key_id == 7
+    seen = client.identity.GetKeyBundle(
+        pb.GetKeyBundleRequest(user_id="rotator"), metadata=bearer(token), timeout=10
+    ).bundle
+    assert seen.signed_prekey.public_key == fresh.public_key
+    assert seen.pq_prekey.key_id == 1  # kept
+
+
+def test_reusing_a_one_time_prekey_id_is_already_exists_and_changes_nothing(
+    client: Client,
+) -> None:
+    keys = client.register("reuser", one_time=2)
+    token = client.login("reuser", keys)
+    with pytest.raises(grpc.RpcError) as error:
+        client.identity.UploadOneTimePrekeys(
+            pb.UploadOneTimePrekeysRequest(one_time_prekeys=keys.one_time_protos([2])),
+            metadata=bearer(token),
+            timeout=10,
+        )
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "fresh key ids" in details(error.value)
+    count = client.identity.GetPrekeyCount(
+        pb.GetPrekeyCountRequest(), metadata=bearer(token), timeout=10
+    )
+    assert count.one_time_prekey_count == 2
