@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +78,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         allowed = self._policies.get(method.split("/")[1])
         incoming = dict(details.invocation_metadata or ())
         given = incoming.get(REQUEST_ID_KEY)
-        rid = given if isinstance(given, str) and 0 < len(given) <= 64 else uuid.uuid4().hex
+        rid = given if isinstance(given, str) and 0 < len(given) <= 64 else os.urandom(8).hex()
 
         def finish(code: grpc.StatusCode, started: float) -> None:
             metrics.RPC_TOTAL.labels(method, code.name).inc()
