@@ -14,7 +14,7 @@ from services.common.outbox import OutboxShipper, SqliteOutbox
 from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_service_database
-from services.identity.domain import Identity
+from services.identity.domain import Identity, IdentityLimits
 from services.identity.servicer import (
     IdentityAdminServicer,
     IdentityInternalServicer,
@@ -37,7 +37,13 @@ async def build(env: Env) -> App:
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
     store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
-    identity = Identity(store)
+    identity = Identity(
+        store,
+        limits=IdentityLimits(
+            registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
+            bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
+        ),
+    )
     rotation = rotation_from_env(
         opened.database, opened.keyring, store.rotatables(), outbox, env.number
     )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord
 from services.common.errors import NotFound, ResourceExhausted
+from services.common.ratelimit import SlidingWindowLimiter
 from services.identity import keys
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.store import IdentityCounts, IdentityStore, NewUser, PoolFull, User
@@ -45,14 +46,37 @@ class Bundle:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class IdentityLimits:
+    """Abuse limits: registrations per peer address, bundle fetches per caller.
+
+    Bundle fetches consume one-time prekeys, so an unbounded caller could empty
+    everyone's pool; registrations are anonymous, so they are bounded per address.
+    """
+
+    registrations_per_minute: int = 60
+    bundles_per_minute: int = 600
+
+
 class Identity:
     """The identity service's use cases. Callers are already authenticated."""
 
-    def __init__(self, store: IdentityStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: IdentityStore,
+        clock: Callable[[], float] = time.time,
+        limits: IdentityLimits | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        limits = limits or IdentityLimits(2**31, 2**31)
+        self._registrations = SlidingWindowLimiter(limits.registrations_per_minute, 60.0)
+        self._bundles = SlidingWindowLimiter(limits.bundles_per_minute, 60.0)
 
-    def register(self, request: Registration) -> User:
+    def register(self, request: Registration, address: str = "") -> User:
+        wait = self._registrations.acquire(address)
+        if wait is not None:
+            raise ResourceExhausted("too many registrations from your address", retry_after=wait)
         validation.user_id(request.user_id)
         validation.text(request.alias, "alias", max_chars=MAX_ALIAS_CHARS)
         validation.string_map(
@@ -89,8 +113,11 @@ class Identity:
             raise NotFound(_NO_SUCH_USER)
         return user
 
-    def bundle(self, user_id: str) -> Bundle:
+    def bundle(self, user_id: str, caller: str = "") -> Bundle:
         validation.user_id(user_id)
+        wait = self._bundles.acquire(caller)
+        if wait is not None:
+            raise ResourceExhausted("too many key bundle requests", retry_after=wait)
         user = self.profile(user_id)
         return Bundle(
             user_id=user.user_id,

@@ -15,7 +15,7 @@ from securemsg.identity.v1 import identity_service_pb2 as pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from securemsg.identity.v1 import keys_pb2
 
-from services.common import convert
+from services.common import convert, peers
 from services.common.auth import TokenValidator, authenticate
 from services.common.outbox import Outbox
 from services.common.peers import Context
@@ -97,7 +97,9 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             pq_prekey=_signed_key(request.pq_prekey) if request.HasField("pq_prekey") else None,
             one_time_prekeys=_one_time(request.one_time_prekeys),
         )
-        user = await asyncio.to_thread(self._identity.register, registration)
+        user = await asyncio.to_thread(
+            self._identity.register, registration, peers.peer_host(context)
+        )
         return pb.RegisterUserResponse(profile=_profile(user))
 
     async def GetOwnProfile(
@@ -110,8 +112,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def GetKeyBundle(
         self, request: pb.GetKeyBundleRequest, context: Context
     ) -> pb.GetKeyBundleResponse:
-        await authenticate(context, self._tokens)
-        bundle = await asyncio.to_thread(self._identity.bundle, request.user_id)
+        caller = await authenticate(context, self._tokens)
+        bundle = await asyncio.to_thread(self._identity.bundle, request.user_id, caller.user_id)
         return pb.GetKeyBundleResponse(bundle=_bundle(bundle))
 
     async def UploadOneTimePrekeys(

@@ -12,7 +12,7 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Res
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import OpenedDatabase
 from services.identity import keys as bundle_keys
-from services.identity.domain import MAX_PREKEY_POOL, Identity, Registration
+from services.identity.domain import MAX_PREKEY_POOL, Identity, IdentityLimits, Registration
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.store import SqliteIdentityStore
 from tests.unit.conftest import FakeClock
@@ -151,3 +151,23 @@ def test_record_login_only_moves_forward(identity: Identity) -> None:
     assert identity.profile("alice").last_login_time == 500.0
     with pytest.raises(NotFound):
         identity.record_login("nobody", 1.0)
+
+
+def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
+    identity_db: OpenedDatabase, clock: FakeClock
+) -> None:
+    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
+    store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
+    identity = Identity(
+        store, clock, IdentityLimits(registrations_per_minute=2, bundles_per_minute=3)
+    )
+    identity.register(registration("user1", UserKeys.generate(5)), "10.0.0.1")
+    identity.register(registration("user2", UserKeys.generate(0)), "10.0.0.1")
+    with pytest.raises(ResourceExhausted, match="registrations from your address"):
+        identity.register(registration("user3", UserKeys.generate(0)), "10.0.0.1")
+    identity.register(registration("user3", UserKeys.generate(0)), "10.0.0.2")
+    for _ in range(3):
+        identity.bundle("user1", "mallory")
+    with pytest.raises(ResourceExhausted, match="retry after"):
+        identity.bundle("user1", "mallory")
+    assert identity.bundle("user1", "alice").one_time_prekey is not None  # others unaffected
