@@ -77,8 +77,8 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
         sender = await self._tokens.check(context)
-        ttl = request.ttl
-        requested = ttl.seconds + ttl.nanos / 1e9 if request.HasField("ttl") else None
+        asked = request.ttl
+        requested = asked.seconds + asked.nanos / 1e9 if request.HasField("ttl") else None
         ttl = self._queues.admit(sender.user_id, request.recipient_id, request.body, requested)
         if not await self._recipients.is_active(request.recipient_id):
             raise NotFound("no active user with that recipient_id")
