@@ -365,10 +365,6 @@ class SqliteAuditStore:
         )
         return link
 
-    def query_user(self, user_id: str) -> list[StoredEvent]:
-        """Every event about one user, newest first."""
-        return self.query(Query(user_id, None, None, None, None, limit=2**31))
-
     def remaining(self) -> int:
         with self._db.read() as conn:
             boundary, old_link = self._rotation_boundary(conn)

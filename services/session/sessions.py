@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -93,18 +94,16 @@ class Sessions:
             raise Unauthenticated(_REFUSED)
         return self._slide(record, now)
 
-    def _slide(self, record: SessionRecord, now: float) -> SessionRecord:
+    def _slide(self, record: SessionRecord, now: float, *, force: bool = False) -> SessionRecord:
         new_expiry = min(now + self.policy.idle_timeout, record.absolute_deadline)
-        if new_expiry - record.expire_time < self.policy.touch_granularity:
+        if not force and new_expiry - record.expire_time < self.policy.touch_granularity:
             return record
         self._store.set_expiry(record.session_id, new_expiry)
-        return SessionRecord(**{**record.__dict__, "expire_time": new_expiry})
+        return dataclasses.replace(record, expire_time=new_expiry)
 
     def touch(self, record: SessionRecord) -> SessionRecord:
-        now = self._clock()
-        new_expiry = min(now + self.policy.idle_timeout, record.absolute_deadline)
-        self._store.set_expiry(record.session_id, new_expiry)
-        return SessionRecord(**{**record.__dict__, "expire_time": new_expiry})
+        """An explicit touch always moves the deadline, whatever the granularity."""
+        return self._slide(record, self._clock(), force=True)
 
     def list(self, user_id: str) -> list[SessionRecord]:
         return self._store.for_user(user_id, self._clock())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
-from services.audit.store import NewEvent, SqliteAuditStore
+from services.audit.store import NewEvent, Query, SqliteAuditStore
 from services.client.keys import UserKeys
 from services.common.errors import IntegrityError, StartupError
 from services.common.outbox import SqliteOutbox
@@ -112,7 +112,8 @@ async def test_audit_rotation_relinks_the_chain_and_verifies_at_every_step(
     assert rotation.status().old_keys_retirable
     result = store.verify()
     assert (result.ok, result.checked) == (True, 25)
-    assert len(store.query_user("user1")) == 9
+    everything_about_user1 = Query("user1", None, None, None, None, limit=100)
+    assert len(store.query(everything_about_user1)) == 9
     opened.database.close()
 
 
