@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from securemsg.audit.v1 import audit_event_pb2
 
@@ -68,3 +69,9 @@ class AuditRecord:
             occur_time=convert.timestamp(self.occur_time),
             details=dict(self.details),
         )
+
+
+class AuditSink(Protocol):
+    """Where a component records an audit event that goes with no other change."""
+
+    def record(self, record: AuditRecord) -> None: ...

@@ -20,7 +20,7 @@ import random
 import sqlite3
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import grpc
 from securemsg.audit.v1 import audit_event_pb2
@@ -32,10 +32,8 @@ from services.common.audit_events import AuditRecord
 from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
 from services.common.crypto import Keyring
+from services.common.rotation import EncryptedTable
 from services.common.sqlite import Database
-
-if TYPE_CHECKING:
-    from services.common.rotation import EncryptedTable
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +47,6 @@ CREATE TABLE audit_outbox (
 
 SEND_TIMEOUT_SECONDS = 5.0
 BATCH_SIZE = 200
-
-
-class AuditSink(Protocol):
-    """Where a component records an audit event that goes with no other change."""
-
-    def record(self, record: AuditRecord) -> None: ...
 
 
 class Outbox(Protocol):
@@ -83,8 +75,6 @@ class SqliteOutbox:
         )
 
     def rotatable(self) -> EncryptedTable:
-        from services.common.rotation import EncryptedTable  # rotation imports this module
-
         return EncryptedTable(
             self._db, "audit_outbox", "id", "event_id", [("event_ct", self._cipher)]
         )

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.common import audit_events
-from services.common.audit_events import AuditRecord
+from services.common.audit_events import AuditRecord, AuditSink
 from services.common.crypto import BlindIndex, FieldCipher, Keyring
-from services.common.outbox import AuditSink
 from services.common.sqlite import Database, retire_versions
 
 logger = logging.getLogger(__name__)

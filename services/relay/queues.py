@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common import audit_events, validation
-from services.common.audit_events import AuditRecord
+from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted
-from services.common.outbox import AuditSink
 from services.common.ratelimit import SlidingWindowLimiter
 
 # Bookkeeping per queued message beyond its body (object, id, dict slots, heap entry),

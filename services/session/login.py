@@ -20,9 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.common import audit_events, validation
-from services.common.audit_events import AuditRecord
+from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
-from services.common.outbox import AuditSink
 from services.common.ratelimit import SlidingWindowLimiter
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
 from services.session.store import SessionRecord
