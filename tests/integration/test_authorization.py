@@ -12,55 +12,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
-from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
-from securemsg.admin.v1 import database_admin_service_pb2
-from securemsg.audit.v1 import audit_admin_service_pb2, audit_ingest_service_pb2, audit_service_pb2
-from securemsg.identity.v1 import (
-    identity_admin_service_pb2,
-    identity_internal_service_pb2,
-    identity_service_pb2,
-)
-from securemsg.relay.v1 import relay_admin_service_pb2, relay_service_pb2
-from securemsg.session.v1 import (
-    session_admin_service_pb2,
-    session_internal_service_pb2,
-    session_service_pb2,
-)
 
+from tests.support.rpc import POLICY, empty_request, status_of
 from tests.support.stack import Stack
 from tests.support.users import Client
 
 CERTS = ("identity", "session", "relay", "audit", "operator")
 CALLERS = ("anonymous", "user", *CERTS)
 ANONYMOUS_OK = {"RegisterUser", "CreateChallenge", "CreateSession"}
-
-# proto service -> (host, certificate names allowed; None means the public API)
-POLICY: dict[Any, tuple[str, frozenset[str] | None]] = {
-    identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]: ("identity", None),
-    identity_internal_service_pb2.DESCRIPTOR.services_by_name["IdentityInternalService"]: (
-        "identity", frozenset({"session", "relay"})),
-    identity_admin_service_pb2.DESCRIPTOR.services_by_name["IdentityAdminService"]: (
-        "identity", frozenset({"operator"})),
-    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]: ("session", None),
-    session_internal_service_pb2.DESCRIPTOR.services_by_name["SessionInternalService"]: (
-        "session", frozenset({"identity", "relay", "audit"})),
-    session_admin_service_pb2.DESCRIPTOR.services_by_name["SessionAdminService"]: (
-        "session", frozenset({"identity", "operator"})),
-    relay_service_pb2.DESCRIPTOR.services_by_name["RelayService"]: ("relay", None),
-    relay_admin_service_pb2.DESCRIPTOR.services_by_name["RelayAdminService"]: (
-        "relay", frozenset({"operator"})),
-    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]: ("audit", None),
-    audit_ingest_service_pb2.DESCRIPTOR.services_by_name["AuditIngestService"]: (
-        "audit", frozenset({"identity", "session", "relay"})),
-    audit_admin_service_pb2.DESCRIPTOR.services_by_name["AuditAdminService"]: (
-        "audit", frozenset({"operator"})),
-}  # fmt: skip
-DATABASE_ADMIN = database_admin_service_pb2.DESCRIPTOR.services_by_name["DatabaseAdminService"]
-for host in ("identity", "session", "audit"):
-    POLICY[(DATABASE_ADMIN, host)] = (host, frozenset({"operator"}))
 
 
 def cases() -> Iterator[Any]:
@@ -112,35 +73,10 @@ def test_authorization_matrix(
     allowed: frozenset[str] | None,
     caller: str,
 ) -> None:
-    path = f"/{method.containing_service.full_name}/{method.name}"
     metadata = (("authorization", f"Bearer {fresh_token(stack)}"),) if caller == "user" else ()
     cert = caller if caller in CERTS else None
     with stack.channel(host, cert=cert) as channel:
-        code = _call(channel, method, path, metadata)
+        code, _ = status_of(channel, method, empty_request(method), metadata, timeout=5)
     assert code not in {"UNKNOWN", "INTERNAL"}
     outcome = code if code in {"PERMISSION_DENIED", "UNAUTHENTICATED"} else "let in"
     assert outcome == expected(method, allowed, caller)
-
-
-def _call(
-    channel: grpc.Channel, method: MethodDescriptor, path: str, metadata: tuple[Any, ...]
-) -> str:
-    """The status code name of calling `method` with an empty request."""
-    request = message_factory.GetMessageClass(method.input_type)()
-    response_class = message_factory.GetMessageClass(method.output_type)
-    try:
-        if method.server_streaming:
-            stream = channel.unary_stream(
-                path, request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=response_class.FromString,
-            )  # fmt: skip
-            next(iter(stream(request, metadata=metadata, timeout=1.5)))
-        else:
-            unary = channel.unary_unary(
-                path, request_serializer=lambda m: m.SerializeToString(),
-                response_deserializer=response_class.FromString,
-            )  # fmt: skip
-            unary(request, metadata=metadata, timeout=5)
-    except grpc.RpcError as exc:
-        return str(exc.code().name)
-    return "OK"

@@ -16,10 +16,9 @@ import pytest
 from securemsg.identity.v1 import identity_internal_service_pb2 as identity_internal_pb
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as identity_internal_grpc
 
-from tests.integration.test_audit import append, audit_total, events, operator_list
-from tests.integration.test_session import validate
+from tests.support.audit import append, audit_total, events, operator_list
 from tests.support.stack import Stack
-from tests.support.users import Client, details
+from tests.support.users import Client, details, validate
 
 
 def hammer(work: Callable[[int, int], object], seconds: float, threads: int = 6) -> list[object]:

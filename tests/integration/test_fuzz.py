@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
@@ -22,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.launcher.health import check
-from tests.integration.test_authorization import POLICY
+from tests.support.rpc import POLICY, status_of
 from tests.support.stack import PACKAGES, Stack
 from tests.support.users import Client
 
@@ -123,19 +122,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack.stop()
 
 
-def _call(channel: grpc.Channel, method: MethodDescriptor, request: Any, metadata: Any) -> None:
-    path = f"/{method.containing_service.full_name}/{method.name}"
-    response_class = message_factory.GetMessageClass(method.output_type)
-    kwargs = {"request_serializer": lambda m: m.SerializeToString(),
-              "response_deserializer": response_class.FromString}  # fmt: skip
-    if method.server_streaming:
-        stream = channel.unary_stream(path, **kwargs)
-        for _ in stream(request, metadata=metadata, timeout=1):
-            pass
-    else:
-        channel.unary_unary(path, **kwargs)(request, metadata=metadata, timeout=10)
-
-
 @pytest.mark.parametrize(("host", "method", "cert"), list(rpcs()))
 def test_arbitrary_requests_get_only_documented_statuses(
     stack: Stack, host: str, method: MethodDescriptor, cert: str | None
@@ -156,12 +142,9 @@ def test_arbitrary_requests_get_only_documented_statuses(
         )
         @given(message_strategy(method.input_type))
         def probe(request: Any) -> None:
-            try:
-                _call(channel, method, request, metadata)
-            except grpc.RpcError as exc:
-                code, text = exc.code().name, exc.details() or ""
-                assert code in DOCUMENTED, (code, text)
-                assert "Traceback" not in text
-                assert 'File "' not in text
+            code, text = status_of(channel, method, request, metadata, timeout=5)
+            assert code in DOCUMENTED, (code, text)
+            assert "Traceback" not in text
+            assert 'File "' not in text
 
         probe()

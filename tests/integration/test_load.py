@@ -20,7 +20,7 @@ from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.relay.v1 import relay_service_pb2 as relay_pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 
-from tests.integration.test_audit import audit_total, operator_list
+from tests.support.audit import audit_total, operator_list
 from tests.support.stack import PACKAGES, Stack
 from tests.support.users import Client, bearer
 

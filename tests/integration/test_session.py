@@ -11,19 +11,11 @@ import pytest
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.session.v1 import session_admin_service_pb2 as admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
-from securemsg.session.v1 import session_internal_service_pb2 as internal_pb
-from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
 from securemsg.session.v1 import session_service_pb2 as pb
 
 from services.client.keys import UserKeys
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, details
-
-
-def validate(stack: Stack, token: str) -> internal_pb.ValidateSessionResponse:
-    with stack.channel("session", cert="relay") as channel:
-        stub = internal_grpc.SessionInternalServiceStub(channel)
-        return stub.ValidateSession(internal_pb.ValidateSessionRequest(token=token), timeout=10)
+from tests.support.users import Client, bearer, details, validate
 
 
 def refused(call: object) -> grpc.RpcError:

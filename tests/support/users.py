@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as identity_grpc
+from securemsg.session.v1 import session_internal_service_pb2 as internal_pb
+from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
 from securemsg.session.v1 import session_service_pb2 as session_pb
 from securemsg.session.v1 import session_service_pb2_grpc as session_grpc
 
@@ -78,3 +80,10 @@ class Client:
 def details(error: grpc.RpcError) -> str:
     """The status message of a failed call (what a person would read)."""
     return str(error.details() or "")
+
+
+def validate(stack: Stack, token: str) -> internal_pb.ValidateSessionResponse:
+    """Checks a token the way the other services do (relay's certificate)."""
+    with stack.channel("session", cert="relay") as channel:
+        stub = internal_grpc.SessionInternalServiceStub(channel)
+        return stub.ValidateSession(internal_pb.ValidateSessionRequest(token=token), timeout=10)

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from services.client.keys import UserKeys
 from services.common.sqlite import Migration, OpenedDatabase, open_database
+from services.identity.domain import Registration
+from services.identity.keys import SignedKey
 
 
 class FakeClock:
@@ -53,3 +56,20 @@ def session_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
     db = opened(tmp_path / "session.db", "session", MIGRATIONS)
     yield db
     db.database.close()
+
+
+def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registration:
+    """A valid registration for the identity domain, signed with `keys`."""
+    spk, pq = keys.signed_prekey_proto(), keys.pq_prekey_proto()
+    fields: dict[str, object] = {
+        "user_id": user_id,
+        "alias": "Alias",
+        "metadata": {},
+        "identity_key": keys.identity_public,
+        "verify_key": keys.verify_key,
+        "signed_prekey": SignedKey(spk.key_id, spk.public_key, spk.signature),
+        "pq_prekey": SignedKey(pq.key_id, pq.public_key, pq.signature),
+        "one_time_prekeys": [keys.one_time_public(i) for i in sorted(keys.one_time)],
+    }
+    fields.update(overrides)
+    return Registration(**fields)  # type: ignore[arg-type]

@@ -12,26 +12,10 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Res
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import OpenedDatabase
 from services.identity import keys as bundle_keys
-from services.identity.domain import MAX_PREKEY_POOL, Identity, IdentityLimits, Registration
+from services.identity.domain import MAX_PREKEY_POOL, Identity, IdentityLimits
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.store import SqliteIdentityStore
-from tests.unit.conftest import FakeClock
-
-
-def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registration:
-    spk, pq = keys.signed_prekey_proto(), keys.pq_prekey_proto()
-    fields: dict[str, object] = {
-        "user_id": user_id,
-        "alias": "Alias",
-        "metadata": {},
-        "identity_key": keys.identity_public,
-        "verify_key": keys.verify_key,
-        "signed_prekey": SignedKey(spk.key_id, spk.public_key, spk.signature),
-        "pq_prekey": SignedKey(pq.key_id, pq.public_key, pq.signature),
-        "one_time_prekeys": [keys.one_time_public(i) for i in sorted(keys.one_time)],
-    }
-    fields.update(overrides)
-    return Registration(**fields)  # type: ignore[arg-type]
+from tests.unit.conftest import FakeClock, registration
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.domain import Identity
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SqliteIdentityStore
-from tests.unit.test_identity_domain import registration
+from tests.unit.conftest import registration
 
 OLD, NEW = "the old master key", "the new master key"
 
