@@ -147,6 +147,11 @@ class BlindIndex:
     def __call__(self, value: str) -> bytes:
         return hmac.digest(self._keys[0], value.encode("utf-8"), "sha256")
 
+    @property
+    def versions(self) -> int:
+        """How many indexes each value has (one per loaded key version)."""
+        return len(self._keys)
+
     def candidates(self, value: str) -> list[bytes]:
         data = value.encode("utf-8")
         return [hmac.digest(key, data, "sha256") for key in self._keys]

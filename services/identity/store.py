@@ -138,6 +138,8 @@ class SqliteIdentityStore:
         self._db = db
         self._outbox = outbox
         self._index = keyring.blind_index("users.user_id")
+        # A user's rows match their index under every loaded key version (see rotation).
+        self._user_match = f"user_index IN {any_of(range(self._index.versions))}"
         self._user_id = keyring.field("users", "user_id")
         self._alias = keyring.field("users", "alias")
         self._metadata = keyring.field("users", "metadata")
@@ -186,14 +188,10 @@ class SqliteIdentityStore:
     def get_user(self, user_id: str) -> User | None:
         with self._db.read(snapshot=False) as conn:
             row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                f"SELECT {_USER_COLUMNS} FROM users WHERE {self._user_match}",  # noqa: S608
                 self._index.candidates(user_id),
             ).fetchone()
         return None if row is None else self._decode(row)
-
-    def _match(self, user_id: str) -> str:
-        """WHERE condition for a user's row, under any loaded key version's index."""
-        return f"user_index IN {any_of(self._index.candidates(user_id))}"
 
     def rotatables(self) -> list[Rotatable]:
         users = EncryptedTable(
@@ -214,7 +212,7 @@ class SqliteIdentityStore:
         """An active user's verify key, without decrypting anything (the login hot path)."""
         with self._db.read(snapshot=False) as conn:
             row = conn.execute(
-                f"SELECT verify_key FROM users WHERE {self._match(user_id)}"  # noqa: S608
+                f"SELECT verify_key FROM users WHERE {self._user_match}"  # noqa: S608
                 " AND deactivate_time IS NULL",
                 self._index.candidates(user_id),
             ).fetchone()
@@ -224,7 +222,7 @@ class SqliteIdentityStore:
         """(exists, active)."""
         with self._db.read(snapshot=False) as conn:
             row = conn.execute(
-                f"SELECT deactivate_time IS NULL FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                f"SELECT deactivate_time IS NULL FROM users WHERE {self._user_match}",  # noqa: S608
                 self._index.candidates(user_id),
             ).fetchone()
         return (False, False) if row is None else (True, bool(row[0]))
@@ -249,7 +247,7 @@ class SqliteIdentityStore:
 
     def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int | None:
         row = conn.execute(
-            f"SELECT id FROM users WHERE {self._match(user_id)} AND deactivate_time IS NULL",  # noqa: S608
+            f"SELECT id FROM users WHERE {self._user_match} AND deactivate_time IS NULL",  # noqa: S608
             self._index.candidates(user_id),
         ).fetchone()
         return None if row is None else int(row[0])
@@ -319,7 +317,7 @@ class SqliteIdentityStore:
         with self._db.write() as conn:
             cursor = conn.execute(
                 "UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)"  # noqa: S608
-                f" WHERE {self._match(user_id)} AND deactivate_time IS NULL",
+                f" WHERE {self._user_match} AND deactivate_time IS NULL",
                 (when, *self._index.candidates(user_id)),
             )
             return cursor.rowcount == 1
@@ -328,7 +326,7 @@ class SqliteIdentityStore:
         """Deactivates and drops the prekey pool; returns the deactivation time, None if unknown."""
         with self._db.write() as conn:
             row = conn.execute(
-                f"SELECT id, deactivate_time FROM users WHERE {self._match(user_id)}",  # noqa: S608
+                f"SELECT id, deactivate_time FROM users WHERE {self._user_match}",  # noqa: S608
                 self._index.candidates(user_id),
             ).fetchone()
             if row is None:

@@ -84,14 +84,12 @@ class SqliteSessionStore:
         self._db = db
         self._outbox = outbox
         self._index = keyring.blind_index("sessions.user_id")
+        # A user's rows match their index under every loaded key version (see rotation).
+        self._user_match = f"user_index IN {any_of(range(self._index.versions))}"
         self._user_id = keyring.field("sessions", "user_id")
         self._ip = keyring.field("sessions", "ip_address")
         self._user_agent = keyring.field("sessions", "user_agent")
         self._times = keyring.field("sessions", "times")
-
-    def _match(self, user_id: str) -> str:
-        """WHERE condition for a user's rows, under any loaded key version's index."""
-        return f"user_index IN {any_of(self._index.candidates(user_id))}"
 
     def rotatables(self) -> list[Rotatable]:
         sessions = EncryptedTable(
@@ -162,7 +160,7 @@ class SqliteSessionStore:
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
         with self._db.read(snapshot=False) as conn:
             rows = conn.execute(
-                f"SELECT * FROM sessions WHERE {self._match(user_id)} AND expire_time > ?",  # noqa: S608
+                f"SELECT * FROM sessions WHERE {self._user_match} AND expire_time > ?",  # noqa: S608
                 (*self._index.candidates(user_id), now),
             ).fetchall()
         records = [self._decode(row) for row in rows]
@@ -171,7 +169,7 @@ class SqliteSessionStore:
     def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool:
         with self._db.write() as conn:
             cursor = conn.execute(
-                f"DELETE FROM sessions WHERE session_id = ? AND {self._match(user_id)}",  # noqa: S608
+                f"DELETE FROM sessions WHERE session_id = ? AND {self._user_match}",  # noqa: S608
                 (session_id, *self._index.candidates(user_id)),
             )
             if cursor.rowcount != 1:
@@ -184,7 +182,7 @@ class SqliteSessionStore:
     ) -> int:
         with self._db.write() as conn:
             count = conn.execute(
-                f"DELETE FROM sessions WHERE {self._match(user_id)} AND session_id IS NOT ?",  # noqa: S608
+                f"DELETE FROM sessions WHERE {self._user_match} AND session_id IS NOT ?",  # noqa: S608
                 (*self._index.candidates(user_id), keep_session_id),
             ).rowcount
             event = audit(count)
