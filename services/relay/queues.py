@@ -90,6 +90,8 @@ class MessageQueues:
         self._expiry: list[tuple[float, str, str]] = []  # (expire time, message id, recipient)
         self._total_cost = 0
         self._total_messages = 0
+        self._recipients = 0  # mailboxes holding at least one message
+        self._subscribers = 0
         self._total_body_bytes = 0
         self._senders = SlidingWindowLimiter(limits.sends_per_minute, 60.0)
         self.closing = asyncio.Event()
@@ -151,6 +153,8 @@ class MessageQueues:
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.messages[message.message_id] = message
+        if len(box.messages) == 1:
+            self._recipients += 1
         box.cost += cost
         self._total_cost += cost
         self._total_messages += 1
@@ -199,6 +203,8 @@ class MessageQueues:
         return removed
 
     def _forget(self, box: _Mailbox, message: Message) -> None:
+        if not box.messages:
+            self._recipients -= 1
         box.cost -= message.cost
         self._total_cost -= message.cost
         self._total_messages -= 1
@@ -236,18 +242,21 @@ class MessageQueues:
         """An event set whenever a message arrives for the recipient."""
         wakeup = asyncio.Event()
         self._boxes.setdefault(recipient_id, _Mailbox(recipient_id)).wakeups.add(wakeup)
+        self._subscribers += 1
         return wakeup
 
     def unwatch(self, recipient_id: str, wakeup: asyncio.Event) -> None:
         box = self._boxes.get(recipient_id)
         if box is not None:
-            box.wakeups.discard(wakeup)
+            if wakeup in box.wakeups:
+                box.wakeups.discard(wakeup)
+                self._subscribers -= 1
             self._drop_if_empty(recipient_id, box)
 
     def stats(self) -> RelayStats:
         return RelayStats(
             queued_messages=self._total_messages,
             queued_bytes=self._total_body_bytes,
-            recipients=sum(1 for b in self._boxes.values() if b.messages),
-            subscribers=sum(len(b.wakeups) for b in self._boxes.values()),
+            recipients=self._recipients,
+            subscribers=self._subscribers,
         )

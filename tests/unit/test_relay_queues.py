@@ -120,3 +120,20 @@ def test_security_events_go_to_the_outbox_once_a_minute_and_name_no_recipient(
         ("capacity_exceeded", "", {"scope": "recipient_queue"}),
         ("rate_limit_exceeded", "alice", {"limit": "relay_sends"}),
     ]
+
+
+async def test_stats_keep_count_through_sends_acks_expiry_and_watchers(clock: FakeClock) -> None:
+    q = queues(clock)
+    first = send(q, b"a", to="bob")
+    send(q, b"bc", to="bob", ttl=1)
+    send(q, b"d", to="carol")
+    watcher = q.watch("dave")
+    assert (q.stats().recipients, q.stats().subscribers, q.stats().queued_bytes) == (2, 1, 4)
+    q.acknowledge("carol", [m.message_id for m in q.pending("carol")])
+    clock.advance(2)
+    q.expire()
+    q.acknowledge("bob", [first])
+    q.unwatch("dave", watcher)
+    q.unwatch("dave", watcher)  # twice is harmless
+    stats = q.stats()
+    assert (stats.queued_messages, stats.recipients, stats.subscribers) == (0, 0, 0)
