@@ -13,7 +13,7 @@ help:
 	@echo "make stop    stop the local services"
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
-	@echo "make lint    ruff, mypy, buf lint and buf breaking (against the previous commit)"
+	@echo "make lint    ruff, mypy, import contracts, buf lint and buf breaking (against the previous commit)"
 	@echo "make soak    long load and fuzz runs (minutes), printing their figures"
 	@echo "make bench   benchmarks side by side (BENCH_ARGS='--large 1000000' for a million rows)"
 	@echo "make gen     regenerate Python code from protos/"
@@ -81,6 +81,7 @@ lint: setup buf-lint buf-breaking
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache  # import directions: contracts in pyproject.toml
 
 pytest: setup node_modules/.installed
 	$(BIN)/pytest

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from services.client import backups, sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
-from services.common.errors import StartupError
 
 PERSISTENT = ("identity", "session", "audit")
 
@@ -115,15 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     backup = commands.add_parser("backup", help="operator: hot backup of databases")
     backup.add_argument("--service", choices=[*PERSISTENT, "all"], default="all")
     backup.add_argument("--dir", type=Path, default=Path("var/backups"))
-    restore = commands.add_parser(
-        "restore", help="operator: verify a backup and place it in an empty data directory"
-    )
-    restore.add_argument("--service", choices=PERSISTENT, required=True)
-    restore.add_argument("--backup", type=Path, required=True)
-    restore.add_argument("--data-dir", type=Path, required=True)
-    restore.add_argument(
-        "--key-file", type=Path, required=True, help="file holding that service's master key"
-    )
     return parser
 
 
@@ -158,11 +148,6 @@ def _run(args: argparse.Namespace) -> None:
             ):
                 path = backups.download_backup(channel, args.dir, _bar(bar))
             print(f"{service:8} backed up to {path}")
-        return
-    if command == "restore":
-        key = args.key_file.read_text().strip()
-        target = backups.restore_backup(args.backup, args.data_dir, args.service, key)
-        print(f"verified (integrity ok, key unlocks it) and restored to {target}")
         return
     with UserClient(endpoints) as client:
         if command == "register":
@@ -379,7 +364,7 @@ def main() -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except (StartupError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

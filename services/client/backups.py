@@ -1,19 +1,20 @@
-"""Backups taken through DatabaseAdminService, and restoring one into a data directory."""
+"""Backups taken through DatabaseAdminService, streamed to a local file.
+
+Restoring one is server-side work (`python -m services.launcher restore`): it needs the
+master key and the storage code that checks it.
+"""
 
 from __future__ import annotations
 
 import datetime
 import hashlib
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from securemsg.admin.v1 import database_admin_service_pb2 as pb
 from securemsg.admin.v1 import database_admin_service_pb2_grpc as pb_grpc
-
-from services.common.sqlite import check_unlocks
 
 Progress = Callable[[int, int], None]  # (done, total) bytes
 
@@ -57,22 +58,3 @@ def download_backup(
         return target
     finally:
         partial.unlink(missing_ok=True)
-
-
-def restore_backup(backup: Path, data_dir: Path, service: str, master_key: str) -> Path:
-    """Copies a verified backup to <data_dir>/<service>.db, which must not exist yet.
-
-    Verification: SQLite integrity check, and the key-check value proves `master_key`
-    decrypts it. The service then starts on the restored file as on its own.
-    """
-    check_unlocks(backup, master_key)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    target = data_dir / f"{service}.db"
-    if target.exists():
-        raise FileExistsError(f"{target} exists; restore into an empty data directory")
-    partial = data_dir / f".{service}.db.restoring"
-    shutil.copyfile(backup, partial)
-    with partial.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    partial.rename(target)
-    return target

@@ -18,13 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from securemsg.identity.v1 import keys_pb2
 
-from services.identity.keys import (
-    OneTimePrekey,
-    SignedKey,
-    pq_prekey_message,
-    signed_prekey_message,
-)
-from services.session.login import login_message
+from services.protocol.signing import login_message, pq_prekey_message, signed_prekey_message
 
 _RAW = serialization.Encoding.Raw
 
@@ -80,17 +74,14 @@ class UserKeys:
         return self.signing.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
     def signed_prekey_proto(self) -> keys_pb2.SignedPrekey:
-        key = SignedKey(self.signed_prekey_id, _x25519_public(self.signed_prekey), b"")
-        signature = self.signing.sign(signed_prekey_message(key))
-        return keys_pb2.SignedPrekey(
-            key_id=key.key_id, public_key=key.public_key, signature=signature
-        )
+        key_id, public = self.signed_prekey_id, _x25519_public(self.signed_prekey)
+        signature = self.signing.sign(signed_prekey_message(key_id, public))
+        return keys_pb2.SignedPrekey(key_id=key_id, public_key=public, signature=signature)
 
     def pq_prekey_proto(self) -> keys_pb2.PqPrekey:
-        public = self.pq_prekey.public_key().public_bytes_raw()
-        key = SignedKey(self.pq_prekey_id, public, b"")
-        signature = self.signing.sign(pq_prekey_message(key))
-        return keys_pb2.PqPrekey(key_id=key.key_id, public_key=public, signature=signature)
+        key_id, public = self.pq_prekey_id, self.pq_prekey.public_key().public_bytes_raw()
+        signature = self.signing.sign(pq_prekey_message(key_id, public))
+        return keys_pb2.PqPrekey(key_id=key_id, public_key=public, signature=signature)
 
     def one_time_protos(self, ids: list[int] | None = None) -> list[keys_pb2.OneTimePrekey]:
         chosen = sorted(self.one_time) if ids is None else ids
@@ -98,9 +89,6 @@ class UserKeys:
             keys_pb2.OneTimePrekey(key_id=i, public_key=_x25519_public(self.one_time[i]))
             for i in chosen
         ]
-
-    def one_time_public(self, key_id: int) -> OneTimePrekey:
-        return OneTimePrekey(key_id, _x25519_public(self.one_time[key_id]))
 
     def sign_login(self, user_id: str, challenge: bytes) -> bytes:
         return self.signing.sign(login_message(user_id, challenge))

@@ -20,7 +20,7 @@ from securemsg.session.v1 import session_service_pb2 as session_pb
 from securemsg.session.v1 import session_service_pb2_grpc as session_grpc
 
 from services.client.keys import UserKeys
-from services.common.config import DEFAULT_PORTS, internal_port
+from services.protocol.ports import DEFAULT_PORTS, internal_port
 
 DEADLINE_SECONDS = 10.0
 

@@ -13,19 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import StartupError
+from services.protocol.ports import DEFAULT_PORTS as DEFAULT_PORTS
+from services.protocol.ports import internal_port as internal_port
 
 MIN_KDF_ITERATIONS = 100_000
 DEFAULT_KDF_ITERATIONS = 600_000  # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 MIN_MASTER_KEY_CHARS = 16
-
-DEFAULT_PORTS = {"identity": 50051, "session": 50052, "relay": 50053, "audit": 50054}
-# Internal and operator APIs listen on a second port that requires client certificates
-# (Python gRPC cannot ask for an optional one on a single port).
-INTERNAL_PORT_OFFSET = 10
-
-
-def internal_port(service: str) -> int:
-    return DEFAULT_PORTS[service] + INTERNAL_PORT_OFFSET
 
 
 def metrics_port(service: str) -> int:

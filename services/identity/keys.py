@@ -1,13 +1,11 @@
 """Public key bundle checks: lengths, signatures, and the server-side fingerprint.
 
-The signature inputs are part of the public contract (see keys.proto); clients in every
-language build the same bytes.
+The signed bytes and the fingerprint are wire protocol (see keys.proto), shared with
+clients through services.protocol.signing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -16,15 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PublicKey
 
 from services.common import validation
 from services.common.errors import InvalidArgument
-
-X25519_KEY_BYTES = 32
-ED25519_KEY_BYTES = 32
-ED25519_SIGNATURE_BYTES = 64
-MLKEM768_KEY_BYTES = 1184
-
-SIGNED_PREKEY_CONTEXT = b"SecureMsg signed prekey v1\x00"
-PQ_PREKEY_CONTEXT = b"SecureMsg pq prekey v1\x00"
-FINGERPRINT_CONTEXT = b"SecureMsg fingerprint v1\x00"
+from services.protocol import signing
+from services.protocol.signing import ED25519_KEY_BYTES, ED25519_SIGNATURE_BYTES, X25519_KEY_BYTES
+from services.protocol.signing import MLKEM768_KEY_BYTES as MLKEM768_KEY_BYTES
+from services.protocol.signing import fingerprint as fingerprint
 
 
 @dataclass(frozen=True)
@@ -40,19 +33,6 @@ class SignedKey:
 class OneTimePrekey:
     key_id: int
     public_key: bytes
-
-
-def signed_prekey_message(key: SignedKey) -> bytes:
-    return SIGNED_PREKEY_CONTEXT + struct.pack(">I", key.key_id) + key.public_key
-
-
-def pq_prekey_message(key: SignedKey) -> bytes:
-    return PQ_PREKEY_CONTEXT + struct.pack(">I", key.key_id) + key.public_key
-
-
-def fingerprint(identity_key: bytes, verify_key: bytes) -> str:
-    digest = hashlib.sha256(FINGERPRINT_CONTEXT + identity_key + verify_key).hexdigest().upper()
-    return ":".join(digest[i : i + 4] for i in range(0, len(digest), 4))
 
 
 def check_identity_keys(identity_key: bytes, verify_key: bytes) -> Ed25519PublicKey:
@@ -79,7 +59,12 @@ def check_signed_prekey(verifier: Ed25519PublicKey, key: SignedKey | None) -> Si
     if key is None:
         raise InvalidArgument("signed_prekey is required")
     validation.exact_bytes(key.public_key, "signed_prekey.public_key", X25519_KEY_BYTES)
-    _verify(verifier, key.signature, signed_prekey_message(key), "signed_prekey")
+    _verify(
+        verifier,
+        key.signature,
+        signing.signed_prekey_message(key.key_id, key.public_key),
+        "signed_prekey",
+    )
     return key
 
 
@@ -91,7 +76,9 @@ def check_pq_prekey(verifier: Ed25519PublicKey, key: SignedKey | None) -> Signed
         MLKEM768PublicKey.from_public_bytes(key.public_key)
     except ValueError:
         raise InvalidArgument("pq_prekey.public_key is not a valid ML-KEM-768 key") from None
-    _verify(verifier, key.signature, pq_prekey_message(key), "pq_prekey")
+    _verify(
+        verifier, key.signature, signing.pq_prekey_message(key.key_id, key.public_key), "pq_prekey"
+    )
     return key
 
 

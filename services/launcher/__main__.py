@@ -2,7 +2,8 @@
 
 Creates development secrets and TLS material under var/ on first run, starts every
 service as its own background process (logs in var/log/), waits for each to report
-SERVING, and prints where they listen and how to try them.
+SERVING, and prints where they listen and how to try them. Also the operator's work on
+the server host: `rotate <service>` and `restore` of a backup.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.errors import StartupError
 from services.launcher.health import check, wait_serving
-from services.launcher.topology import SERVICES, StackLayout, default_ports, service_env
+from services.launcher.restore import restore_backup
+from services.launcher.topology import PERSISTENT, SERVICES, StackLayout, default_ports, service_env
 
 LAYOUT = StackLayout(Path("var"))
 HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
@@ -150,15 +153,45 @@ def compose_secrets() -> int:
     return 0
 
 
+def restore(service: str, backup: Path, data_dir: Path, key_file: Path) -> int:
+    """Verifies a backup with the service's master key and places it in `data_dir`."""
+    try:
+        target = restore_backup(backup, data_dir, service, key_file.read_text().strip())
+    except (StartupError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"verified (integrity ok, key unlocks it) and restored to {target}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
-    commands = {"up": up, "down": down, "status": status, "compose-secrets": compose_secrets}
-    parser.add_argument("command", choices=[*commands, "rotate"], nargs="?", default="up")
-    parser.add_argument("service", nargs="?", help="for rotate: identity, session or audit")
+    commands = parser.add_subparsers(dest="command")
+    for name, text in (
+        ("up", "start every service (the default)"),
+        ("down", "stop the services"),
+        ("status", "health of each service"),
+        ("compose-secrets", "dev keys and certificates for docker-compose.yml"),
+    ):
+        commands.add_parser(name, help=text)
+    rotate_cmd = commands.add_parser("rotate", help="new master key for one service, restart it")
+    rotate_cmd.add_argument("service", choices=PERSISTENT)
+    restore_cmd = commands.add_parser(
+        "restore", help="operator: verify a backup and place it in an empty data directory"
+    )
+    restore_cmd.add_argument("--service", choices=PERSISTENT, required=True)
+    restore_cmd.add_argument("--backup", type=Path, required=True)
+    restore_cmd.add_argument("--data-dir", type=Path, required=True)
+    restore_cmd.add_argument(
+        "--key-file", type=Path, required=True, help="file holding that service's master key"
+    )
     args = parser.parse_args()
     if args.command == "rotate":
-        return rotate(args.service or "")
-    return commands[args.command]()
+        return rotate(args.service)
+    if args.command == "restore":
+        return restore(args.service, args.backup, args.data_dir, args.key_file)
+    simple = {"up": up, "down": down, "status": status, "compose-secrets": compose_secrets}
+    return simple[args.command or "up"]()
 
 
 if __name__ == "__main__":

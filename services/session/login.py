@@ -23,12 +23,12 @@ from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from services.common.ratelimit import SlidingWindowLimiter
+from services.protocol.signing import ED25519_SIGNATURE_BYTES as SIGNATURE_BYTES
+from services.protocol.signing import login_message
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
 from services.session.store import SessionRecord
 
-LOGIN_CONTEXT = b"SecureMsg login v1\x00"
 CHALLENGE_BYTES = 32
-SIGNATURE_BYTES = 64
 LOGIN_FAILED = (
     "login failed: unknown user, wrong signature, or a challenge that is unknown, used or "
     "expired; request a new challenge and sign it with your verify key"
@@ -36,10 +36,6 @@ LOGIN_FAILED = (
 
 # Verifying against a fixed key when the user is unknown keeps the timing uniform.
 _DECOY_KEY = Ed25519PublicKey.from_public_bytes(bytes(range(32)))
-
-
-def login_message(user_id: str, challenge: bytes) -> bytes:
-    return LOGIN_CONTEXT + user_id.encode("utf-8") + b"\x00" + challenge
 
 
 class IdentityDirectory(Protocol):

@@ -44,7 +44,7 @@ def test_register_login_fetch_bundle_and_refill_prekeys(client: Client) -> None:
         signature=bundle.signed_prekey.signature,
     )
     assert bundle.one_time_prekey.key_id == 1
-    assert bundle.one_time_prekey.public_key == alice.one_time_public(1).public_key
+    assert bundle.one_time_prekey.public_key == alice.one_time_protos([1])[0].public_key
     assert len(bundle.fingerprint.split(":")) == 16
 
     alice_token = client.login("alice", alice)

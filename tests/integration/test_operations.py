@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.client.backups import download_backup, restore_backup
+from services.client.backups import download_backup
 from services.common.errors import StartupError
+from services.launcher.restore import restore_backup
 from tests.support.stack import ServiceProcess, Stack
 from tests.support.users import Client
 

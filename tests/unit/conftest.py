@@ -8,7 +8,7 @@ import pytest
 from services.client.keys import UserKeys
 from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.domain import Registration
-from services.identity.keys import SignedKey
+from services.identity.keys import OneTimePrekey, SignedKey
 
 
 class FakeClock:
@@ -69,7 +69,7 @@ def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registrat
         "verify_key": keys.verify_key,
         "signed_prekey": SignedKey(spk.key_id, spk.public_key, spk.signature),
         "pq_prekey": SignedKey(pq.key_id, pq.public_key, pq.signature),
-        "one_time_prekeys": [keys.one_time_public(i) for i in sorted(keys.one_time)],
+        "one_time_prekeys": [OneTimePrekey(p.key_id, p.public_key) for p in keys.one_time_protos()],
     }
     fields.update(overrides)
     return Registration(**fields)  # type: ignore[arg-type]
