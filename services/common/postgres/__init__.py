@@ -1,0 +1,1 @@
+"""PostgreSQL backend of the persistent services (DESIGN 11): pool, keys, leases."""
