@@ -1,8 +1,9 @@
 """Authenticating end users by their bearer token.
 
-Every service but the session service checks tokens by calling
-SessionInternalService.ValidateSession; the session service plugs in its own store.
-Both sit behind the `TokenValidator` protocol so servicers do not care which.
+Identity, relay and audit check tokens by calling SessionInternalService.ValidateSession
+(`RemoteTokenValidator`, behind the `TokenValidator` protocol so that servicers and their
+tests need no session service). The session service owns the tokens: it reads the bearer
+token with `bearer_token` and validates it against its own store, without this protocol.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import grpc
 from securemsg.session.v1 import session_internal_service_pb2 as session_pb
 from securemsg.session.v1 import session_internal_service_pb2_grpc as session_grpc
 
+from services.common import peer_client
 from services.common.cache import TtlCache
-from services.common.errors import Unauthenticated, Unavailable
+from services.common.errors import Unauthenticated
 from services.common.peers import Context
-
-VALIDATE_TIMEOUT_SECONDS = 3.0
 
 _MISSING = "missing credentials: send metadata 'authorization: Bearer <token>' from a login"
 _REFUSED = "session token is invalid, expired or revoked; log in again"
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: lambda: Unauthenticated(_REFUSED),
+    grpc.StatusCode.INVALID_ARGUMENT: lambda: Unauthenticated(_REFUSED),
+}
 
 
 @dataclass(frozen=True)
@@ -76,16 +80,12 @@ class RemoteTokenValidator:
         return user
 
     async def _ask(self, token: str) -> AuthenticatedUser:
-        try:
-            reply = await self._stub.ValidateSession(
-                session_pb.ValidateSessionRequest(token=token),
-                timeout=VALIDATE_TIMEOUT_SECONDS,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT}:
-                raise Unauthenticated(_REFUSED) from None
-            raise Unavailable(
-                "cannot check the session token right now (session service unreachable); retry"
-            ) from None
+        reply = await peer_client.call(
+            self._stub.ValidateSession,
+            session_pb.ValidateSessionRequest(token=token),
+            unavailable="cannot check the session token right now (session service "
+            "unreachable); retry",
+            idempotent=True,
+            answers=_REFUSALS,
+        )
         return AuthenticatedUser(user_id=reply.user_id, session_id=reply.session_id)

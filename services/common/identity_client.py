@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 
 import grpc
 from securemsg.identity.v1 import identity_internal_service_pb2 as pb
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as pb_grpc
 
-from services.common import convert
+from services.common import convert, peer_client
 from services.common.cache import TtlCache
-from services.common.errors import Unavailable
+from services.common.errors import NotFound, Unavailable
 
-TIMEOUT_SECONDS = 3.0
-logger = logging.getLogger(__name__)
+_NOT_FOUND = {grpc.StatusCode.NOT_FOUND: lambda: NotFound("no such active user")}
 
 
 class RemoteIdentityDirectory:
@@ -25,47 +24,38 @@ class RemoteIdentityDirectory:
 
     async def verify_key(self, user_id: str) -> bytes | None:
         try:
-            reply = await self._stub.GetVerifyKey(
+            reply = await peer_client.call(
+                self._stub.GetVerifyKey,
                 pb.GetVerifyKeyRequest(user_id=user_id),
-                timeout=TIMEOUT_SECONDS,
-                wait_for_ready=True,
+                unavailable="login is unavailable right now (identity service); retry",
+                idempotent=True,
+                answers=_NOT_FOUND,
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            logger.warning("identity lookup failed", extra={"fields": {"code": exc.code().name}})
-            raise Unavailable("login is unavailable right now (identity service); retry") from None
+        except NotFound:
+            return None
         return reply.verify_key
 
     async def record_login(self, user_id: str, when: float) -> None:
         # Best effort: the session exists already; a missed last-login time is not worth
-        # failing the login over.
-        try:
-            await self._stub.RecordLogin(
+        # failing the login over (the failure is logged by the call helper).
+        with contextlib.suppress(Unavailable):
+            await peer_client.call(
+                self._stub.RecordLogin,
                 pb.RecordLoginRequest(user_id=user_id, login_time=convert.timestamp(when)),
-                timeout=TIMEOUT_SECONDS,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as exc:
-            logger.warning(
-                "recording last login failed", extra={"fields": {"code": exc.code().name}}
+                unavailable="recording the last login failed",
+                idempotent=True,  # sets the time, so a repeat changes nothing
             )
 
     async def is_active(self, user_id: str) -> bool:
         """Whether the user exists and is not deactivated."""
         if self._active.get(user_id):
             return True
-        try:
-            reply = await self._stub.GetUserStatus(
-                pb.GetUserStatusRequest(user_id=user_id),
-                timeout=TIMEOUT_SECONDS,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError as exc:
-            logger.warning("identity lookup failed", extra={"fields": {"code": exc.code().name}})
-            raise Unavailable(
-                "cannot check the recipient right now (identity service); retry"
-            ) from None
+        reply = await peer_client.call(
+            self._stub.GetUserStatus,
+            pb.GetUserStatusRequest(user_id=user_id),
+            unavailable="cannot check the recipient right now (identity service); retry",
+            idempotent=True,
+        )
         if reply.active:
             self._active.put(user_id, True)
         return reply.active

@@ -27,11 +27,12 @@ from securemsg.audit.v1 import audit_event_pb2
 from securemsg.audit.v1 import audit_ingest_service_pb2 as ingest_pb
 from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
 
-from services.common import metrics
+from services.common import metrics, peer_client
 from services.common.audit_events import AuditRecord
 from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
 from services.common.crypto import Keyring
+from services.common.errors import ServiceError
 from services.common.rotation import EncryptedTable
 from services.common.sqlite import Database
 
@@ -158,9 +159,7 @@ class OutboxShipper:
                 sent = await self.ship_once()
             except Exception as exc:  # any failure: keep the events, wait, retry
                 metrics.AUDIT_SHIP_FAILURES.inc()
-                code = (
-                    exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
-                )
+                code = exc.code.name if isinstance(exc, ServiceError) else type(exc).__name__
                 logger.warning(
                     "audit shipping failed",
                     extra={"fields": {"code": code, "retry_in": round(backoff, 2)}},
@@ -177,9 +176,13 @@ class OutboxShipper:
         batch = await asyncio.to_thread(self._outbox.peek, BATCH_SIZE)
         if not batch:
             return 0
-        await self._stub.AppendAuditEvents(
+        await peer_client.call(
+            self._stub.AppendAuditEvents,
             ingest_pb.AppendAuditEventsRequest(events=[event for _, event in batch]),
-            timeout=SEND_TIMEOUT_SECONDS,
+            unavailable="audit service unreachable; the events stay in the outbox",
+            idempotent=False,  # run() retries with its own backoff
+            deadline_seconds=SEND_TIMEOUT_SECONDS,
+            wait_for_ready=False,  # while audit is down, back off instead of queueing
         )
         await asyncio.to_thread(self._outbox.remove, [row_id for row_id, _ in batch])
         metrics.AUDIT_SHIPPED.inc(len(batch))

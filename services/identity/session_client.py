@@ -8,9 +8,7 @@ import grpc
 from securemsg.session.v1 import session_admin_service_pb2 as pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as pb_grpc
 
-from services.common.errors import Unavailable
-
-TIMEOUT_SECONDS = 3.0
+from services.common import peer_client
 
 
 class SessionRevoker(Protocol):
@@ -22,15 +20,11 @@ class RemoteSessionRevoker:
         self._stub = pb_grpc.SessionAdminServiceStub(channel)
 
     async def revoke_all(self, user_id: str) -> int:
-        try:
-            reply = await self._stub.RevokeUserSessions(
-                pb.RevokeUserSessionsRequest(user_id=user_id),
-                timeout=TIMEOUT_SECONDS,
-                wait_for_ready=True,
-            )
-        except grpc.aio.AioRpcError:
-            raise Unavailable(
-                "the account is deactivated but its sessions could not be revoked yet "
-                "(session service unreachable); repeat the call to finish"
-            ) from None
+        reply = await peer_client.call(
+            self._stub.RevokeUserSessions,
+            pb.RevokeUserSessionsRequest(user_id=user_id),
+            unavailable="the account is deactivated but its sessions could not be revoked yet "
+            "(session service unreachable); repeat the call to finish",
+            idempotent=True,  # revoking what is already revoked changes nothing
+        )
         return reply.revoked_count
