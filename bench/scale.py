@@ -28,8 +28,9 @@ from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.keys import SignedKey
+from services.identity.model import NewUser
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
-from services.identity.store import NewUser, SqliteIdentityStore
+from services.identity.store import SqliteIdentityStore
 from services.session.sessions import SessionPolicy, Sessions
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
 from services.session.store import SqliteSessionStore

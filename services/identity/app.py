@@ -37,21 +37,26 @@ async def build(env: Env) -> App:
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
     store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
-    identity = Identity(
-        store,
-        limits=IdentityLimits(
-            registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
-            bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
-        ),
-    )
+    # Rotation is a concern of this SQLite store, not of the store protocol.
     rotation = rotation_from_env(
-        opened.database, opened.keyring, store.rotatables(), outbox, env.number
+        opened.database,
+        opened.keyring,
+        [*store.rotatables(), outbox.rotatable()],
+        outbox,
+        env.number,
     )
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
         tls_from_env(env),
     )
-    revoker = RemoteSessionRevoker(session_channel)
+    identity = Identity(
+        store,
+        RemoteSessionRevoker(session_channel),
+        limits=IdentityLimits(
+            registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
+            bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
+        ),
+    )
 
     async def close() -> None:
         await shipper.close()
@@ -67,7 +72,6 @@ async def build(env: Env) -> App:
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
-                    revoker,
                 ),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
@@ -79,7 +83,7 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.IdentityAdminService",
-                IdentityAdminServicer(identity, revoker, outbox),
+                IdentityAdminServicer(identity, outbox),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),

@@ -1,26 +1,33 @@
-"""Identity rules, independent of gRPC: who may register, what a bundle must hold."""
+"""Identity rules, independent of gRPC: who may register, what a bundle must hold,
+and how an account is closed."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord
-from services.common.errors import NotFound, ResourceExhausted
+from services.common.errors import ResourceExhausted
 from services.common.ratelimit import SlidingWindowLimiter
 from services.identity import keys
 from services.identity.keys import OneTimePrekey, SignedKey
-from services.identity.store import IdentityCounts, IdentityStore, NewUser, PoolFull, User
+from services.identity.model import (
+    IdentityCounts,
+    IdentityStore,
+    NewUser,
+    NoSuchUser,
+    SessionRevoker,
+    User,
+)
 
 MAX_ALIAS_CHARS = 64
 MAX_METADATA_ENTRIES = 16
 MAX_METADATA_VALUE_CHARS = 256
 MAX_PREKEYS_PER_REQUEST = 100
 MAX_PREKEY_POOL = 1000
-
-_NO_SUCH_USER = "no active user with that user id"
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,12 @@ class Identity:
     def __init__(
         self,
         store: IdentityStore,
+        revoker: SessionRevoker,
         clock: Callable[[], float] = time.time,
         limits: IdentityLimits | None = None,
     ) -> None:
         self._store = store
+        self._revoker = revoker
         self._clock = clock
         limits = limits or IdentityLimits(2**31, 2**31)
         self._registrations = SlidingWindowLimiter(limits.registrations_per_minute, 60.0)
@@ -122,7 +131,7 @@ class Identity:
     def profile(self, user_id: str) -> User:
         user = self._store.get_user(user_id)
         if user is None or not user.active:
-            raise NotFound(_NO_SUCH_USER)
+            raise NoSuchUser
         return user
 
     def bundle(self, user_id: str, caller: str = "") -> Bundle:
@@ -143,20 +152,12 @@ class Identity:
 
     def upload_one_time_prekeys(self, user_id: str, prekeys: list[OneTimePrekey]) -> int:
         keys.check_one_time_prekeys(prekeys, max_count=MAX_PREKEYS_PER_REQUEST, allow_empty=False)
-        try:
-            return self._store.add_one_time_prekeys(
-                user_id,
-                prekeys,
-                MAX_PREKEY_POOL,
-                AuditRecord(audit_events.PREKEYS_UPLOADED, user_id, {"count": str(len(prekeys))}),
-            )
-        except LookupError:
-            raise NotFound(_NO_SUCH_USER) from None
-        except PoolFull as full:
-            raise ResourceExhausted(
-                f"the one-time prekey pool holds {full.current} keys and may hold at most "
-                f"{MAX_PREKEY_POOL}; upload at most {MAX_PREKEY_POOL - full.current} more"
-            ) from None
+        return self._store.add_one_time_prekeys(
+            user_id,
+            prekeys,
+            MAX_PREKEY_POOL,
+            AuditRecord(audit_events.PREKEYS_UPLOADED, user_id, {"count": str(len(prekeys))}),
+        )
 
     def prekey_count(self, user_id: str) -> int:
         return self.profile(user_id).one_time_prekey_count
@@ -168,19 +169,16 @@ class Identity:
         verifier = keys.check_identity_keys(user.identity_key, user.verify_key)
         new_signed = keys.check_signed_prekey(verifier, signed)
         new_pq = keys.check_pq_prekey(verifier, pq) if pq is not None else None
-        try:
-            self._store.set_prekeys(
+        self._store.set_prekeys(
+            user_id,
+            new_signed,
+            new_pq,
+            AuditRecord(
+                audit_events.SIGNED_PREKEY_ROTATED,
                 user_id,
-                new_signed,
-                new_pq,
-                AuditRecord(
-                    audit_events.SIGNED_PREKEY_ROTATED,
-                    user_id,
-                    {"pq_prekey": "rotated" if new_pq else "kept"},
-                ),
-            )
-        except LookupError:
-            raise NotFound(_NO_SUCH_USER) from None
+                {"pq_prekey": "rotated" if new_pq else "kept"},
+            ),
+        )
         return Bundle(
             user_id=user_id,
             identity_key=user.identity_key,
@@ -195,29 +193,30 @@ class Identity:
         validation.user_id(user_id)
         key = self._store.get_verify_key(user_id)
         if key is None:
-            raise NotFound(_NO_SUCH_USER)
+            raise NoSuchUser
         return key
 
     def record_login(self, user_id: str, when: float | None) -> None:
         validation.user_id(user_id)
-        if not self._store.record_login(user_id, self._clock() if when is None else when):
-            raise NotFound(_NO_SUCH_USER)
+        self._store.record_login(user_id, self._clock() if when is None else when)
 
     def status(self, user_id: str) -> tuple[bool, bool]:
         """(exists, active) for a user id."""
         validation.user_id(user_id)
-        return self._store.get_status(user_id)
+        active = self._store.is_active(user_id)
+        return active is not None, bool(active)
 
-    def deactivate(self, user_id: str, by: str = "owner") -> float:
-        """Deactivates for good; `by` ("owner" or "operator") goes into the audit trail."""
+    async def deactivate(self, user_id: str, by: str = "owner") -> float:
+        """Closes an account for good; `by` ("owner" or "operator") goes into the audit trail.
+
+        Deactivate first: from then on no new login succeeds. Then revoke the sessions:
+        revoking is idempotent, so if the session service cannot be reached the call fails
+        (UNAVAILABLE) and repeating it finishes the job.
+        """
         validation.user_id(user_id)
-        when = self._store.deactivate(
-            user_id,
-            self._clock(),
-            AuditRecord(audit_events.USER_DEACTIVATED, user_id, {"by": by}),
-        )
-        if when is None:
-            raise NotFound("no user with that user id")
+        event = AuditRecord(audit_events.USER_DEACTIVATED, user_id, {"by": by})
+        when = await asyncio.to_thread(self._store.deactivate, user_id, self._clock(), event)
+        await self._revoker.revoke_all(user_id)
         return when
 
     def counts(self) -> IdentityCounts:

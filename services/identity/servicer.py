@@ -21,8 +21,7 @@ from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.identity.domain import Bundle, Identity, Registration
 from services.identity.keys import OneTimePrekey, SignedKey, fingerprint
-from services.identity.session_client import SessionRevoker
-from services.identity.store import User
+from services.identity.model import User
 
 
 def _signed_key(message: keys_pb2.SignedPrekey | keys_pb2.PqPrekey) -> SignedKey:
@@ -68,19 +67,10 @@ def _bundle(bundle: Bundle) -> keys_pb2.KeyBundle:
     )
 
 
-async def _deactivate(identity: Identity, revoker: SessionRevoker, user_id: str, by: str) -> float:
-    # Deactivate first: from then on no new login succeeds. Revoking is idempotent, so a
-    # failed revocation is finished by repeating the call.
-    when = await asyncio.to_thread(identity.deactivate, user_id, by)
-    await revoker.revoke_all(user_id)
-    return when
-
-
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, identity: Identity, tokens: TokenValidator, revoker: SessionRevoker) -> None:
+    def __init__(self, identity: Identity, tokens: TokenValidator) -> None:
         self._identity = identity
         self._tokens = tokens
-        self._revoker = revoker
 
     async def RegisterUser(
         self, request: pb.RegisterUserRequest, context: Context
@@ -150,7 +140,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         self, request: pb.DeactivateAccountRequest, context: Context
     ) -> pb.DeactivateAccountResponse:
         caller = await authenticate(context, self._tokens)
-        when = await _deactivate(self._identity, self._revoker, caller.user_id, "owner")
+        when = await self._identity.deactivate(caller.user_id, "owner")
         return pb.DeactivateAccountResponse(deactivate_time=convert.timestamp(when))
 
 
@@ -179,9 +169,8 @@ class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
 
 
 class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
-    def __init__(self, identity: Identity, revoker: SessionRevoker, outbox: Outbox) -> None:
+    def __init__(self, identity: Identity, outbox: Outbox) -> None:
         self._identity = identity
-        self._revoker = revoker
         self._outbox = outbox
 
     async def GetIdentityStats(
@@ -201,5 +190,5 @@ class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
     async def DeactivateUser(
         self, request: admin_pb.DeactivateUserRequest, context: Context
     ) -> admin_pb.DeactivateUserResponse:
-        when = await _deactivate(self._identity, self._revoker, request.user_id, "operator")
+        when = await self._identity.deactivate(request.user_id, "operator")
         return admin_pb.DeactivateUserResponse(deactivate_time=convert.timestamp(when))

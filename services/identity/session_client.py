@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import grpc
 from securemsg.session.v1 import session_admin_service_pb2 as pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as pb_grpc
@@ -11,11 +9,9 @@ from securemsg.session.v1 import session_admin_service_pb2_grpc as pb_grpc
 from services.common import peer_client
 
 
-class SessionRevoker(Protocol):
-    async def revoke_all(self, user_id: str) -> int: ...
-
-
 class RemoteSessionRevoker:
+    """`services.identity.model.SessionRevoker` over the session service's admin API."""
+
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = pb_grpc.SessionAdminServiceStub(channel)
 

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
-from typing import Protocol
 
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
-from services.common.errors import AlreadyExists
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable
 from services.common.sqlite import Database, Migration, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
+from services.identity.model import (
+    IdentityCounts,
+    NewUser,
+    NoSuchUser,
+    PoolFull,
+    PrekeyIdsInUse,
+    User,
+    UserIdTaken,
+)
 
 MIGRATIONS = [
     Migration(
@@ -54,75 +60,6 @@ MIGRATIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class NewUser:
-    user_id: str
-    alias: str
-    metadata: dict[str, str]
-    identity_key: bytes
-    verify_key: bytes
-    signed_prekey: SignedKey
-    pq_prekey: SignedKey
-    one_time_prekeys: list[OneTimePrekey]
-    create_time: float
-
-
-@dataclass(frozen=True)
-class User:
-    user_id: str
-    alias: str
-    metadata: dict[str, str]
-    identity_key: bytes
-    verify_key: bytes
-    signed_prekey: SignedKey
-    pq_prekey: SignedKey
-    create_time: float
-    last_login_time: float | None
-    deactivate_time: float | None
-    one_time_prekey_count: int
-
-    @property
-    def active(self) -> bool:
-        return self.deactivate_time is None
-
-
-@dataclass(frozen=True)
-class IdentityCounts:
-    registered: int
-    active: int
-    deactivated: int
-    one_time_prekeys: int
-    active_without_prekeys: int
-
-
-class IdentityStore(Protocol):
-    """What the identity domain needs from storage; SQLite today, others later."""
-
-    def add_user(self, user: NewUser, audit: AuditRecord) -> None: ...
-    def get_user(self, user_id: str) -> User | None: ...
-    def get_verify_key(self, user_id: str) -> bytes | None: ...
-    def get_status(self, user_id: str) -> tuple[bool, bool]: ...
-    def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None: ...
-    def add_one_time_prekeys(
-        self, user_id: str, keys: list[OneTimePrekey], cap: int, audit: AuditRecord
-    ) -> int: ...
-    def set_prekeys(
-        self, user_id: str, signed: SignedKey, pq: SignedKey | None, audit: AuditRecord
-    ) -> None: ...
-    def record_login(self, user_id: str, when: float) -> bool: ...
-    def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None: ...
-    def counts(self) -> IdentityCounts: ...
-    def rotatables(self) -> list[Rotatable]: ...
-
-
-class PoolFull(Exception):
-    """Adding the keys would grow a user's one-time prekey pool past its cap."""
-
-    def __init__(self, current: int) -> None:
-        super().__init__(current)
-        self.current = current
-
-
 _USER_COLUMNS = """
     id, user_index, user_id_ct, alias_ct, metadata_ct, identity_key, verify_key,
     signed_prekey_id, signed_prekey, signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
@@ -132,7 +69,8 @@ _USER_COLUMNS = """
 
 
 class SqliteIdentityStore:
-    """Every change is written together with its audit event (see services.common.outbox)."""
+    """`IdentityStore` in SQLite. Every change is written together with its audit event
+    (see services.common.outbox)."""
 
     def __init__(self, db: Database, keyring: Keyring, outbox: SqliteOutbox) -> None:
         self._db = db
@@ -154,7 +92,7 @@ class SqliteIdentityStore:
                 candidates,
             ).fetchone()
             if taken:
-                raise AlreadyExists("that user id is already taken")
+                raise UserIdTaken
             try:
                 cursor = conn.execute(
                     """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct,
@@ -178,7 +116,7 @@ class SqliteIdentityStore:
                     ),
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists("that user id is already taken") from None
+                raise UserIdTaken from None
             conn.executemany(
                 "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
                 [(cursor.lastrowid, k.key_id, k.public_key) for k in user.one_time_prekeys],
@@ -194,6 +132,7 @@ class SqliteIdentityStore:
         return None if row is None else self._decode(row)
 
     def rotatables(self) -> list[Rotatable]:
+        """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
         users = EncryptedTable(
             self._db,
             "users",
@@ -206,7 +145,7 @@ class SqliteIdentityStore:
             ],
             Reindex("user_index", self._index, "user_id_ct"),
         )
-        return [users, self._outbox.rotatable()]
+        return [users]
 
     def get_verify_key(self, user_id: str) -> bytes | None:
         """An active user's verify key, without decrypting anything (the login hot path)."""
@@ -218,14 +157,13 @@ class SqliteIdentityStore:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
-    def get_status(self, user_id: str) -> tuple[bool, bool]:
-        """(exists, active)."""
+    def is_active(self, user_id: str) -> bool | None:
         with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 f"SELECT deactivate_time IS NULL FROM users WHERE {self._user_match}",  # noqa: S608
                 self._index.candidates(user_id),
             ).fetchone()
-        return (False, False) if row is None else (True, bool(row[0]))
+        return None if row is None else bool(row[0])
 
     def _decode(self, row: sqlite3.Row) -> User:
         index = row["user_index"]
@@ -245,20 +183,20 @@ class SqliteIdentityStore:
             one_time_prekey_count=row["prekeys"],
         )
 
-    def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int | None:
+    def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int:
         row = conn.execute(
             f"SELECT id FROM users WHERE {self._user_match} AND deactivate_time IS NULL",  # noqa: S608
             self._index.candidates(user_id),
         ).fetchone()
-        return None if row is None else int(row[0])
+        if row is None:
+            raise NoSuchUser
+        return int(row[0])
 
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None:
         # One statement inside the single-writer transaction: two fetches can never
         # receive the same key.
         with self._db.write() as conn:
             user_row = self._active_row(conn, user_id)
-            if user_row is None:
-                return None
             row = conn.execute(
                 """DELETE FROM one_time_prekeys
                    WHERE user_row = ?1 AND key_id =
@@ -273,23 +211,18 @@ class SqliteIdentityStore:
     ) -> int:
         with self._db.write() as conn:
             user_row = self._active_row(conn, user_id)
-            if user_row is None:
-                raise LookupError(user_id)
             current = conn.execute(
                 "SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = ?", (user_row,)
             ).fetchone()[0]
             if current + len(keys) > cap:
-                raise PoolFull(current)
+                raise PoolFull(current, cap)
             try:
                 conn.executemany(
                     "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
                     [(user_row, k.key_id, k.public_key) for k in keys],
                 )
             except sqlite3.IntegrityError:
-                raise AlreadyExists(
-                    "a one-time prekey with one of these key ids is already in the pool; "
-                    "use fresh key ids"
-                ) from None
+                raise PrekeyIdsInUse from None
             self._outbox.add(conn, audit)
             return int(current) + len(keys)
 
@@ -298,8 +231,6 @@ class SqliteIdentityStore:
     ) -> None:
         with self._db.write() as conn:
             user_row = self._active_row(conn, user_id)
-            if user_row is None:
-                raise LookupError(user_id)
             conn.execute(
                 """UPDATE users SET signed_prekey_id = ?, signed_prekey = ?, signed_prekey_sig = ?
                    WHERE id = ?""",
@@ -313,24 +244,24 @@ class SqliteIdentityStore:
                 )
             self._outbox.add(conn, audit)
 
-    def record_login(self, user_id: str, when: float) -> bool:
+    def record_login(self, user_id: str, when: float) -> None:
         with self._db.write() as conn:
             cursor = conn.execute(
                 "UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)"  # noqa: S608
                 f" WHERE {self._user_match} AND deactivate_time IS NULL",
                 (when, *self._index.candidates(user_id)),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                raise NoSuchUser
 
-    def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float | None:
-        """Deactivates and drops the prekey pool; returns the deactivation time, None if unknown."""
+    def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float:
         with self._db.write() as conn:
             row = conn.execute(
                 f"SELECT id, deactivate_time FROM users WHERE {self._user_match}",  # noqa: S608
                 self._index.candidates(user_id),
             ).fetchone()
             if row is None:
-                return None
+                raise NoSuchUser(active=False)
             user_row, already = row
             if already is not None:
                 return float(already)

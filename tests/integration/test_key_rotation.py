@@ -17,7 +17,8 @@ from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import open_database
 from services.identity.keys import SignedKey
-from services.identity.store import MIGRATIONS, NewUser, SqliteIdentityStore
+from services.identity.model import NewUser
+from services.identity.store import MIGRATIONS, SqliteIdentityStore
 from tests.support.stack import Stack
 from tests.support.users import Client, bearer
 

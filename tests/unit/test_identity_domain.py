@@ -8,20 +8,28 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from services.client.keys import UserKeys
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import OpenedDatabase
 from services.identity import keys as bundle_keys
 from services.identity.domain import MAX_PREKEY_POOL, Identity, IdentityLimits
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.store import SqliteIdentityStore
+from tests.fakes.identity import RecordingRevoker
 from tests.unit.conftest import FakeClock, registration
 
 
 @pytest.fixture
 def identity(identity_db: OpenedDatabase, clock: FakeClock) -> Identity:
     outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
-    return Identity(SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox), clock)
+    store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
+    return Identity(store, RecordingRevoker(), clock)
 
 
 def test_registration_returns_the_profile(identity: Identity, clock: FakeClock) -> None:
@@ -107,13 +115,13 @@ def test_rotation_replaces_the_signed_prekey_and_keeps_the_pq_key(identity: Iden
     assert identity.bundle("alice").pq_prekey == old_pq
 
 
-def test_deactivated_users_are_gone_for_bundles_and_logins_but_counted(
+async def test_deactivated_users_are_gone_for_bundles_and_logins_but_counted(
     identity: Identity, clock: FakeClock
 ) -> None:
     identity.register(registration("alice", UserKeys.generate(3)))
-    assert identity.deactivate("alice") == clock.now
+    assert await identity.deactivate("alice") == clock.now
     clock.advance(10)
-    assert identity.deactivate("alice") == clock.now - 10  # idempotent, keeps the first time
+    assert await identity.deactivate("alice") == clock.now - 10  # idempotent, keeps the first
     with pytest.raises(NotFound):
         identity.bundle("alice")
     with pytest.raises(NotFound):
@@ -143,7 +151,10 @@ def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
     outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
     store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
     identity = Identity(
-        store, clock, IdentityLimits(registrations_per_minute=2, bundles_per_minute=3)
+        store,
+        RecordingRevoker(),
+        clock,
+        IdentityLimits(registrations_per_minute=2, bundles_per_minute=3),
     )
     identity.register(registration("user1", UserKeys.generate(5)), "10.0.0.1")
     identity.register(registration("user2", UserKeys.generate(0)), "10.0.0.1")
@@ -155,3 +166,24 @@ def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
     with pytest.raises(ResourceExhausted, match="retry after"):
         identity.bundle("user1", "mallory")
     assert identity.bundle("user1", "alice").one_time_prekey is not None  # others unaffected
+
+
+async def test_deactivation_marks_the_account_first_then_revokes_its_sessions(
+    identity_db: OpenedDatabase, clock: FakeClock
+) -> None:
+    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
+    revoker = RecordingRevoker()
+    identity = Identity(
+        SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox), revoker, clock
+    )
+    identity.register(registration("alice", UserKeys.generate(0)))
+    revoker.failure = Unavailable("session service unreachable")
+    with pytest.raises(Unavailable):
+        await identity.deactivate("alice")
+    assert identity.status("alice") == (True, False)  # no new login can succeed meanwhile
+    revoker.failure = None
+    await identity.deactivate("alice", by="operator")  # repeating finishes the job
+    assert revoker.revoked == ["alice"]
+    with pytest.raises(NotFound, match="no user with that user id"):
+        await identity.deactivate("nobody")
+    assert revoker.revoked == ["alice"]

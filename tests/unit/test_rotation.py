@@ -17,6 +17,7 @@ from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.domain import Identity
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SqliteIdentityStore
+from tests.fakes.identity import RecordingRevoker
 from tests.unit.conftest import registration
 
 OLD, NEW = "the old master key", "the new master key"
@@ -39,7 +40,7 @@ def open_db(
 def identity_on(opened: OpenedDatabase) -> tuple[Identity, SqliteIdentityStore]:
     outbox = SqliteOutbox(opened.database, opened.keyring, "identity")
     store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
-    return Identity(store), store
+    return Identity(store, RecordingRevoker()), store
 
 
 def test_a_new_key_with_the_old_one_records_a_new_primary_version(tmp_path: Path) -> None:
@@ -64,7 +65,9 @@ async def test_rotation_reencrypts_everything_while_lookups_keep_working(tmp_pat
 
     during = open_db(path, NEW, IDENTITY_MIGRATIONS, OLD)
     identity, store = identity_on(during)
-    rotation = KeyRotation(during.database, during.keyring, store.rotatables(), None, batch_size=7)
+    outbox = SqliteOutbox(during.database, during.keyring, "identity")
+    tables = [*store.rotatables(), outbox.rotatable()]
+    rotation = KeyRotation(during.database, during.keyring, tables, None, batch_size=7)
     assert rotation.status().rows_remaining == 60  # 30 users + their 30 audit events
     store.rotatables()[0].rotate_batch(0, 10)  # part way: ten users re-encrypted
     assert identity.profile("user03").user_id == "user03"  # rotated row

@@ -23,6 +23,7 @@ from services.common.errors import ResourceExhausted
 from services.common.server import App, Server, ServiceBinding
 from services.identity.domain import Identity
 from services.identity.servicer import IdentityInternalServicer, IdentityServicer
+from tests.fakes.identity import RecordingRevoker
 
 
 class ExplodingStore:
@@ -40,11 +41,6 @@ class Tokens:
         return AuthenticatedUser(user_id="alice", session_id="s1")
 
 
-class Revoker:
-    async def revoke_all(self, user_id: str) -> int:
-        return 0
-
-
 def trailers_of(error: grpc.aio.AioRpcError) -> dict[str, str]:
     pairs: Any = error.trailing_metadata() or ()
     return {str(key): str(value) for key, value in pairs}
@@ -52,12 +48,12 @@ def trailers_of(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    identity = Identity(ExplodingStore())  # type: ignore[arg-type]
+    identity = Identity(ExplodingStore(), RecordingRevoker())  # type: ignore[arg-type]
     app = App(
         bindings=[
             ServiceBinding(
                 "securemsg.identity.v1.IdentityService",
-                IdentityServicer(identity, Tokens(), Revoker()),
+                IdentityServicer(identity, Tokens()),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
             ServiceBinding(
