@@ -48,8 +48,13 @@ async def build(env: Env) -> App:
     shipper = OutboxShipper.from_env(outbox, env)
     store = SqliteSessionStore(opened.database, opened.keyring, outbox)
     sessions = Sessions(store, policy)
+    # Rotation is a concern of this SQLite store, not of the store protocol.
     rotation = rotation_from_env(
-        opened.database, opened.keyring, store.rotatables(), outbox, env.number
+        opened.database,
+        opened.keyring,
+        [*store.rotatables(), outbox.rotatable()],
+        outbox,
+        env.number,
     )
     identity_channel = open_channel(
         env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),

@@ -25,8 +25,8 @@ from services.common.errors import InvalidArgument, ResourceExhausted, Unauthent
 from services.common.ratelimit import SlidingWindowLimiter
 from services.protocol.signing import ED25519_SIGNATURE_BYTES as SIGNATURE_BYTES
 from services.protocol.signing import login_message
+from services.session.model import SessionRecord
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
-from services.session.store import SessionRecord
 
 CHALLENGE_BYTES = 32
 LOGIN_FAILED = (

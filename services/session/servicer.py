@@ -17,18 +17,16 @@ from services.common.auth import bearer_token
 from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.session.login import Login
+from services.session.model import SessionRecord
 from services.session.sessions import Sessions
-from services.session.store import SessionRecord
 
 
-def _session(record: SessionRecord, current_id: str, idle_timeout: float) -> session_pb2.Session:
-    # The idle deadline is last use + idle timeout, so last use is derived, not stored.
-    last_seen = max(record.create_time, record.expire_time - idle_timeout)
+def _session(record: SessionRecord, current_id: str, sessions: Sessions) -> session_pb2.Session:
     return session_pb2.Session(
         session_id=record.session_id,
         user_id=record.user_id,
         create_time=convert.timestamp(record.create_time),
-        last_seen_time=convert.timestamp(last_seen),
+        last_seen_time=convert.timestamp(sessions.last_seen(record)),
         expire_time=convert.timestamp(record.expire_time),
         ip_address=record.ip_address,
         user_agent=record.user_agent,
@@ -49,7 +47,6 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     def __init__(self, sessions: Sessions, login: Login) -> None:
         self._sessions = sessions
         self._login = login
-        self._idle = sessions.policy.idle_timeout
 
     async def _caller(self, context: Context) -> SessionRecord:
         return await asyncio.to_thread(self._sessions.validate, bearer_token(context))
@@ -75,7 +72,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             user_agent=_user_agent(request.user_agent, context),
         )
         return pb.CreateSessionResponse(
-            token=token, session=_session(record, record.session_id, self._idle)
+            token=token, session=_session(record, record.session_id, self._sessions)
         )
 
     async def TouchSession(
@@ -83,15 +80,18 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     ) -> pb.TouchSessionResponse:
         caller = await self._caller(context)
         record = await asyncio.to_thread(self._sessions.touch, caller)
-        return pb.TouchSessionResponse(session=_session(record, caller.session_id, self._idle))
+        return pb.TouchSessionResponse(session=_session(record, caller.session_id, self._sessions))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         caller = await self._caller(context)
-        records = await asyncio.to_thread(self._sessions.list, caller.user_id)
+        page = await asyncio.to_thread(
+            self._sessions.list, caller.user_id, request.page_size, request.page_token
+        )
         return pb.ListSessionsResponse(
-            sessions=[_session(r, caller.session_id, self._idle) for r in records]
+            sessions=[_session(r, caller.session_id, self._sessions) for r in page.sessions],
+            next_page_token=page.next_page_token,
         )
 
     async def DeleteSession(

@@ -1,4 +1,4 @@
-"""Session lifecycle rules: tokens, idle and absolute expiry, revocation."""
+"""Session lifecycle rules: tokens, idle and absolute expiry, listing, revocation."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from dataclasses import dataclass
 
 from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord
-from services.common.errors import InvalidArgument, NotFound, Unauthenticated
-from services.session.store import SessionRecord, SessionStore
+from services.common.errors import InvalidArgument, Unauthenticated
+from services.session.model import NoSuchSession, SessionRecord, SessionStore
 
 TOKEN_BYTES = 32
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 MAX_USER_AGENT_CHARS = 256
+# ListSessions paging (AIP-158): a larger page_size is lowered to the maximum.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
 
 _REFUSED = "session token is invalid, expired or revoked; log in again"
 
@@ -33,6 +36,12 @@ class SessionPolicy:
         # Sliding the deadline on every call would write on every authenticated RPC; moving
         # it only when it gains this much keeps the idle timeout exact to within it.
         return min(60.0, self.idle_timeout / 10)
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    sessions: list[SessionRecord]
+    next_page_token: str  # "" on the last page
 
 
 def hash_token(token: str) -> bytes:
@@ -98,21 +107,40 @@ class Sessions:
         new_expiry = min(now + self.policy.idle_timeout, record.absolute_deadline)
         if not force and new_expiry - record.expire_time < self.policy.touch_granularity:
             return record
-        self._store.set_expiry(record.session_id, new_expiry)
+        try:
+            self._store.set_expiry(record.session_id, new_expiry)
+        except NoSuchSession:  # logged out or revoked a moment ago
+            raise Unauthenticated(_REFUSED) from None
         return dataclasses.replace(record, expire_time=new_expiry)
 
     def touch(self, record: SessionRecord) -> SessionRecord:
         """An explicit touch always moves the deadline, whatever the granularity."""
         return self._slide(record, self._clock(), force=True)
 
-    def list(self, user_id: str) -> list[SessionRecord]:
-        return self._store.for_user(user_id, self._clock())
+    def last_seen(self, record: SessionRecord) -> float:
+        """When the session was last used: the idle deadline is last use + idle timeout,
+        so last use is derived, not stored."""
+        return max(record.create_time, record.expire_time - self.policy.idle_timeout)
+
+    def list(self, user_id: str, page_size: int = 0, page_token: str = "") -> SessionPage:
+        """One page of the user's live sessions, newest first (AIP-158)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        records = self._store.for_user(user_id, self._clock())
+        if page_token:
+            after = _parse_page_token(page_token, user_id)
+            records = [r for r in records if (r.create_time, r.session_id) < after]
+        if len(records) <= size:
+            return SessionPage(records, "")
+        page = records[:size]
+        return SessionPage(page, _page_token(page[-1], user_id))
 
     def delete(self, caller: SessionRecord, session_id: str) -> None:
+        """Raises NoSuchSession unless the session is the caller's."""
         target = session_id or caller.session_id
         event = AuditRecord(audit_events.USER_LOGOUT, caller.user_id, {"session_id": target})
-        if not self._store.delete(caller.user_id, target, event):
-            raise NotFound("no session of yours has that session_id")
+        self._store.delete(caller.user_id, target, event)
 
     def revoke_others(self, caller: SessionRecord) -> int:
         return self._store.delete_user(
@@ -130,6 +158,34 @@ class Sessions:
 
     def counts(self) -> tuple[int, int]:
         return self._store.counts(self._clock())
+
+
+# A page token names the last session of its page (login time, session id) and whose
+# sessions were listed, so it cannot be replayed by another user.
+
+
+def _owner(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode()).hexdigest()[:16]
+
+
+def _page_token(last: SessionRecord, user_id: str) -> str:
+    raw = f"v1|{last.create_time!r}|{last.session_id}|{_owner(user_id)}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _parse_page_token(token: str, user_id: str) -> tuple[float, str]:
+    bad = InvalidArgument(
+        "page_token is not from a previous ListSessions response of yours; start without one"
+    )
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        version, create_time, session_id, owner = raw.split("|")
+        after = (float(create_time), session_id)
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    if version != "v1" or owner != _owner(user_id):
+        raise bad
+    return after
 
 
 def _revoked(user_id: str, scope: str) -> Callable[[int], AuditRecord | None]:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import sqlite3
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable
 from services.common.sqlite import Database, Migration, any_of
+from services.session.model import CountedEvent, NoSuchSession, SessionRecord
 
 MIGRATIONS = [
     Migration(
@@ -48,37 +46,9 @@ MIGRATIONS = [
 _TIMES = struct.Struct(">dd")  # login time, absolute deadline
 
 
-@dataclass(frozen=True)
-class SessionRecord:
-    session_id: str
-    user_id: str
-    ip_address: str
-    user_agent: str
-    create_time: float
-    absolute_deadline: float
-    expire_time: float
-
-
-# Builds the audit event for a bulk deletion once its count is known (None: no event).
-CountedEvent = Callable[[int], AuditRecord | None]
-
-
-class SessionStore(Protocol):
-    def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None: ...
-    def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None: ...
-    def set_expiry(self, session_id: str, expire_time: float) -> None: ...
-    def for_user(self, user_id: str, now: float) -> list[SessionRecord]: ...
-    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool: ...
-    def delete_user(
-        self, user_id: str, audit: CountedEvent, *, keep_session_id: str | None = None
-    ) -> int: ...
-    def delete_expired(self, now: float) -> int: ...
-    def counts(self, now: float) -> tuple[int, int]: ...
-    def rotatables(self) -> list[Rotatable]: ...
-
-
 class SqliteSessionStore:
-    """Every change is written together with its audit event (see services.common.outbox)."""
+    """`SessionStore` in SQLite. Every change is written together with its audit event
+    (see services.common.outbox)."""
 
     def __init__(self, db: Database, keyring: Keyring, outbox: SqliteOutbox) -> None:
         self._db = db
@@ -92,6 +62,7 @@ class SqliteSessionStore:
         self._times = keyring.field("sessions", "times")
 
     def rotatables(self) -> list[Rotatable]:
+        """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
         sessions = EncryptedTable(
             self._db,
             "sessions",
@@ -105,7 +76,7 @@ class SqliteSessionStore:
             ],
             Reindex("user_index", self._index, "user_id_ct"),
         )
-        return [sessions, self._outbox.rotatable()]
+        return [sessions]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
         row_key = record.session_id.encode()
@@ -152,10 +123,12 @@ class SqliteSessionStore:
 
     def set_expiry(self, session_id: str, expire_time: float) -> None:
         with self._db.write() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE sessions SET expire_time = ? WHERE session_id = ?",
                 (expire_time, session_id),
             )
+            if cursor.rowcount != 1:
+                raise NoSuchSession
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
         with self._db.read(snapshot=False) as conn:
@@ -163,19 +136,19 @@ class SqliteSessionStore:
                 f"SELECT * FROM sessions WHERE {self._user_match} AND expire_time > ?",  # noqa: S608
                 (*self._index.candidates(user_id), now),
             ).fetchall()
+        # Login times are encrypted, so the order is made here rather than in SQL.
         records = [self._decode(row) for row in rows]
-        return sorted(records, key=lambda r: r.create_time, reverse=True)
+        return sorted(records, key=lambda r: (r.create_time, r.session_id), reverse=True)
 
-    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> bool:
+    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> None:
         with self._db.write() as conn:
             cursor = conn.execute(
                 f"DELETE FROM sessions WHERE session_id = ? AND {self._user_match}",  # noqa: S608
                 (session_id, *self._index.candidates(user_id)),
             )
             if cursor.rowcount != 1:
-                return False
+                raise NoSuchSession
             self._outbox.add(conn, audit)
-            return True
 
     def delete_user(
         self, user_id: str, audit: CountedEvent, *, keep_session_id: str | None = None

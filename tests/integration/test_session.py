@@ -186,6 +186,25 @@ def test_revoke_others_leaves_exactly_the_callers_session(client: Client) -> Non
     assert client.profile(bob_token).user_id == "bob"  # other users untouched
 
 
+def test_list_sessions_pages_with_a_token(client: Client) -> None:
+    keys = client.register("alice")
+    tokens = [client.login("alice", keys, user_agent=f"device-{i}") for i in range(3)]
+
+    def page(size: int, token: str = "") -> pb.ListSessionsResponse:
+        request = pb.ListSessionsRequest(page_size=size, page_token=token)
+        return client.session.ListSessions(request, metadata=bearer(tokens[0]), timeout=10)
+
+    first = page(2)
+    second = page(2, first.next_page_token)
+    assert [s.user_agent for s in [*first.sessions, *second.sessions]] == [
+        "device-2", "device-1", "device-0"
+    ]  # fmt: skip
+    assert (bool(first.next_page_token), second.next_page_token) == (True, "")
+    error = refused(lambda: page(2, "not-a-token"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in (error.details() or "")
+
+
 def test_deleting_another_users_session_is_not_found(client: Client) -> None:
     alice = client.login("alice", client.register("alice"))
     bob = client.login("bob", client.register("bob"))

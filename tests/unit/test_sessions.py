@@ -74,7 +74,7 @@ def test_revoke_others_keeps_the_current_one(sessions: Sessions) -> None:
     bob, _ = sessions.create("bob", "ip", "ua")
     current = sessions.validate(tokens[1])
     assert sessions.revoke_others(current) == 2
-    assert [s.session_id for s in sessions.list("alice")] == [current.session_id]
+    assert [s.session_id for s in sessions.list("alice").sessions] == [current.session_id]
     sessions.validate(bob)
 
 
@@ -100,7 +100,7 @@ def test_revoke_user_removes_all_of_their_sessions(sessions: Sessions) -> None:
     for _ in range(3):
         sessions.create("alice", "ip", "ua")
     assert sessions.revoke_user("alice") == 3
-    assert sessions.list("alice") == []
+    assert sessions.list("alice").sessions == []
 
 
 def test_each_change_leaves_its_audit_event_in_the_outbox(
@@ -122,3 +122,50 @@ def test_each_change_leaves_its_audit_event_in_the_outbox(
 
 def sessions_id_of(outbox: SqliteOutbox, index: int) -> str:
     return outbox.peek(100)[index][1].details["session_id"]
+
+
+def test_list_pages_newest_first_and_each_session_once(
+    sessions: Sessions, clock: FakeClock
+) -> None:
+    created = []
+    for i in range(7):
+        created.append(sessions.create("alice", "ip", f"ua{i}")[1].session_id)
+        clock.advance(1 if i != 3 else 0)  # two logins in the same instant: ties are ordered
+    sessions.create("bob", "ip", "ua")
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = sessions.list("alice", page_size=3, page_token=token)
+        assert len(page.sessions) <= 3
+        seen += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(created)
+    assert len(seen) == 7
+    listed = sessions.list("alice").sessions
+    assert [s.session_id for s in listed] == seen  # the same order as one big page
+    assert [s.create_time for s in listed] == sorted((s.create_time for s in listed), reverse=True)
+
+
+def test_list_page_size_is_capped_and_bad_tokens_are_invalid(sessions: Sessions) -> None:
+    for _ in range(3):
+        sessions.create("alice", "ip", "ua")
+    sessions.create("bob", "ip", "ua")
+    assert len(sessions.list("alice", page_size=10_000).sessions) == 3
+    with pytest.raises(InvalidArgument, match="page_size"):
+        sessions.list("alice", page_size=-1)
+    alices = sessions.list("alice", page_size=1).next_page_token
+    with pytest.raises(InvalidArgument, match="page_token"):
+        sessions.list("bob", page_token=alices)  # another user's token
+    for bad in ("garbage", "djF8eHx5fHo", alices[:-2]):
+        with pytest.raises(InvalidArgument, match="page_token"):
+            sessions.list("alice", page_token=bad)
+
+
+def test_last_seen_is_derived_from_the_idle_deadline(sessions: Sessions, clock: FakeClock) -> None:
+    token, record = sessions.create("alice", "ip", "ua")
+    assert sessions.last_seen(record) == record.create_time
+    clock.advance(600)
+    touched = sessions.touch(sessions.validate(token))
+    assert sessions.last_seen(touched) == clock.now

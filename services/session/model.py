@@ -1,0 +1,74 @@
+"""What session's rules, storage and transport share: its types, its store protocol, its
+errors. Domain, stores and servicer import from here; this module imports none of them.
+
+"Not found" is said one way: lookups return None, commands raise `NoSuchSession`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.audit_events import AuditRecord
+from services.common.errors import NotFound
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    user_id: str
+    ip_address: str
+    user_agent: str
+    create_time: float
+    absolute_deadline: float
+    expire_time: float
+
+
+# Builds the audit event for a bulk deletion once its count is known (None: no event).
+CountedEvent = Callable[[int], AuditRecord | None]
+
+
+class NoSuchSession(NotFound):
+    """A command named a session that does not exist (or is not the given user's)."""
+
+    def __init__(self) -> None:
+        super().__init__("no session of yours has that session_id")
+
+
+class SessionStore(Protocol):
+    """What the session rules need from storage (SQLite today, others later).
+
+    Every change that takes an audit event stores it in the same transaction.
+    """
+
+    def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None: ...
+
+    def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
+        """The session with that token hash, unless it expired by `now`."""
+        ...
+
+    def set_expiry(self, session_id: str, expire_time: float) -> None:
+        """Raises NoSuchSession."""
+        ...
+
+    def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
+        """The user's sessions not expired by `now`, newest first (ties: higher
+        session_id first)."""
+        ...
+
+    def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> None:
+        """Raises NoSuchSession, also when the session is another user's."""
+        ...
+
+    def delete_user(
+        self, user_id: str, audit: CountedEvent, *, keep_session_id: str | None = None
+    ) -> int:
+        """Deletes the user's sessions but `keep_session_id`; returns how many."""
+        ...
+
+    def delete_expired(self, now: float) -> int: ...
+
+    def counts(self, now: float) -> tuple[int, int]:
+        """(live sessions, distinct users with one)."""
+        ...
