@@ -52,7 +52,6 @@ async def build(env: Env) -> App:
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
-                    insecure=tls is None,
                 ),
                 pb_grpc.add_AuditServiceServicer_to_server,
             ),

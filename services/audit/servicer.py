@@ -14,7 +14,7 @@ from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from services.audit.domain import AuditLog, ListRequest, Reader
 from services.audit.store import NewEvent, StoredEvent
-from services.common import convert, peers
+from services.common import caller, convert, peers
 from services.common.auth import TokenValidator, authenticate
 from services.common.peers import Context
 
@@ -33,17 +33,19 @@ def _event(event: StoredEvent) -> audit_event_pb2.AuditEvent:
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
-    def __init__(self, log: AuditLog, tokens: TokenValidator, *, insecure: bool) -> None:
+    def __init__(self, log: AuditLog, tokens: TokenValidator) -> None:
         self._log = log
         self._tokens = tokens
-        self._insecure = insecure
 
     async def _reader(self, context: Context) -> Reader:
-        if peers.certificate_name(context) == peers.OPERATOR:
+        # The operator certificate on the internal port (plaintext mode: a loopback peer
+        # there); never anyone on the public port, which a same-host proxy may front.
+        name = caller.service_caller()
+        if name == peers.OPERATOR:
             return Reader(operator=True)
         sent_token = any(key == "authorization" for key, _ in context.invocation_metadata() or ())
-        if self._insecure and not sent_token and peers.is_loopback(context.peer()):
-            return Reader(operator=True)  # plaintext development mode: loopback is the operator
+        if name == caller.LOOPBACK and not sent_token:
+            return Reader(operator=True)
         user = await authenticate(context, self._tokens)
         return Reader(operator=False, user_id=user.user_id)
 

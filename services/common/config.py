@@ -7,6 +7,7 @@ rather than a silent preference.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ class ServerConfig:
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerConfig:
         port = DEFAULT_PORTS[service]
-        return cls(
+        config = cls(
             service=service,
             listen_address=env.string("LISTEN_ADDRESS", f"127.0.0.1:{port}"),
             internal_listen_address=env.string(
@@ -142,6 +143,28 @@ class ServerConfig:
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 1024 * 1024, minimum=4096),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),
         )
+        if config.tls is None:
+            # Without TLS nothing authenticates a caller but its being on this machine.
+            for name in ("LISTEN_ADDRESS", "INTERNAL_LISTEN_ADDRESS"):
+                address = getattr(config, name.lower())
+                if not is_loopback_address(address):
+                    raise StartupError(
+                        f"{name}={address} is not a loopback address: with "
+                        "INSECURE_PLAINTEXT=true a service listens only on 127.0.0.1, ::1 or "
+                        "localhost. Use TLS to serve other machines"
+                    )
+        return config
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a listen address ("127.0.0.1:50051", "[::1]:0", "localhost:1") is loopback."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def tls_from_env(env: Env) -> TlsConfig | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -23,14 +24,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from services.common import log, metrics, peers
+from services.common import caller, log, metrics, peers
 from services.common.config import Env, ServerConfig, metrics_port
-from services.common.errors import ResourceExhausted, ServiceError, StartupError
+from services.common.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    StartupError,
+)
 from services.common.peers import Context
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,65 @@ class App:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authorization of internal APIs, request ids, and errors mapped to statuses."""
+class _Undecodable:
+    """What a request deserializer yields for bytes that do not parse as the request type."""
 
-    def __init__(self, policies: dict[str, frozenset[str]], *, insecure: bool) -> None:
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Any:
+    """A deserializer that never raises: gRPC would answer UNKNOWN with the parser's text."""
+    if deserializer is None:
+        return None
+    type_name = method.rsplit("/", 1)[-1] + "Request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return _Undecodable(type_name)
+
+    return parse
+
+
+def _request_id(given: object) -> str:
+    # A client's id is logged and echoed: anything but this plain shape could forge
+    # log lines or smuggle data, so it is replaced with a fresh one.
+    if isinstance(given, str) and REQUEST_ID_PATTERN.fullmatch(given):
+        return given
+    return os.urandom(8).hex()
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authorization of internal APIs, request ids, and errors mapped to statuses.
+
+    One instance per port: on the public port no internal API is ever served (there is
+    no client certificate there, and in plaintext mode a loopback peer on it may be a
+    same-host proxy relaying anyone).
+    """
+
+    def __init__(
+        self, policies: dict[str, frozenset[str]], *, insecure: bool, internal: bool
+    ) -> None:
         self._policies = policies
         self._insecure = insecure
+        self._internal = internal
+
+    def _caller(self, context: Context, allowed: frozenset[str] | None) -> str | None:
+        """Authorizes the call and returns the authenticated service/operator name."""
+        if not self._internal:
+            if allowed is not None:
+                raise PermissionDenied(
+                    "this internal API needs a client certificate from the deployment's CA "
+                    "and is served only on the internal port"
+                )
+            return None
+        if allowed is not None:
+            return peers.authorize(context, allowed, insecure=self._insecure)
+        if self._insecure:
+            return caller.LOOPBACK if peers.is_loopback(context.peer()) else None
+        return peers.certificate_name(context)
 
     async def intercept_service(
         self,
@@ -77,8 +138,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = details.method
         allowed = self._policies.get(method.split("/")[1])
         incoming = dict(details.invocation_metadata or ())
-        given = incoming.get(REQUEST_ID_KEY)
-        rid = given if isinstance(given, str) and 0 < len(given) <= 64 else os.urandom(8).hex()
+        rid = _request_id(incoming.get(REQUEST_ID_KEY))
 
         def finish(code: grpc.StatusCode, started: float) -> None:
             metrics.RPC_TOTAL.labels(method, code.name).inc()
@@ -86,19 +146,24 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
             logger.log(level, "rpc", extra={"fields": {"method": method, "code": code.name}})
 
-        def before(context: Context) -> None:
+        def before(context: Context, request: Any) -> None:
             log.request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-            if allowed is not None:
-                peers.authorize(context, allowed, insecure=self._insecure)
+            caller.set_service_caller(self._caller(context, allowed))
+            if isinstance(request, _Undecodable):
+                raise InvalidArgument(
+                    f"the request is not a valid serialized {request.type_name}; build it with "
+                    "code generated from this service's .proto files"
+                )
 
+        deserializer = _tolerant(handler.request_deserializer, method)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
                 started = time.perf_counter()
                 try:
-                    before(context)
+                    before(context, request)
                     reply = await inner(request, context)
                 except Exception as exc:
                     finish(_code_of(exc), started)
@@ -108,7 +173,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -117,7 +182,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
-                    before(context)
+                    before(context, request)
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
@@ -127,7 +192,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -177,7 +242,12 @@ def server_credentials(
 
 
 class Server:
-    """A started gRPC server with health and reflection."""
+    """A started gRPC server with health and reflection, on a public and an internal port.
+
+    Each port is its own gRPC server with its own interceptor, so a call always knows
+    which port it came in on: internal APIs are refused on the public port whatever the
+    peer (TLS or not), and in plaintext mode loopback counts only on the internal port.
+    """
 
     def __init__(self, config: ServerConfig, app: App) -> None:
         self.config = config
@@ -185,49 +255,59 @@ class Server:
         policies = {
             b.full_name: b.allowed_callers for b in app.bindings if b.allowed_callers is not None
         }
-        size = config.max_message_bytes
-        self._server = grpc.aio.server(
-            interceptors=[_Interceptor(policies, insecure=config.tls is None)],
+        self._health = health_aio.HealthServicer()
+        self._public = self._grpc_server(policies, internal=False)
+        self._internal = self._grpc_server(policies, internal=True)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+        self.internal_port = 0
+
+    def _grpc_server(self, policies: dict[str, frozenset[str]], *, internal: bool) -> Any:
+        size = self.config.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[
+                _Interceptor(policies, insecure=self.config.tls is None, internal=internal)
+            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self._health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        for binding in app.bindings:
-            binding.add_to_server(binding.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # Every API is registered on both ports, so a misdirected internal call gets
+        # PERMISSION_DENIED (saying why) rather than UNIMPLEMENTED.
+        for binding in self.app.bindings:
+            binding.add_to_server(binding.servicer, server)
         reflection.enable_server_reflection(
-            [b.full_name for b in app.bindings]
+            [b.full_name for b in self.app.bindings]
             + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._server,
+            server,
         )
-        self._tasks: list[asyncio.Task[None]] = []
-        self.port = 0
-        self.internal_port = 0
+        return server
 
-    def _listen(self, address: str, *, require_client_cert: bool) -> int:
+    def _listen(self, server: Any, address: str, *, require_client_cert: bool) -> int:
         credentials = server_credentials(self.config, require_client_cert=require_client_cert)
         try:
             if credentials is None:
-                port = self._server.add_insecure_port(address)
+                port = server.add_insecure_port(address)
             else:
-                port = self._server.add_secure_port(address, credentials)
+                port = server.add_secure_port(address, credentials)
         except RuntimeError:
             port = 0
         if port == 0:
             raise StartupError(f"cannot listen on {address} (in use, or not a local address?)")
-        return port
+        return int(port)
 
     async def start(self) -> None:
-        # Every API is served on both ports; internal ones refuse callers whose
-        # certificate name is not allowed, and the public port has no certificates.
-        self.port = self._listen(self.config.listen_address, require_client_cert=False)
-        self.internal_port = self._listen(
-            self.config.internal_listen_address, require_client_cert=True
+        self.port = self._listen(
+            self._public, self.config.listen_address, require_client_cert=False
         )
-        await self._server.start()
+        self.internal_port = self._listen(
+            self._internal, self.config.internal_listen_address, require_client_cert=True
+        )
+        await self._public.start()
+        await self._internal.start()
         self._tasks = [asyncio.create_task(job()) for job in self.app.background]
         for name in ["", *(b.full_name for b in self.app.bindings)]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -236,7 +316,8 @@ class Server:
         await self._health.enter_graceful_shutdown()
         for hook in self.app.on_draining:
             await hook()
-        await self._server.stop(self.config.shutdown_grace_seconds)
+        grace = self.config.shutdown_grace_seconds
+        await asyncio.gather(self._public.stop(grace), self._internal.stop(grace))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -246,6 +327,9 @@ class Server:
 
 def run(service: str, build: Callable[[Env], Awaitable[App]]) -> None:
     """Entry point of `python -m services.<name>`: build, serve until SIGTERM, stop."""
+    # Databases, their journals and anything else a service creates are for its own
+    # user only (0600 files, 0700 directories).
+    os.umask(0o077)
     env = Env()
     log.configure(service, env.string("LOG_LEVEL", "INFO"))
     try:

@@ -20,7 +20,14 @@ from pathlib import Path
 from services.common.errors import StartupError
 from services.launcher.health import check, wait_serving
 from services.launcher.restore import restore_backup
-from services.launcher.topology import PERSISTENT, SERVICES, StackLayout, default_ports, service_env
+from services.launcher.topology import (
+    PERSISTENT,
+    SERVICES,
+    StackLayout,
+    default_ports,
+    open_log,
+    service_env,
+)
 
 LAYOUT = StackLayout(Path("var"))
 HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
@@ -48,7 +55,7 @@ def up() -> int:
             print(f"{service:9} already running")
             continue
         env = {**os.environ, **service_env(LAYOUT, service, PORTS)}
-        with (LAYOUT.logs / f"{service}.log").open("ab") as log:
+        with os.fdopen(open_log(LAYOUT.logs / f"{service}.log"), "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"],
                 env=env,

@@ -105,8 +105,10 @@ class StackLayout:
             path = self.key_file(service)
             if not path.exists():
                 _write_secret(path, secrets.token_urlsafe(32))
+        # Databases and logs are for the services' own user only, whatever the umask.
         for directory in (self.data, self.logs, self.run):
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
 
 
 def service_env(
@@ -140,6 +142,11 @@ def service_env(
             env["DB_ENCRYPTION_OLD_KEYS_FILE"] = str(layout.old_keys_file(service))
     env.update(extra or {})
     return env
+
+
+def open_log(path: Path) -> int:
+    """A service's log file for appending, readable by its owner only."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
 
 def _write_secret(path: Path, text: str) -> None:

@@ -123,3 +123,16 @@ def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path)
         assert "in use by another process" in output
     finally:
         stack.stop()
+
+
+def test_data_and_log_directories_and_database_files_are_for_the_owner_only(
+    stack: Stack, client: Client
+) -> None:
+    client.register("private-files")
+    layout = stack.layout
+    for directory in (layout.data, layout.logs, layout.run):
+        assert directory.stat().st_mode & 0o777 == 0o700, directory
+    files = [*layout.data.iterdir(), *layout.logs.iterdir()]
+    assert {p.name for p in files} >= {"identity.db", "identity.db-wal", "session.db-shm"}
+    for path in files:
+        assert path.stat().st_mode & 0o077 == 0, f"{path.name} is {oct(path.stat().st_mode)}"

@@ -51,6 +51,10 @@ def empty_request(method: MethodDescriptor) -> Any:
     return message_factory.GetMessageClass(method.input_type)()
 
 
+def _serialize(message: Any) -> bytes:
+    return bytes(message) if isinstance(message, bytes) else message.SerializeToString()
+
+
 def status_of(
     channel: grpc.Channel,
     method: MethodDescriptor,
@@ -59,19 +63,22 @@ def status_of(
     *,
     timeout: float,
 ) -> tuple[str, str]:
-    """Status code name and message of calling `method` (a stream: to its first message)."""
+    """Status code name and message of calling `method` (a stream: to its first message).
+
+    `request` is a message, or raw bytes sent as they are (for byte-level fuzzing).
+    """
     path = f"/{method.containing_service.full_name}/{method.name}"
     response_class = message_factory.GetMessageClass(method.output_type)
     try:
         if method.server_streaming:
             stream = channel.unary_stream(
-                path, request_serializer=lambda m: m.SerializeToString(),
+                path, request_serializer=_serialize,
                 response_deserializer=response_class.FromString,
             )  # fmt: skip
             next(iter(stream(request, metadata=metadata, timeout=timeout)), None)
         else:
             unary = channel.unary_unary(
-                path, request_serializer=lambda m: m.SerializeToString(),
+                path, request_serializer=_serialize,
                 response_deserializer=response_class.FromString,
             )  # fmt: skip
             unary(request, metadata=metadata, timeout=timeout)

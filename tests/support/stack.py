@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from services.launcher.health import wait_serving
-from services.launcher.topology import StackLayout, service_env
+from services.launcher.topology import StackLayout, open_log, service_env
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {
@@ -79,7 +79,7 @@ class ServiceProcess:
         return self.env["LISTEN_ADDRESS"]
 
     def start(self, *, wait: bool = True) -> None:
-        log = self.log_path.open("ab")
+        log = os.fdopen(open_log(self.log_path), "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],
             env={**os.environ, **self.env},

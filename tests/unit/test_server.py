@@ -6,6 +6,7 @@ identity servicers, with a store double that fails on purpose.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,12 +19,14 @@ from securemsg.identity.v1 import identity_service_pb2 as pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from services.common.auth import AuthenticatedUser
-from services.common.config import ServerConfig
-from services.common.errors import ResourceExhausted
+from services.common.config import Env, ServerConfig
+from services.common.errors import ResourceExhausted, StartupError
 from services.common.server import App, Server, ServiceBinding
 from services.identity.domain import Identity
 from services.identity.servicer import IdentityInternalServicer, IdentityServicer
 from tests.fakes.identity import RecordingRevoker
+
+GET_VERIFY_KEY = "/securemsg.identity.v1.IdentityInternalService/GetVerifyKey"
 
 
 class ExplodingStore:
@@ -47,7 +50,7 @@ def trailers_of(error: grpc.aio.AioRpcError) -> dict[str, str]:
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
+async def server() -> AsyncIterator[Server]:
     identity = Identity(ExplodingStore(), RecordingRevoker())  # type: ignore[arg-type]
     app = App(
         bindings=[
@@ -74,9 +77,22 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
     )
     server = Server(config, app)
     await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    """The public port."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
         yield chan
-    await server.stop()
+
+
+@pytest.fixture
+async def internal(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    """The internal port (plaintext mode: loopback callers only)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.internal_port}") as chan:
+        yield chan
 
 
 async def test_an_unexpected_error_is_internal_with_a_request_id_and_no_details(
@@ -97,9 +113,9 @@ async def test_an_unexpected_error_is_internal_with_a_request_id_and_no_details(
 
 
 async def test_a_domain_error_keeps_its_status_message_and_retry_hint(
-    channel: grpc.aio.Channel,
+    internal: grpc.aio.Channel,
 ) -> None:
-    stub = internal_grpc.IdentityInternalServiceStub(channel)
+    stub = internal_grpc.IdentityInternalServiceStub(internal)
     call = stub.GetVerifyKey(
         internal_pb.GetVerifyKeyRequest(user_id="alice"),
         metadata=(("x-request-id", "trace-me-42"),),
@@ -115,9 +131,9 @@ async def test_a_domain_error_keeps_its_status_message_and_retry_hint(
 
 
 async def test_validation_errors_are_invalid_argument_before_any_storage_access(
-    channel: grpc.aio.Channel,
+    internal: grpc.aio.Channel,
 ) -> None:
-    stub = internal_grpc.IdentityInternalServiceStub(channel)
+    stub = internal_grpc.IdentityInternalServiceStub(internal)
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="NOPE"), timeout=5)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -138,3 +154,75 @@ async def test_health_reports_each_hosted_service(channel: grpc.aio.Channel) -> 
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_request_id_of_any_other_shape_is_replaced_not_logged(
+    channel: grpc.aio.Channel,
+) -> None:
+    stub = pb_grpc.IdentityServiceStub(channel)
+    forged = 'x", "level": "error", "message": "forged'
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetOwnProfile(
+            pb.GetOwnProfileRequest(),
+            metadata=(("authorization", "Bearer x"), ("x-request-id", forged)),
+            timeout=5,
+        )
+    rid = trailers_of(error.value)["x-request-id"]
+    assert rid != forged
+    assert re.fullmatch(r"[0-9a-f]{16}", rid)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x0a\x02\xff\xfe",  # field 1 (user_id, a string) holding invalid UTF-8
+        b"\xff\xff\xff",  # no valid wire format at all
+        b"\x0a\x7f" + b"a" * 3,  # length past the end
+    ],
+)
+async def test_an_undecodable_request_is_invalid_argument_with_a_fixed_message(
+    internal: grpc.aio.Channel, data: bytes
+) -> None:
+    call = internal.unary_unary(GET_VERIFY_KEY, None, None)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(data, timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == (
+        "the request is not a valid serialized GetVerifyKeyRequest; build it with code "
+        "generated from this service's .proto files"
+    )
+
+
+async def test_an_undecodable_request_from_a_stranger_is_still_permission_denied(
+    channel: grpc.aio.Channel,
+) -> None:
+    call = channel.unary_unary(GET_VERIFY_KEY, None, None)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(b"\xff\xff", timeout=5)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_plaintext_mode_serves_internal_apis_to_loopback_only_on_the_internal_port(
+    channel: grpc.aio.Channel,
+) -> None:
+    # A same-host TLS-terminating proxy in front of the public port would make every
+    # client a loopback peer: the public port must never grant internal rights.
+    stub = internal_grpc.IdentityInternalServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="alice"), timeout=5)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "internal port" in (error.value.details() or "")
+
+
+@pytest.mark.parametrize("variable", ["LISTEN_ADDRESS", "INTERNAL_LISTEN_ADDRESS"])
+@pytest.mark.parametrize("address", ["0.0.0.0:50051", "10.1.2.3:50051", "[::]:50051", ":50051"])
+def test_plaintext_mode_refuses_to_listen_beyond_loopback(variable: str, address: str) -> None:
+    env = Env({"INSECURE_PLAINTEXT": "true", variable: address})
+    with pytest.raises(StartupError, match=f"{variable}=.* is not a loopback address"):
+        ServerConfig.from_env("identity", env)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:50051", "localhost:50051"])
+def test_plaintext_mode_listens_on_loopback(address: str) -> None:
+    env = Env({"INSECURE_PLAINTEXT": "true", "LISTEN_ADDRESS": address})
+    assert ServerConfig.from_env("identity", env).listen_address == address
