@@ -35,6 +35,8 @@ from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
 
 PERSISTENT = ("identity", "session", "audit")
+# A rate limit that lifts within this long is waited out (once) rather than reported.
+LIMIT_WAIT_SECONDS = 15.0
 
 
 class Home:
@@ -149,7 +151,7 @@ def _run(args: argparse.Namespace) -> None:
                 path = backups.download_backup(channel, args.dir, _bar(bar))
             print(f"{service:8} backed up to {path}")
         return
-    with UserClient(endpoints) as client:
+    with _user_client(endpoints) as client:
         if command == "register":
             if home.keys_path(args.user_id).exists():
                 raise SystemExit(f"{home.keys_path(args.user_id)} exists; refusing to overwrite")
@@ -221,6 +223,13 @@ def _run(args: argparse.Namespace) -> None:
             print(f"logged out {args.user_id}")
 
 
+def _user_client(endpoints: Endpoints) -> UserClient:
+    def tell(seconds: float) -> None:
+        print(f"rate limited: trying again in {seconds:.1f} s", file=sys.stderr)
+
+    return UserClient(endpoints, max_wait_when_limited=LIMIT_WAIT_SECONDS, on_wait=tell)
+
+
 def _bar(bar: tqdm) -> Callable[[int, int], None]:  # type: ignore[type-arg]
     def update(done: int, total: int) -> None:
         bar.total = max(total, done)
@@ -234,7 +243,7 @@ def _demo(endpoints: Endpoints) -> None:
     suffix = secrets.token_hex(3)
     alice, bob = f"alice-{suffix}", f"bob-{suffix}"
     keys = {name: UserKeys.generate(5) for name in (alice, bob)}
-    with UserClient(endpoints) as client:
+    with _user_client(endpoints) as client:
         for name in (alice, bob):
             profile = client.register(name, name.split("-")[0].capitalize(), keys[name])
             print(f"registered {name:12} fingerprint {profile.fingerprint[:19]}...")

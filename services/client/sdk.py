@@ -1,15 +1,20 @@
 """A small synchronous client for the SecureMsg services, used by the CLI.
 
-It speaks only the public protos; every call carries a deadline.
+It speaks only the public protos and `services.protocol`; every call carries a deadline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from securemsg.identity.v1 import keys_pb2
@@ -23,6 +28,9 @@ from services.client.keys import UserKeys
 from services.protocol.ports import DEFAULT_PORTS, internal_port
 
 DEADLINE_SECONDS = 10.0
+
+Request = TypeVar("Request", bound=Message)
+Reply = TypeVar("Reply", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -51,14 +59,58 @@ def _bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-class UserClient:
-    """What one end user does: register, log in, look up peers, manage sessions."""
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Seconds to wait from a RESOURCE_EXHAUSTED error's google.rpc.RetryInfo, if any."""
+    if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a rich status that does not match the call's: not ours to trust
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToTimedelta().total_seconds())
+    return None
 
-    def __init__(self, endpoints: Endpoints) -> None:
+
+def registration_request(
+    user_id: str, alias: str, keys: UserKeys, metadata: Mapping[str, str] | None = None
+) -> identity_pb.RegisterUserRequest:
+    """What RegisterUser needs: the public halves of `keys`, signed by the verify key."""
+    return identity_pb.RegisterUserRequest(
+        user_id=user_id,
+        alias=alias,
+        metadata=dict(metadata or {}),
+        identity_key=keys.identity_public,
+        verify_key=keys.verify_key,
+        signed_prekey=keys.signed_prekey_proto(),
+        pq_prekey=keys.pq_prekey_proto(),
+        one_time_prekeys=keys.one_time_protos(),
+    )
+
+
+class UserClient:
+    """What one end user does: register, log in, look up peers, manage sessions.
+
+    Rate limits answer RESOURCE_EXHAUSTED with the wait in a RetryInfo detail. A client
+    made with `max_wait_when_limited` waits that long at most and tries once more
+    (calling `on_wait` first, e.g. to tell the user); by default it raises at once.
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        max_wait_when_limited: float = 0.0,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
         self._channels = [endpoints.channel(name) for name in ("identity", "session", "relay")]
         self.identity = identity_grpc.IdentityServiceStub(self._channels[0])
         self.session = session_grpc.SessionServiceStub(self._channels[1])
         self.relay = relay_grpc.RelayServiceStub(self._channels[2])
+        self._max_wait = max_wait_when_limited
+        self._on_wait = on_wait
 
     def close(self) -> None:
         for channel in self._channels:
@@ -70,83 +122,95 @@ class UserClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def register(self, user_id: str, alias: str, keys: UserKeys) -> identity_pb.Profile:
-        request = identity_pb.RegisterUserRequest(
-            user_id=user_id,
-            alias=alias,
-            identity_key=keys.identity_public,
-            verify_key=keys.verify_key,
-            signed_prekey=keys.signed_prekey_proto(),
-            pq_prekey=keys.pq_prekey_proto(),
-            one_time_prekeys=keys.one_time_protos(),
-        )
-        return self.identity.RegisterUser(request, timeout=DEADLINE_SECONDS).profile
+    def _call(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Request, Reply],
+        request: Request,
+        token: str | None = None,
+    ) -> Reply:
+        """One unary call with a deadline; once more after a short rate-limit wait.
+
+        Retrying is safe: RESOURCE_EXHAUSTED means the server did nothing.
+        """
+        metadata = _bearer(token) if token is not None else None
+        try:
+            return method(request, metadata=metadata, timeout=DEADLINE_SECONDS)
+        except grpc.RpcError as exc:
+            delay = retry_delay(exc)
+            if delay is None or delay > self._max_wait:
+                raise
+        if self._on_wait is not None:
+            self._on_wait(delay)
+        time.sleep(delay)
+        return method(request, metadata=metadata, timeout=DEADLINE_SECONDS)
+
+    def register(
+        self,
+        user_id: str,
+        alias: str,
+        keys: UserKeys,
+        metadata: Mapping[str, str] | None = None,
+    ) -> identity_pb.Profile:
+        request = registration_request(user_id, alias, keys, metadata)
+        return self._call(self.identity.RegisterUser, request).profile
 
     def login(self, user_id: str, keys: UserKeys, user_agent: str = "securemsg-cli") -> str:
-        challenge = self.session.CreateChallenge(
-            session_pb.CreateChallengeRequest(user_id=user_id), timeout=DEADLINE_SECONDS
+        challenge = self._call(
+            self.session.CreateChallenge, session_pb.CreateChallengeRequest(user_id=user_id)
         )
-        reply = self.session.CreateSession(
+        reply = self._call(
+            self.session.CreateSession,
             session_pb.CreateSessionRequest(
                 user_id=user_id,
                 challenge_id=challenge.challenge_id,
                 signature=keys.sign_login(user_id, challenge.challenge),
                 user_agent=user_agent,
             ),
-            timeout=DEADLINE_SECONDS,
         )
         return reply.token
 
     def profile(self, token: str) -> identity_pb.Profile:
-        return self.identity.GetOwnProfile(
-            identity_pb.GetOwnProfileRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
+        return self._call(
+            self.identity.GetOwnProfile, identity_pb.GetOwnProfileRequest(), token
         ).profile
 
     def bundle(self, token: str, user_id: str) -> keys_pb2.KeyBundle:
-        return self.identity.GetKeyBundle(
-            identity_pb.GetKeyBundleRequest(user_id=user_id),
-            metadata=_bearer(token),
-            timeout=DEADLINE_SECONDS,
+        return self._call(
+            self.identity.GetKeyBundle, identity_pb.GetKeyBundleRequest(user_id=user_id), token
         ).bundle
 
     def upload_prekeys(self, token: str, prekeys: list[keys_pb2.OneTimePrekey]) -> int:
-        return self.identity.UploadOneTimePrekeys(
+        return self._call(
+            self.identity.UploadOneTimePrekeys,
             identity_pb.UploadOneTimePrekeysRequest(one_time_prekeys=prekeys),
-            metadata=_bearer(token),
-            timeout=DEADLINE_SECONDS,
+            token,
         ).one_time_prekey_count
 
     def sessions(self, token: str) -> list[session_pb2.Session]:
         return list(
-            self.session.ListSessions(
-                session_pb.ListSessionsRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
-            ).sessions
+            self._call(self.session.ListSessions, session_pb.ListSessionsRequest(), token).sessions
         )
 
     def logout(self, token: str) -> None:
-        self.session.DeleteSession(
-            session_pb.DeleteSessionRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
-        )
+        self._call(self.session.DeleteSession, session_pb.DeleteSessionRequest(), token)
 
     def send(self, token: str, recipient_id: str, body: bytes) -> str:
-        return self.relay.SendMessage(
+        return self._call(
+            self.relay.SendMessage,
             relay_pb.SendMessageRequest(recipient_id=recipient_id, body=body),
-            metadata=_bearer(token),
-            timeout=DEADLINE_SECONDS,
+            token,
         ).message_id
 
     def fetch(self, token: str) -> list[relay_pb.Envelope]:
         return list(
-            self.relay.FetchMessages(
-                relay_pb.FetchMessagesRequest(), metadata=_bearer(token), timeout=DEADLINE_SECONDS
-            ).messages
+            self._call(self.relay.FetchMessages, relay_pb.FetchMessagesRequest(), token).messages
         )
 
     def acknowledge(self, token: str, message_ids: list[str]) -> int:
-        return self.relay.AcknowledgeMessages(
+        return self._call(
+            self.relay.AcknowledgeMessages,
             relay_pb.AcknowledgeMessagesRequest(message_ids=message_ids),
-            metadata=_bearer(token),
-            timeout=DEADLINE_SECONDS,
+            token,
         ).acknowledged_count
 
     def follow(self, token: str, seconds: float) -> Iterator[relay_pb.Envelope]:

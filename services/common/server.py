@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from services.common import caller, log, metrics, peers
 from services.common.config import Env, ServerConfig, metrics_port
@@ -209,10 +212,10 @@ def _code_of(exc: Exception) -> grpc.StatusCode:
 async def _abort(context: Context, exc: Exception, method: str, rid: str) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
-    trailing: list[tuple[str, str]] = [(REQUEST_ID_KEY, rid)]
+    trailing: list[tuple[str, Any]] = [(REQUEST_ID_KEY, rid)]
     if isinstance(exc, ServiceError):
         if isinstance(exc, ResourceExhausted) and exc.retry_after is not None:
-            trailing.append(("retry-after", str(max(1, round(exc.retry_after)))))
+            trailing.extend(_retry_trailers(exc, exc.retry_after))
         detail = getattr(exc, "detail", None)
         if detail:
             logger.error(
@@ -225,6 +228,18 @@ async def _abort(context: Context, exc: Exception, method: str, rid: str) -> Non
         f"internal error; quote request id {rid} to an operator",
         trailing_metadata=tuple(trailing),
     )
+
+
+def _retry_trailers(exc: ServiceError, retry_after: float) -> list[tuple[str, Any]]:
+    """When to try again, as gRPC clients expect it: a google.rpc.RetryInfo detail
+    (AIP-193) in the rich status, beside the message text; and the `retry-after` trailer
+    (whole seconds) that clients written before it read."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(retry_after * 1e9))
+    status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
+    status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    rich: list[tuple[str, Any]] = list(rpc_status.to_status(status).trailing_metadata)
+    return [("retry-after", str(max(1, round(retry_after)))), *rich]
 
 
 def server_credentials(
