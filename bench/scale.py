@@ -22,8 +22,9 @@ from securemsg.session.v1 import session_internal_service_pb2_grpc as session_gr
 
 from bench import load
 from bench.rpc_cases import aio_channel
+from services.audit.model import NewEvent
 from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
-from services.audit.store import NewEvent, SqliteAuditStore
+from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import Migration, OpenedDatabase, open_database

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.audit.store import AuditStore, NewEvent, Query, StoredEvent, Verification
+from services.audit.model import AuditStore, NewEvent, Query, StoredEvent, Verification
 from services.common import validation
 from services.common.audit_events import SOURCES
 from services.common.errors import InvalidArgument, PermissionDenied

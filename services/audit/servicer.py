@@ -13,8 +13,8 @@ from securemsg.audit.v1 import audit_service_pb2 as pb
 from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from services.audit.domain import AuditLog, ListRequest, Reader
-from services.audit.store import NewEvent, StoredEvent
-from services.common import caller, convert, peers
+from services.audit.model import NewEvent, StoredEvent
+from services.common import convert, peers
 from services.common.auth import TokenValidator, authenticate
 from services.common.peers import Context
 
@@ -38,13 +38,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self._tokens = tokens
 
     async def _reader(self, context: Context) -> Reader:
-        # The operator certificate on the internal port (plaintext mode: a loopback peer
-        # there); never anyone on the public port, which a same-host proxy may front.
-        name = caller.service_caller()
-        if name == peers.OPERATOR:
-            return Reader(operator=True)
-        sent_token = any(key == "authorization" for key, _ in context.invocation_metadata() or ())
-        if name == caller.LOOPBACK and not sent_token:
+        if peers.acts_as_operator(context):
             return Reader(operator=True)
         user = await authenticate(context, self._tokens)
         return Reader(operator=False, user_id=user.user_id)

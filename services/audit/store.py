@@ -1,21 +1,20 @@
-"""The audit log in an encrypted SQLite file, linked into a keyed hash chain.
+"""The audit log in an encrypted SQLite file, linked into a keyed hash chain (the
+algorithm is in services.audit.chain; this module stores rows, links and the head, the
+head in the same transaction as the rows).
 
-Each row's link is HMAC-SHA256(chain key, previous link || the row's stored bytes), the
-first row chaining from 32 zero bytes. The head (last sequence and link) is kept in its
-own table in the same transaction, so removing events at the end is noticed as well.
 What a stolen file shows: event ids, actions, sources, times, and which events concern
 the same (unnamed) user. User ids and details are ciphertext.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import sqlite3
-import struct
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
+from services.audit import chain
+from services.audit.chain import GENESIS, Boundary, Chain, ChainedRow, Head, LinkedRow
+from services.audit.model import NewEvent, Query, StoredEvent, Verification
 from services.common.crypto import Keyring
 from services.common.errors import IntegrityError
 from services.common.rotation import Rotatable
@@ -60,87 +59,35 @@ MIGRATIONS = [
     ),
 ]
 
-GENESIS = bytes(32)
+
+def _chained(row: sqlite3.Row | dict[str, Any]) -> ChainedRow:
+    return ChainedRow(
+        sequence=row["sequence"],
+        event_id=row["event_id"],
+        action=row["action"],
+        source=row["source"],
+        user_index=None if row["user_index"] is None else bytes(row["user_index"]),
+        user_id_ct=None if row["user_id_ct"] is None else bytes(row["user_id_ct"]),
+        details_ct=bytes(row["details_ct"]),
+        occur_time=row["occur_time"],
+        record_time=row["record_time"],
+    )
 
 
-@dataclass(frozen=True)
-class NewEvent:
-    event_id: str
-    action: str
-    source: str
-    user_id: str
-    occur_time: float
-    details: dict[str, str]
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    sequence: int
-    event_id: str
-    action: str
-    source: str
-    user_id: str
-    occur_time: float
-    record_time: float
-    details: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Query:
-    user_id: str | None
-    action: str | None
-    start_time: float | None
-    end_time: float | None
-    before_sequence: int | None
-    limit: int
-
-
-@dataclass(frozen=True)
-class Verification:
-    ok: bool
-    checked: int
-    first_bad_sequence: int = 0
-    problem: str = ""
-    next_sequence: int = 0  # where the next slice starts; 0 once the end was reached
-    total: int = 0
-
-
-class AuditStore(Protocol):
-    def append(self, events: list[NewEvent], now: float) -> tuple[int, int]: ...
-    def query(self, query: Query) -> list[StoredEvent]: ...
-    def verify(self, start: int = 1, limit: int = 0) -> Verification: ...
-    def counts(self) -> dict[str, int]: ...
-    def rotatables(self) -> list[Rotatable]: ...
-
-
-def _canonical(row: sqlite3.Row | dict[str, object]) -> bytes:
-    parts: list[bytes] = [
-        struct.pack(">Q", row["sequence"]),
-        str(row["event_id"]).encode(),
-        str(row["action"]).encode(),
-        str(row["source"]).encode(),
-        bytes(row["user_index"] or b""),  # type: ignore[arg-type]
-        bytes(row["user_id_ct"] or b""),  # type: ignore[arg-type]
-        bytes(row["details_ct"]),  # type: ignore[arg-type]
-        struct.pack(">dd", row["occur_time"], row["record_time"]),
-    ]
-    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+def _linked(row: sqlite3.Row) -> LinkedRow:
+    return LinkedRow(_chained(row), bytes(row["link"]), int(row["chain_version"]))
 
 
 class SqliteAuditStore:
+    """`AuditStore` in SQLite."""
+
     def __init__(self, db: Database, keyring: Keyring) -> None:
         self._db = db
         self._index = keyring.blind_index("audit_events.user_id")
         self._user_id = keyring.field("audit_events", "user_id")
         self._details = keyring.field("audit_events", "details")
-        self._chain_keys = keyring.chain_keys()
+        self._chain = Chain(keyring.chain_keys(), keyring.primary_version)
         self._primary = keyring.primary_version
-
-    def _link(self, previous: bytes, row: sqlite3.Row | dict[str, object], version: int) -> bytes:
-        key = self._chain_keys.get(version)
-        if key is None:
-            raise IntegrityError(f"audit chain key version {version} is not loaded")
-        return hmac.digest(key, previous + _canonical(row), "sha256")
 
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
         """Appends the batch in order, skipping known event ids: (appended, duplicates)."""
@@ -157,7 +104,7 @@ class SqliteAuditStore:
                     continue
                 sequence += 1
                 row_key = event.event_id.encode()
-                row: dict[str, object] = {
+                row: dict[str, Any] = {
                     "sequence": sequence,
                     "event_id": event.event_id,
                     "action": event.action,
@@ -174,7 +121,7 @@ class SqliteAuditStore:
                     "occur_time": event.occur_time,
                     "record_time": now,
                 }
-                link = self._link(link, row, self._primary)
+                link = self._chain.link(link, _chained(row))
                 conn.execute(
                     """INSERT INTO audit_events (sequence, event_id, action, source, user_index,
                            user_id_ct, details_ct, occur_time, record_time, link, chain_version)
@@ -244,70 +191,52 @@ class SqliteAuditStore:
         """
         start = max(start, 1)
         with self._db.read() as conn:
-            boundary, boundary_link = self._rotation_boundary(conn)
+            boundary = self._rotation_boundary(conn)
             head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
-            head_sequence = head["sequence"] if head else 0
             total = int(conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0])
-            link = GENESIS
+            previous: bytes | None = GENESIS
             if start > 1:
                 before = conn.execute(
                     "SELECT link FROM audit_events WHERE sequence = ?", (start - 1,)
                 ).fetchone()
-                if before is None:
-                    return Verification(
-                        False, 0, start - 1, f"event {start - 1} is missing (deleted)", 0, total
-                    )
-                link = before["link"]
+                previous = None if before is None else bytes(before["link"])
             rows = conn.execute(
                 "SELECT * FROM audit_events WHERE sequence >= ? ORDER BY sequence LIMIT ?",
                 (start, limit if limit > 0 else -1),
             )
-            expected, checked = start, 0
-            for row in rows:
-                if row["sequence"] != expected:
-                    problem = f"event {expected} is missing (deleted)"
-                    return Verification(False, checked, expected, problem, 0, total)
-                if expected == boundary + 1 and boundary_link is not None:
-                    link = boundary_link  # rotation under way: later rows chain on old links
-                try:
-                    link = self._link(link, row, row["chain_version"])
-                except IntegrityError:
-                    problem = f"event {expected} names an unknown chain key"
-                    return Verification(False, checked, expected, problem, 0, total)
-                if not hmac.compare_digest(link, row["link"]):
-                    problem = f"event {expected} was altered, inserted or moved"
-                    return Verification(False, checked, expected, problem, 0, total)
-                checked += 1
-                expected += 1
-        last = expected - 1
-        if limit > 0 and checked == limit and last < max(head_sequence, total):
-            return Verification(True, checked, next_sequence=expected, total=total)
-        if head_sequence != last or (head and not hmac.compare_digest(head["link"], link)):
-            bad = min(head_sequence, last) + 1
-            problem = f"the log ends at {last} but its head says {head_sequence}"
-            return Verification(False, checked, bad, problem, 0, total)
-        return Verification(True, checked, total=total)
+            return chain.verify(
+                self._chain,
+                map(_linked, rows),
+                start=start,
+                previous=previous,
+                head=Head(head["sequence"], bytes(head["link"])) if head else None,
+                boundary=boundary,
+                total=total,
+                limit=limit,
+            )
 
     @staticmethod
-    def _rotation_boundary(conn: sqlite3.Connection) -> tuple[int, bytes | None]:
-        """(last re-chained sequence, its link before re-chaining), or (0, None)."""
+    def _rotation_boundary(conn: sqlite3.Connection) -> Boundary | None:
         row = conn.execute("SELECT boundary, old_link FROM audit_rotation WHERE id = 1").fetchone()
-        return (row["boundary"], row["old_link"]) if row else (0, None)
+        return Boundary(row["boundary"], bytes(row["old_link"])) if row else None
 
     # Key rotation: re-encrypt each event and re-link the chain under the primary key, in
     # sequence order. Every old link is checked before it is replaced, so a rotation never
     # launders tampering: it stops with an integrity error at the first bad event.
 
     def rotatables(self) -> list[Rotatable]:
+        """What key rotation walks (registered by the wiring, see app.py): the log itself."""
         return [self]
 
     def rotate_batch(self, after: int, limit: int) -> tuple[int, int]:
         with self._db.write() as conn:
-            boundary, old_prev = self._rotation_boundary(conn)
-            if old_prev is None:
+            started = self._rotation_boundary(conn)
+            if started is None:
                 if after > 0:  # this pass already reached the head and closed the rotation
                     return after, 0
-                old_prev = GENESIS
+                boundary, old_prev = 0, GENESIS
+            else:
+                boundary, old_prev = started.sequence, started.old_link
             rows = conn.execute(
                 "SELECT * FROM audit_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
                 (boundary, limit),
@@ -320,9 +249,7 @@ class SqliteAuditStore:
             ).fetchone()
             new_prev = previous["link"] if previous else GENESIS
             for row in rows:
-                if not hmac.compare_digest(
-                    self._link(old_prev, row, row["chain_version"]), row["link"]
-                ):
+                if not self._chain.holds(old_prev, _linked(row)):
                     raise IntegrityError(
                         f"audit event {row['sequence']} fails its link; rotation stopped"
                     )
@@ -350,7 +277,7 @@ class SqliteAuditStore:
             user_id = self._user_id.decrypt_text(row["user_id_ct"], row_key)
             updated["user_id_ct"] = self._user_id.encrypt_text(user_id, row_key)
             updated["user_index"] = self._index(user_id)
-        link = self._link(prev, updated, self._primary)
+        link = self._chain.link(prev, _chained(updated))
         conn.execute(
             """UPDATE audit_events SET details_ct = ?, user_id_ct = ?, user_index = ?, link = ?,
                    chain_version = ? WHERE sequence = ?""",
@@ -367,10 +294,10 @@ class SqliteAuditStore:
 
     def remaining(self) -> int:
         with self._db.read() as conn:
-            boundary, old_link = self._rotation_boundary(conn)
-            if old_link is not None:
+            boundary = self._rotation_boundary(conn)
+            if boundary is not None:
                 query = "SELECT COUNT(*) FROM audit_events WHERE sequence > ?"
-                return int(conn.execute(query, (boundary,)).fetchone()[0])
+                return int(conn.execute(query, (boundary.sequence,)).fetchone()[0])
             query = "SELECT COUNT(*) FROM audit_events WHERE chain_version != ?"
             return int(conn.execute(query, (self._primary,)).fetchone()[0])
 

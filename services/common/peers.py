@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from services.common import caller
 from services.common.errors import PermissionDenied
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -46,6 +47,19 @@ def peer_host(context: Context) -> str:
     if kind in {"ipv4", "ipv6"}:
         return rest.rsplit(":", 1)[0].strip("[]")
     return peer
+
+
+def acts_as_operator(context: Context) -> bool:
+    """Whether the caller of a public API reads as the operator (the audit log: any
+    user's events): the operator certificate on the internal port, or in plaintext mode a
+    loopback peer on the internal port (see services.common.caller) that sent no bearer
+    token; one that did is a user. Nobody on the public port, which a same-host proxy
+    may front."""
+    name = caller.service_caller()
+    if name == OPERATOR:
+        return True
+    sent_token = any(key == "authorization" for key, _ in context.invocation_metadata() or ())
+    return name == caller.LOOPBACK and not sent_token
 
 
 def authorize(context: Context, allowed: frozenset[str], *, insecure: bool) -> str:

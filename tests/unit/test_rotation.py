@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from services.audit.model import NewEvent, Query
 from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
-from services.audit.store import NewEvent, Query, SqliteAuditStore
+from services.audit.store import SqliteAuditStore
 from services.client.keys import UserKeys
 from services.common.errors import IntegrityError, StartupError
 from services.common.outbox import SqliteOutbox
