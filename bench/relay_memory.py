@@ -6,7 +6,8 @@ import gc
 import tracemalloc
 
 from services.common.outbox import MemoryOutbox
-from services.relay.queues import MessageQueues, RelayLimits
+from services.relay.model import RelayLimits
+from services.relay.queues import MessageQueues
 
 BODY = bytes(256)
 

@@ -29,6 +29,10 @@ INTEGRITY_FAILURES = Counter(
     ["field"],
 )
 AUDIT_SHIPPED = Counter("securemsg_audit_events_shipped_total", "Audit events delivered")
+AUDIT_DROPPED = Counter(
+    "securemsg_audit_events_dropped_total",
+    "Audit events dropped because the relay's in-memory outbox was full",
+)
 AUDIT_SHIP_FAILURES = Counter(
     "securemsg_audit_ship_failures_total", "Failed attempts to deliver audit events"
 )

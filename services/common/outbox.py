@@ -8,7 +8,9 @@ The audit service ignores event ids it already has, so a batch sent twice (say, 
 process died between acknowledgement and deletion) is stored once.
 
 The relay has no database; `MemoryOutbox` gives it the same shipper over a bounded
-in-memory queue (events past the bound are counted and dropped).
+in-memory queue. Events past the bound are dropped, never silently: each is counted
+(`securemsg_audit_events_dropped_total`, GetRelayStats.audit_events_dropped) and the log
+says when dropping starts and, with the count, when there is room again.
 """
 
 from __future__ import annotations
@@ -114,11 +116,20 @@ class MemoryOutbox:
         self._events: deque[tuple[int, audit_event_pb2.AuditEvent]] = deque()
         self._capacity = capacity
         self._next_id = 1
-        self.dropped = 0
+        self.dropped = 0  # since start
+        self._dropped_while_full = 0  # since the outbox last had room
 
     def record(self, record: AuditRecord) -> None:
         if len(self._events) >= self._capacity:
             self.dropped += 1
+            self._dropped_while_full += 1
+            metrics.AUDIT_DROPPED.inc()
+            if self._dropped_while_full == 1:  # one line per episode, not one per event
+                logger.error(
+                    "audit outbox full: dropping audit events until the audit service "
+                    "accepts the backlog",
+                    extra={"fields": {"capacity": self._capacity, "action": record.action}},
+                )
             return
         self._events.append((self._next_id, record.to_proto(self._source)))
         self._next_id += 1
@@ -130,6 +141,12 @@ class MemoryOutbox:
         gone = set(ids)
         while self._events and self._events[0][0] in gone:
             self._events.popleft()
+        if self._dropped_while_full and len(self._events) < self._capacity:
+            logger.error(
+                "audit outbox has room again; audit events were dropped while it was full",
+                extra={"fields": {"dropped": self._dropped_while_full, "total": self.dropped}},
+            )
+            self._dropped_while_full = 0
 
     def backlog(self) -> int:
         return len(self._events)

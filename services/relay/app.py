@@ -20,7 +20,9 @@ from services.common.errors import StartupError
 from services.common.identity_client import RemoteIdentityDirectory
 from services.common.outbox import MemoryOutbox, OutboxShipper
 from services.common.server import App, ServiceBinding
-from services.relay.queues import MessageQueues, RelayLimits
+from services.relay.domain import Relay
+from services.relay.model import RelayLimits
+from services.relay.queues import MessageQueues
 from services.relay.servicer import RelayAdminServicer, RelayServicer
 
 SERVICE = "relay"
@@ -70,6 +72,15 @@ async def build(env: Env) -> App:
     identity_channel = open_channel(
         env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"), tls
     )
+    relay = Relay(
+        queues,
+        RemoteIdentityDirectory(
+            identity_channel,
+            active_cache_seconds=env.number("RECIPIENT_CACHE_SECONDS", 10.0),
+        ),
+        revalidate_seconds=env.number("RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1),
+        fetch_budget_bytes=message_budget,
+    )
     sweep_interval = env.number("RELAY_SWEEP_INTERVAL_SECONDS", 1.0, minimum=0.05)
 
     async def sweep_forever() -> None:
@@ -92,24 +103,16 @@ async def build(env: Env) -> App:
             ServiceBinding(
                 f"{PACKAGE}.RelayService",
                 RelayServicer(
-                    queues,
+                    relay,
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
-                    RemoteIdentityDirectory(
-                        identity_channel,
-                        active_cache_seconds=env.number("RECIPIENT_CACHE_SECONDS", 10.0),
-                    ),
-                    revalidate_seconds=env.number(
-                        "RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1
-                    ),
-                    fetch_budget_bytes=message_budget,
                 ),
                 pb_grpc.add_RelayServiceServicer_to_server,
             ),
             ServiceBinding(
                 f"{PACKAGE}.RelayAdminService",
-                RelayAdminServicer(queues, outbox),
+                RelayAdminServicer(relay, outbox.backlog, lambda: outbox.dropped),
                 admin_grpc.add_RelayAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),

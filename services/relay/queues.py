@@ -12,48 +12,12 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.ratelimit import SlidingWindowLimiter
-
-# Bookkeeping per queued message beyond its body (object, id, dict slots, heap entry),
-# counted against the caps so that many tiny messages cannot outgrow them.
-MESSAGE_OVERHEAD_BYTES = 512
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    max_body_bytes: int = 64 * 1024
-    default_ttl: float = 24 * 3600.0
-    max_ttl: float = 7 * 24 * 3600.0
-    max_queue_messages: int = 1000
-    max_queue_bytes: int = 8 * 1024 * 1024
-    max_total_bytes: int = 256 * 1024 * 1024
-    sends_per_minute: int = 600
-
-
-class Message:
-    __slots__ = ("body", "expire_time", "message_id", "send_time", "sender_id")
-
-    def __init__(
-        self, message_id: str, sender_id: str, body: bytearray, send_time: float, expire: float
-    ) -> None:
-        self.message_id = message_id
-        self.sender_id = sender_id
-        self.body = body
-        self.send_time = send_time
-        self.expire_time = expire
-
-    @property
-    def cost(self) -> int:
-        return len(self.body) + MESSAGE_OVERHEAD_BYTES
-
-    def wipe(self) -> None:
-        """Best effort: overwrite the body we own (copies made by gRPC are not ours)."""
-        self.body[:] = bytes(len(self.body))
+from services.relay.model import MESSAGE_OVERHEAD_BYTES, Message, RelayLimits, RelayStats
 
 
 class _Mailbox:
@@ -64,14 +28,6 @@ class _Mailbox:
         self.messages: OrderedDict[str, Message] = OrderedDict()
         self.cost = 0
         self.wakeups: set[asyncio.Event] = set()
-
-
-@dataclass(frozen=True)
-class RelayStats:
-    queued_messages: int
-    queued_bytes: int
-    recipients: int
-    subscribers: int
 
 
 class MessageQueues:

@@ -6,7 +6,8 @@ import pytest
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.outbox import MemoryOutbox
-from services.relay.queues import MESSAGE_OVERHEAD_BYTES, MessageQueues, RelayLimits
+from services.relay.model import MESSAGE_OVERHEAD_BYTES, RelayLimits
+from services.relay.queues import MessageQueues
 from tests.unit.conftest import FakeClock
 
 
