@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import StartupError
+from services.common.errors import ResourceExhausted, StartupError
 from services.common.sqlite import Migration, OpenedDatabase, open_database
 
 MIGRATIONS = [
@@ -23,6 +23,7 @@ def open_notes(path: Path, key: str = "a sufficiently long key", **kw: object) -
         kdf_iterations=100_000,
         migrations=kw.pop("migrations", MIGRATIONS),  # type: ignore[arg-type]
         synchronous="FULL",
+        max_bytes=kw.pop("max_bytes", 0),  # type: ignore[arg-type]
     )
 
 
@@ -132,3 +133,53 @@ def test_a_snapshot_is_a_consistent_readable_copy(tmp_path: Path) -> None:
     assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert copy.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 50
     copy.close()
+
+
+def test_a_full_database_is_resource_exhausted_and_keeps_nothing_of_the_write(
+    tmp_path: Path,
+) -> None:
+    opened = open_notes(tmp_path / "notes.db", max_bytes=256 * 1024)
+
+    def too_much() -> None:
+        with opened.database.write() as conn:
+            conn.execute("INSERT INTO notes (id, body) VALUES (1, x'00')")
+            conn.execute("INSERT INTO notes (id, body) VALUES (2, zeroblob(1000000))")
+
+    with pytest.raises(ResourceExhausted, match="storage is full"):
+        too_much()
+    with opened.database.read() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 0
+    opened.database.close()
+
+
+def test_other_errors_that_mention_full_stay_what_they_are(tmp_path: Path) -> None:
+    opened = open_notes(tmp_path / "notes.db")
+
+    def typo() -> None:
+        with opened.database.write() as conn:
+            conn.execute("SELECT * FROM fullness")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table: fullness"):
+        typo()
+    opened.database.close()
+
+
+def test_a_file_from_before_the_key_tables_had_migrations_is_brought_up_to_date(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notes.db"
+    open_notes(path).database.close()
+    old = sqlite3.connect(path)  # as the previous release left it
+    old.executescript("DROP TABLE key_retirements; DROP TABLE securemsg_schema;")
+    old.close()
+    opened = open_notes(path)
+    with opened.database.read() as conn:
+        assert conn.execute("SELECT version FROM securemsg_schema").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM key_retirements").fetchone()[0] == 0
+    opened.database.close()
+    newer = sqlite3.connect(path)
+    newer.execute("UPDATE securemsg_schema SET version = 3")
+    newer.commit()
+    newer.close()
+    with pytest.raises(StartupError, match="newer than this release"):
+        open_notes(path)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -27,6 +25,7 @@ from psycopg.rows import tuple_row
 
 from services.common import crypto
 from services.common.errors import StartupError, Unavailable
+from services.common.keyversions import Derivations, plan_unlock
 from services.common.postgres.database import (
     Connection,
     KeyVersionGuard,
@@ -34,10 +33,7 @@ from services.common.postgres.database import (
     PoolSettings,
     open_pool,
 )
-
-# Key planning is the same on both backends: which versions the given keys unlock,
-# whether the primary one is retired, which are missing.
-from services.common.sqlite import Migration, _Derivations, _plan
+from services.common.schema import Migration, check_numbering
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +88,7 @@ def open_pg_database(
     Raises StartupError, having changed nothing, when the keys do not unlock the database,
     its schema is newer than this release, or the database cannot be reached.
     """
-    _check_migrations(migrations)
+    check_numbering(migrations)
     settings = settings or PoolSettings(size=PoolSettings.default_size())
     db = open_pool(url, settings, name=service)
     try:
@@ -112,12 +108,6 @@ def open_pg_database(
         raise
     db.guard = KeyVersionGuard(primary)
     return OpenedPgDatabase(db, crypto.Keyring(service, versions, primary=primary))
-
-
-def _check_migrations(migrations: Sequence[Migration]) -> None:
-    versions = [m.version for m in migrations]
-    if not versions or versions != list(range(1, len(versions) + 1)):
-        raise ValueError("migrations must be numbered 1, 2, 3, ... without gaps")
 
 
 def _create_base(conn: Connection) -> None:
@@ -143,8 +133,8 @@ def _migrate_and_unlock(
     old_keys: Sequence[str],
     kdf_iterations: int,
 ) -> tuple[list[crypto.KeyVersion], int]:
-    primary = _Derivations(master_key)
-    olds = [_Derivations(key) for key in old_keys if key != master_key]
+    primary = Derivations(master_key)
+    olds = [Derivations(key) for key in old_keys if key != master_key]
     with conn.transaction():
         row = conn.execute(
             "SELECT version FROM securemsg_schema WHERE id = 1 FOR UPDATE"
@@ -154,7 +144,7 @@ def _migrate_and_unlock(
         retired = {int(r["version"]) for r in conn.execute("SELECT version FROM key_retirements")}
         # Checked before anything is written: a wrong key rolls back an untouched database.
         known, loaded = (
-            (None, {}) if not rows else _plan("the database", _rows(rows), retired, primary, olds)
+            (None, {}) if not rows else plan_unlock("the database", rows, retired, primary, olds)
         )
         latest = migrations[-1].version
         if current > latest:
@@ -187,7 +177,7 @@ def _key_rows(conn: Connection) -> list[tuple[int, bytes, int, bytes]]:
 
 
 def _add_version(
-    conn: Connection, derived: _Derivations, iterations: int, version: int
+    conn: Connection, derived: Derivations, iterations: int, version: int
 ) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
@@ -235,10 +225,4 @@ def check_unlocks(conn: psycopg.Connection[object], master_key: str) -> None:
         ) from None
     if not rows:
         raise StartupError("the database has no key metadata; it is not a SecureMsg database")
-    _plan("the restored database", _rows(rows), retired, _Derivations(master_key), [])
-
-
-def _rows(rows: list[tuple[int, bytes, int, bytes]]) -> list[sqlite3.Row]:
-    # _plan only unpacks (version, salt, iterations, check) tuples; it is typed for
-    # sqlite3.Row, which it shares with the SQLite base.
-    return cast("list[sqlite3.Row]", rows)
+    plan_unlock("the restored database", rows, retired, Derivations(master_key), [])
