@@ -28,7 +28,7 @@ from bench.echo_server import METHOD
 from services.client.keys import UserKeys
 from services.common import convert
 from tests.support.stack import Stack, free_port
-from tests.support.users import Client, registration
+from tests.support.users import new_user, registration, user_client
 
 PAYLOAD = bytes(120)  # about the size of the smaller requests below
 PRODUCTION_CACHES = {"TOKEN_CACHE_SECONDS": "2", "RECIPIENT_CACHE_SECONDS": "10"}
@@ -87,14 +87,14 @@ async def echo_ceiling(stack: Stack, concurrency: int, seconds: float) -> load.R
 
 
 async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load.Result]:
-    client = Client(stack)
-    reader_keys = client.register("bench-reader")
+    client = user_client(stack)
+    reader_keys = new_user(client, "bench-reader")
     token = client.login("bench-reader", reader_keys)
     for i in range(50):
-        client.register(f"bench-peer{i}", one_time=100)
-    client.register("bench-inbox", one_time=0)
+        new_user(client, f"bench-peer{i}", one_time=100)
+    new_user(client, "bench-inbox", one_time=0)
     inbox_token = (
-        client.login("bench-inbox", client.register("bench-inbox2", one_time=0)) if False else ""
+        client.login("bench-inbox", new_user(client, "bench-inbox2", one_time=0)) if False else ""
     )
     inbox_keys = UserKeys.generate(0)
     client.identity.RegisterUser(registration("bench-sink", inbox_keys), timeout=10)

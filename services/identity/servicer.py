@@ -32,6 +32,22 @@ def _one_time(messages: object) -> list[OneTimePrekey]:
     return [OneTimePrekey(m.key_id, m.public_key) for m in messages]  # type: ignore[attr-defined]
 
 
+def registration_from_request(request: pb.RegisterUserRequest) -> Registration:
+    """The domain's view of a RegisterUser request; absent prekeys become None."""
+    return Registration(
+        user_id=request.user_id,
+        alias=request.alias,
+        metadata=dict(request.metadata),
+        identity_key=request.identity_key,
+        verify_key=request.verify_key,
+        signed_prekey=(
+            _signed_key(request.signed_prekey) if request.HasField("signed_prekey") else None
+        ),
+        pq_prekey=_signed_key(request.pq_prekey) if request.HasField("pq_prekey") else None,
+        one_time_prekeys=_one_time(request.one_time_prekeys),
+    )
+
+
 def _profile(user: User) -> pb.Profile:
     return pb.Profile(
         user_id=user.user_id,
@@ -75,18 +91,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def RegisterUser(
         self, request: pb.RegisterUserRequest, context: Context
     ) -> pb.RegisterUserResponse:
-        registration = Registration(
-            user_id=request.user_id,
-            alias=request.alias,
-            metadata=dict(request.metadata),
-            identity_key=request.identity_key,
-            verify_key=request.verify_key,
-            signed_prekey=(
-                _signed_key(request.signed_prekey) if request.HasField("signed_prekey") else None
-            ),
-            pq_prekey=_signed_key(request.pq_prekey) if request.HasField("pq_prekey") else None,
-            one_time_prekeys=_one_time(request.one_time_prekeys),
-        )
+        registration = registration_from_request(request)
         user = await asyncio.to_thread(
             self._identity.register, registration, peers.peer_host(context)
         )

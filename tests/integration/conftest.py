@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from services.client.sdk import UserClient
 from tests.support.stack import Stack
-from tests.support.users import Client
-
-pytestmark = pytest.mark.integration
+from tests.support.users import user_client
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def client(stack: Stack) -> Iterator[Client]:
-    client = Client(stack)
+def client(stack: Stack) -> Iterator[UserClient]:
+    client = user_client(stack)
     yield client
     client.close()

@@ -20,7 +20,7 @@ from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin
 from services.common import convert
 from tests.support.audit import append, audit_total, events, operator_list
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, details
+from tests.support.users import bearer, details, new_user, user_client
 
 ALL = ("identity", "session", "relay", "audit")
 
@@ -55,8 +55,8 @@ def test_events_made_while_audit_is_down_arrive_once_and_in_order(
     stack_without_audit: Stack,
 ) -> None:
     stack = stack_without_audit
-    client = Client(stack)
-    users = {f"user{i}": client.register(f"user{i}") for i in range(10)}
+    client = user_client(stack)
+    users = {f"user{i}": new_user(client, f"user{i}") for i in range(10)}
     for n in range(200):
         user_id = f"user{n % 10}"
         client.login(user_id, users[user_id])
@@ -81,8 +81,8 @@ def test_events_made_while_audit_is_down_arrive_once_and_in_order(
 
 def test_kill_9_with_a_full_outbox_loses_no_event(stack_without_audit: Stack) -> None:
     stack = stack_without_audit
-    client = Client(stack)
-    keys = client.register("victim")
+    client = user_client(stack)
+    keys = new_user(client, "victim")
     for _ in range(30):
         client.login("victim", keys)
     stack["session"].kill()
@@ -250,9 +250,9 @@ def test_users_read_only_their_own_events(tmp_path: Path) -> None:
     stack = Stack(tmp_path, ALL)
     stack.start()
     try:
-        client = Client(stack)
-        alice_token = client.login("alice", client.register("alice"))
-        client.login("bob", client.register("bob"))
+        client = user_client(stack)
+        alice_token = client.login("alice", new_user(client, "alice"))
+        client.login("bob", new_user(client, "bob"))
         wait_for_total(stack, 4)
         with stack.channel("audit") as channel:
             stub = pb_grpc.AuditServiceStub(channel)

@@ -17,7 +17,7 @@ from google.protobuf.descriptor import MethodDescriptor
 
 from tests.support.rpc import POLICY, empty_request, status_of
 from tests.support.stack import Stack
-from tests.support.users import Client
+from tests.support.users import new_user, user_client
 
 CERTS = ("identity", "session", "relay", "audit", "operator")
 CALLERS = ("anonymous", "user", *CERTS)
@@ -58,9 +58,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def fresh_token(stack: Stack) -> str:
     """A new user per cell: some calls (DeactivateAccount, DeleteSession) are final."""
-    client = Client(stack)
+    client = user_client(stack)
     user_id = f"matrix-{uuid.uuid4().hex[:12]}"
-    token = client.login(user_id, client.register(user_id, one_time=1))
+    token = client.login(user_id, new_user(client, user_id, one_time=1))
     client.close()
     return token
 

@@ -18,7 +18,7 @@ from securemsg.identity.v1 import identity_internal_service_pb2_grpc as identity
 
 from tests.support.audit import append, audit_total, events, operator_list
 from tests.support.stack import Stack
-from tests.support.users import Client, details, validate
+from tests.support.users import details, new_user, user_client, validate
 
 
 def hammer(work: Callable[[int, int], object], seconds: float, threads: int = 6) -> list[object]:
@@ -61,11 +61,11 @@ def test_kill_9_during_registrations_loses_no_acknowledged_user(tmp_path: Path) 
     stack = Stack(tmp_path, ("identity", "session"))
     stack.start()
     try:
-        clients = [Client(stack) for _ in range(6)]
+        clients = [user_client(stack) for _ in range(6)]
 
         def register(worker: int, n: int) -> str:
             user_id = f"w{worker}-{n}"
-            clients[worker].register(user_id, one_time=1)
+            new_user(clients[worker], user_id, one_time=1)
             return user_id
 
         acknowledged = kill_during(stack, "identity", register)
@@ -89,9 +89,9 @@ def test_kill_9_during_logins_loses_no_acknowledged_session(tmp_path: Path) -> N
     })  # fmt: skip
     stack.start()
     try:
-        setup = Client(stack)
-        keys = {w: setup.register(f"user{w}") for w in range(6)}
-        clients = [Client(stack) for _ in range(6)]
+        setup = user_client(stack)
+        keys = {w: new_user(setup, f"user{w}") for w in range(6)}
+        clients = [user_client(stack) for _ in range(6)]
 
         def login(worker: int, n: int) -> str:
             return clients[worker].login(f"user{worker}", keys[worker])
@@ -135,11 +135,11 @@ def test_a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns(
     stack = Stack(tmp_path, ("identity", "session"), extra_env=limit)
     stack.start()
     try:
-        client = Client(stack)
+        client = user_client(stack)
         registered, refusal = 0, None
         for n in range(500):
             try:
-                client.register(f"filler{n}", one_time=20)
+                new_user(client, f"filler{n}", one_time=20)
                 registered += 1
             except grpc.RpcError as exc:
                 refusal = exc
@@ -159,8 +159,8 @@ def test_a_full_disk_refuses_writes_cleanly_and_recovers_when_space_returns(
         identity.stop()
         identity.env["DB_MAX_BYTES"] = str(64 * 1024 * 1024)
         identity.start()
-        client.register(failed, one_time=20)
-        keys = client.register("after-recovery")
+        new_user(client, failed, one_time=20)
+        keys = new_user(client, "after-recovery")
         assert client.profile(client.login("after-recovery", keys)).user_id == "after-recovery"
         assert registered > 5
     finally:
@@ -173,9 +173,9 @@ def test_a_damaged_database_refuses_to_start_and_stays_as_it_was(
 ) -> None:
     stack = Stack(tmp_path, ("identity", "session"))
     stack.start()
-    client = Client(stack)
+    client = user_client(stack)
     for n in range(60):
-        client.register(f"user{n}", one_time=20)
+        new_user(client, f"user{n}", one_time=20)
     stack.stop()
     db = stack.db_path("identity")
     raw = bytearray(db.read_bytes())
@@ -196,14 +196,14 @@ def test_a_hanging_audit_service_does_not_stall_logins(tmp_path: Path) -> None:
     stack = Stack(tmp_path, ("identity", "session", "audit"))
     stack.start()
     try:
-        client = Client(stack)
-        keys = client.register("alice")
+        client = user_client(stack)
+        keys = new_user(client, "alice")
         audit_pid = stack["audit"].pid
         os.kill(audit_pid, signal.SIGSTOP)  # alive, accepting connections, answering nothing
         try:
             for _ in range(15):  # each call has a 10 s deadline; a stall would blow it
                 client.login("alice", keys)
-            client.register("bob")
+            new_user(client, "bob")
         finally:
             os.kill(audit_pid, signal.SIGCONT)
         deadline = time.monotonic() + 30

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from services.launcher.health import check
 from tests.support.rpc import POLICY, status_of
 from tests.support.stack import PACKAGES, Stack
-from tests.support.users import Client
+from tests.support.users import new_user, user_client
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "20"))
 DOCUMENTED = {
@@ -154,9 +154,9 @@ def credentials(stack: Stack, cert: str | None) -> tuple[tuple[str, str], ...]:
     """A fresh user's bearer token for public RPCs; nothing for certificate callers."""
     if cert is not None:
         return ()
-    client = Client(stack)
+    client = user_client(stack)
     user_id = f"fuzz-{uuid.uuid4().hex[:10]}"
-    token = client.login(user_id, client.register(user_id))
+    token = client.login(user_id, new_user(client, user_id))
     client.close()
     return (("authorization", f"Bearer {token}"),)
 

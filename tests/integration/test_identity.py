@@ -15,14 +15,15 @@ from securemsg.identity.v1 import identity_service_pb2 as pb
 from securemsg.identity.v1 import keys_pb2
 
 from services.client.keys import UserKeys
+from services.client.sdk import UserClient
 from services.identity.keys import fingerprint
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, details, registration
+from tests.support.users import bearer, details, new_user, registration, user_client
 
 
-def test_register_login_fetch_bundle_and_refill_prekeys(client: Client) -> None:
-    alice = client.register("alice", one_time=3, alias="Alice Liddell")
-    bob = client.register("bob", one_time=0)
+def test_register_login_fetch_bundle_and_refill_prekeys(client: UserClient) -> None:
+    alice = new_user(client, "alice", one_time=3, alias="Alice Liddell")
+    bob = new_user(client, "bob", one_time=0)
     bob_token = client.login("bob", bob)
 
     profile = client.profile(client.login("alice", alice))
@@ -61,9 +62,9 @@ def test_register_login_fetch_bundle_and_refill_prekeys(client: Client) -> None:
     assert refilled.one_time_prekey_count == 7
 
 
-def test_bundle_without_one_time_prekeys_still_serves_the_signed_keys(client: Client) -> None:
-    client.register("carol", one_time=0)
-    token = client.login("dave", client.register("dave"))
+def test_bundle_without_one_time_prekeys_still_serves_the_signed_keys(client: UserClient) -> None:
+    new_user(client, "carol", one_time=0)
+    token = client.login("dave", new_user(client, "dave"))
     bundle = client.identity.GetKeyBundle(
         pb.GetKeyBundleRequest(user_id="carol"), metadata=bearer(token), timeout=10
     ).bundle
@@ -71,9 +72,9 @@ def test_bundle_without_one_time_prekeys_still_serves_the_signed_keys(client: Cl
     assert len(bundle.signed_prekey.public_key) == 32
 
 
-def test_twenty_concurrent_fetches_never_share_a_one_time_prekey(client: Client) -> None:
-    client.register("popular", one_time=15)
-    token = client.login("fan", client.register("fan"))
+def test_twenty_concurrent_fetches_never_share_a_one_time_prekey(client: UserClient) -> None:
+    new_user(client, "popular", one_time=15)
+    token = client.login("fan", new_user(client, "fan"))
 
     def fetch(_: int) -> int | None:
         bundle = client.identity.GetKeyBundle(
@@ -88,15 +89,15 @@ def test_twenty_concurrent_fetches_never_share_a_one_time_prekey(client: Client)
     assert results.count(None) == 5  # the pool ran dry; those got bundles without one
 
 
-def test_data_survives_a_restart(stack: Stack, client: Client) -> None:
-    keys = client.register("persistent", alias="Still Here")
+def test_data_survives_a_restart(stack: Stack, client: UserClient) -> None:
+    keys = new_user(client, "persistent", alias="Still Here")
     stack["identity"].restart()
     stack["session"].restart()
     assert client.profile(client.login("persistent", keys)).alias == "Still Here"
 
 
 def test_wrong_key_refuses_to_start_and_leaves_the_file_unchanged(stack: Stack) -> None:
-    Client(stack).register("someone")
+    new_user(user_client(stack), "someone")
     identity = stack["identity"]
     identity.stop()
     db = stack.db_path("identity")
@@ -116,9 +117,9 @@ def test_wrong_key_refuses_to_start_and_leaves_the_file_unchanged(stack: Stack) 
 
 
 def test_the_database_file_holds_no_user_id_alias_or_metadata(stack: Stack) -> None:
-    client = Client(stack)
-    client.register(
-        "zebra-unique-id", alias="Zebedee Plaintext", metadata={"city": "Atlantis-Secret"}
+    client = user_client(stack)
+    new_user(
+        client, "zebra-unique-id", alias="Zebedee Plaintext", metadata={"city": "Atlantis-Secret"}
     )
     stack["identity"].stop()  # checkpoint the WAL so everything is in the main file
     raw = b"".join(p.read_bytes() for p in stack.layout.data.glob("identity.db*") if p.is_file())
@@ -128,9 +129,9 @@ def test_the_database_file_holds_no_user_id_alias_or_metadata(stack: Stack) -> N
 
 
 def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -> None:
-    client = Client(stack)
-    client.register("victim", alias="Victim Alias")
-    mallory = client.register("mallory", alias="Mallory Alias")
+    client = user_client(stack)
+    new_user(client, "victim", alias="Victim Alias")
+    mallory = new_user(client, "mallory", alias="Mallory Alias")
     stack["identity"].stop()
     with sqlite3.connect(stack.db_path("identity")) as conn:
         conn.execute(
@@ -146,7 +147,7 @@ def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -
     assert "Victim" not in details(error.value)
 
 
-def test_a_forged_signed_prekey_signature_is_invalid_argument(client: Client) -> None:
+def test_a_forged_signed_prekey_signature_is_invalid_argument(client: UserClient) -> None:
     keys = UserKeys.generate(0)
     forged = keys.signed_prekey_proto()
     forged.signature = bytes(64)
@@ -163,71 +164,26 @@ def _other_signature(keys: UserKeys) -> keys_pb2.SignedPrekey:
     return forged
 
 
-MALFORMED = [
-    ({"user_id": ""}, "user_id is required"),
-    ({"user_id": "ab"}, "user_id must be 3 to 32 characters"),
-    ({"user_id": "Alice"}, "user_id must be 3 to 32 characters"),
-    ({"user_id": "a" * 33}, "user_id must be 3 to 32 characters"),
-    ({"user_id": "bad user"}, "user_id must be 3 to 32 characters"),
-    ({"alias": "x" * 65}, "alias is 65 characters; the limit is 64"),
-    ({"alias": "bell\x07"}, "alias must not contain control"),
-    ({"identity_key": b""}, "identity_key is required"),
-    ({"identity_key": b"\x01" * 31}, "identity_key must be exactly 32 bytes, got 31"),
-    ({"verify_key": b"\x01" * 33}, "verify_key must be exactly 32 bytes, got 33"),
-    ({"metadata": {"Bad-Key": "v"}}, "metadata keys must be 1 to 32 characters"),
-    ({"metadata": {"k": "v" * 257}}, "metadata[k] is 257 characters; the limit is 256"),
-    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata has 17 entries"),
-    ({"signed_prekey": None}, "signed_prekey is required"),
-    ({"pq_prekey": None}, "pq_prekey is required"),
-    (
-        {"pq_prekey": keys_pb2.PqPrekey(key_id=1, public_key=b"\x00" * 100, signature=bytes(64))},
-        "pq_prekey.public_key must be exactly 1184 bytes, got 100",
-    ),
-    (
-        {"one_time_prekeys": [keys_pb2.OneTimePrekey(key_id=1, public_key=b"\x00" * 3)]},
-        "one_time_prekeys[0].public_key must be exactly 32 bytes, got 3",
-    ),
-    (
-        {"one_time_prekeys": [keys_pb2.OneTimePrekey(key_id=1, public_key=bytes(32))] * 2},
-        "one_time_prekeys[1].key_id 1 is repeated",
-    ),
-    (
-        {
-            "one_time_prekeys": [
-                keys_pb2.OneTimePrekey(key_id=i, public_key=bytes(32)) for i in range(101)
-            ]
-        },
-        "at most 100 per request",
-    ),
-]
-
-
-@pytest.mark.parametrize(("overrides", "message"), MALFORMED)
+# Every malformed field has its unit test (tests/unit/test_registration_validation.py);
+# these two prove that the validation's errors reach a client as INVALID_ARGUMENT.
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"user_id": "bad user"}, "user_id must be 3 to 32 characters"),
+        ({"pq_prekey": None}, "pq_prekey is required"),
+    ],
+)
 def test_malformed_registration_fields_are_invalid_argument(
-    client: Client, overrides: dict[str, object], message: str
+    client: UserClient, overrides: dict[str, object], message: str
 ) -> None:
-    keys = UserKeys.generate(1)
-    request = registration("newcomer", keys)
-    for field, value in overrides.items():
-        if value is None:
-            request.ClearField(field)  # type: ignore[arg-type]
-        elif field == "metadata":
-            request.metadata.clear()
-            request.metadata.update(dict(value))  # type: ignore[call-overload]
-        elif field == "one_time_prekeys":
-            del request.one_time_prekeys[:]
-            request.one_time_prekeys.extend(value)  # type: ignore[arg-type]
-        elif isinstance(value, keys_pb2.PqPrekey):
-            request.pq_prekey.CopyFrom(value)
-        else:
-            setattr(request, field, value)
+    request = registration("newcomer", UserKeys.generate(1), **overrides)
     with pytest.raises(grpc.RpcError) as error:
         client.identity.RegisterUser(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details(error.value)
 
 
-def test_a_signature_by_another_key_is_rejected(client: Client) -> None:
+def test_a_signature_by_another_key_is_rejected(client: UserClient) -> None:
     keys = UserKeys.generate(0)
     with pytest.raises(grpc.RpcError) as error:
         client.identity.RegisterUser(
@@ -236,14 +192,14 @@ def test_a_signature_by_another_key_is_rejected(client: Client) -> None:
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_taken_user_id_is_already_exists(client: Client) -> None:
-    client.register("taken")
+def test_a_taken_user_id_is_already_exists(client: UserClient) -> None:
+    new_user(client, "taken")
     with pytest.raises(grpc.RpcError) as error:
-        client.register("taken")
+        new_user(client, "taken")
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def test_calls_without_a_token_are_unauthenticated(client: Client) -> None:
+def test_calls_without_a_token_are_unauthenticated(client: UserClient) -> None:
     with pytest.raises(grpc.RpcError) as error:
         client.identity.GetOwnProfile(pb.GetOwnProfileRequest(), timeout=10)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -257,7 +213,7 @@ def test_calls_without_a_token_are_unauthenticated(client: Client) -> None:
 def test_internal_api_refuses_callers_without_an_allowed_certificate(
     stack: Stack, cert: str | None
 ) -> None:
-    Client(stack).register("target")
+    new_user(user_client(stack), "target")
     with stack.channel("identity", cert=cert) as channel:
         stub = internal_grpc.IdentityInternalServiceStub(channel)
         with pytest.raises(grpc.RpcError) as error:
@@ -266,16 +222,16 @@ def test_internal_api_refuses_callers_without_an_allowed_certificate(
 
 
 def test_internal_api_serves_an_allowed_service(stack: Stack) -> None:
-    keys = Client(stack).register("target")
+    keys = new_user(user_client(stack), "target")
     with stack.channel("identity", cert="session") as channel:
         stub = internal_grpc.IdentityInternalServiceStub(channel)
         reply = stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="target"), timeout=10)
     assert reply.verify_key == keys.verify_key
 
 
-def test_operator_stats_and_deactivation(stack: Stack, client: Client) -> None:
-    keys = client.register("leaving", one_time=4)
-    client.register("staying", one_time=0)
+def test_operator_stats_and_deactivation(stack: Stack, client: UserClient) -> None:
+    keys = new_user(client, "leaving", one_time=4)
+    new_user(client, "staying", one_time=0)
     token = client.login("leaving", keys)
     with stack.channel("identity", cert="operator") as channel:
         admin = admin_grpc.IdentityAdminServiceStub(channel)
@@ -296,9 +252,9 @@ def test_sigterm_stops_gracefully(stack: Stack) -> None:
 
 
 def test_rotating_the_signed_prekey_checks_the_signature_and_serves_the_new_key(
-    client: Client,
+    client: UserClient,
 ) -> None:
-    keys = client.register("rotator")
+    keys = new_user(client, "rotator")
     token = client.login("rotator", keys)
     keys.signed_prekey_id = 7
     fresh = keys.signed_prekey_proto()
@@ -322,9 +278,9 @@ def test_rotating_the_signed_prekey_checks_the_signature_and_serves_the_new_key(
 
 
 def test_reusing_a_one_time_prekey_id_is_already_exists_and_changes_nothing(
-    client: Client,
+    client: UserClient,
 ) -> None:
-    keys = client.register("reuser", one_time=2)
+    keys = new_user(client, "reuser", one_time=2)
     token = client.login("reuser", keys)
     with pytest.raises(grpc.RpcError) as error:
         client.identity.UploadOneTimePrekeys(

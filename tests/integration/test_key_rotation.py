@@ -20,7 +20,7 @@ from services.identity.keys import SignedKey
 from services.identity.model import NewUser
 from services.identity.store import MIGRATIONS, SqliteIdentityStore
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer
+from tests.support.users import bearer, new_user, user_client
 
 SEEDED = 10_000
 
@@ -74,8 +74,8 @@ def test_rotation_under_load_fails_no_rpc_and_retires_the_old_key(tmp_path: Path
     stack["identity"].stop()  # create the database, then fill it
     seed(stack, SEEDED)
     stack.start()
-    client = Client(stack)
-    reader_token = client.login("reader", client.register("reader"))
+    client = user_client(stack)
+    reader_token = client.login("reader", new_user(client, "reader"))
     old_key = rotate_to_new_key(stack)
 
     errors: list[BaseException] = []
@@ -83,7 +83,7 @@ def test_rotation_under_load_fails_no_rpc_and_retires_the_old_key(tmp_path: Path
     stop = threading.Event()
 
     def read_and_write(worker: int) -> None:
-        own = Client(stack)
+        own = user_client(stack)
         n = 0
         while not stop.is_set():
             try:
@@ -93,7 +93,7 @@ def test_rotation_under_load_fails_no_rpc_and_retires_the_old_key(tmp_path: Path
                 ).bundle
                 assert bundle.user_id == user
                 if n % 5 == 0:
-                    own.register(f"w{worker}-{n}", one_time=1)
+                    new_user(own, f"w{worker}-{n}", one_time=1)
                 calls[0] += 1
             except BaseException as exc:  # collected; the assertion below reports them
                 errors.append(exc)

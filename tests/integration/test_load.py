@@ -22,7 +22,7 @@ from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 
 from tests.support.audit import audit_total, operator_list
 from tests.support.stack import PACKAGES, Stack
-from tests.support.users import Client, bearer
+from tests.support.users import bearer, new_user, user_client
 
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "20"))
 SECONDS = float(os.environ.get("LOAD_SECONDS", "8"))
@@ -47,7 +47,7 @@ class History:
 def user_loop(
     stack: Stack, me: str, keys: object, others: list[str], history: History, stop: float
 ) -> None:
-    client = Client(stack)
+    client = user_client(stack)
     token = client.login(me, keys)  # type: ignore[arg-type]
     with history.lock:
         history.logins += 1
@@ -108,8 +108,8 @@ def test_mixed_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     stack = Stack(tmp_path, tuple(PACKAGES), extra_env=RELAXED)
     stack.start()
     try:
-        setup = Client(stack)
-        users = {f"load{i:03}": setup.register(f"load{i:03}", one_time=50) for i in range(CLIENTS)}
+        setup = user_client(stack)
+        users = {f"load{i:03}": new_user(setup, f"load{i:03}", one_time=50) for i in range(CLIENTS)}
         setup.close()
         history = History()
         stop = time.monotonic() + SECONDS
@@ -133,7 +133,7 @@ def test_mixed_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
         rss_end = {name: stack[name].rss_bytes() for name in PACKAGES}
 
         # Whatever was sent last may still be queued: each user drains once more.
-        final = Client(stack)
+        final = user_client(stack)
         with stack.channel("relay") as channel:
             relay = relay_grpc.RelayServiceStub(channel)
             for me, keys in users.items():

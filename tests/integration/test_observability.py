@@ -13,7 +13,7 @@ from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 from securemsg.session.v1 import session_service_pb2 as session_pb
 
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer
+from tests.support.users import bearer, new_user, user_client
 
 ALL = ("identity", "session", "relay", "audit")
 MARKERS = {
@@ -38,13 +38,13 @@ def test_metrics_and_logs_tell_operators_what_happened_and_nothing_about_users(
     stack = Stack(tmp_path, ALL, extra_env={name: debug for name in ALL})
     stack.start()
     try:
-        client = Client(stack)
+        client = user_client(stack)
         marker_user = MARKERS["user id"]
-        keys = client.register(
-            marker_user, alias=MARKERS["alias"], metadata={"note": MARKERS["metadata"]}
+        keys = new_user(
+            client, marker_user, alias=MARKERS["alias"], metadata={"note": MARKERS["metadata"]}
         )
         token = client.login(marker_user, keys, user_agent=MARKERS["user agent"])
-        peer_token = client.login("peer-user", client.register("peer-user"))
+        peer_token = client.login("peer-user", new_user(client, "peer-user"))
         with stack.channel("relay") as channel:
             relay = relay_grpc.RelayServiceStub(channel)
             relay.SendMessage(

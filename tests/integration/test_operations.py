@@ -9,10 +9,11 @@ import grpc
 import pytest
 
 from services.client.backups import download_backup
+from services.client.sdk import UserClient
 from services.common.errors import StartupError
 from services.launcher.restore import restore_backup
 from tests.support.stack import ServiceProcess, Stack
-from tests.support.users import Client
+from tests.support.users import new_user, user_client
 
 
 def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path) -> None:
@@ -23,11 +24,11 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
     errors: list[BaseException] = []
 
     def keep_registering() -> None:
-        client = Client(stack)
+        client = user_client(stack)
         n = 0
         while not stop.is_set():
             try:
-                client.register(f"load{n}", one_time=1)
+                new_user(client, f"load{n}", one_time=1)
                 written.append(f"load{n}")
             except BaseException as exc:  # recorded and asserted below
                 errors.append(exc)
@@ -35,8 +36,8 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
         client.close()
 
     try:
-        client = Client(stack)
-        keys = client.register("before", alias="Before Backup")
+        client = user_client(stack)
+        keys = new_user(client, "before", alias="Before Backup")
         writer = threading.Thread(target=keep_registering)
         writer.start()
         progress: list[tuple[int, int]] = []
@@ -69,7 +70,7 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
     stack.services["identity"] = restored
     stack.start()
     try:
-        client = Client(stack)
+        client = user_client(stack)
         assert client.profile(client.login("before", keys)).alias == "Before Backup"
     finally:
         stack.stop()
@@ -126,9 +127,9 @@ def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path)
 
 
 def test_data_and_log_directories_and_database_files_are_for_the_owner_only(
-    stack: Stack, client: Client
+    stack: Stack, client: UserClient
 ) -> None:
-    client.register("private-files")
+    new_user(client, "private-files")
     layout = stack.layout
     for directory in (layout.data, layout.logs, layout.run):
         assert directory.stat().st_mode & 0o777 == 0o700, directory

@@ -14,7 +14,7 @@ from securemsg.relay.v1 import relay_service_pb2 as relay_pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 
 from tests.support.stack import REPO, Stack
-from tests.support.users import Client, bearer
+from tests.support.users import bearer, new_user, user_client
 
 CLIENT = REPO / "tests" / "polyglot" / "client.mjs"
 
@@ -26,8 +26,8 @@ def test_a_node_client_registers_logs_in_sends_and_receives_over_tls(tmp_path: P
     stack = Stack(tmp_path, ("identity", "session", "relay", "audit"))
     stack.start()
     try:
-        python = Client(stack)
-        bob_token = python.login("py-bob", python.register("py-bob"))
+        python = user_client(stack)
+        bob_token = python.login("py-bob", new_user(python, "py-bob"))
         pq_key = MLKEM768PrivateKey.generate().public_key().public_bytes_raw()
         process = subprocess.Popen(
             [

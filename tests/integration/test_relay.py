@@ -18,8 +18,9 @@ from securemsg.relay.v1 import relay_service_pb2 as pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from securemsg.session.v1 import session_service_pb2 as session_pb
 
+from services.client.sdk import UserClient
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, details
+from tests.support.users import bearer, details, new_user, user_client
 
 FAST = {
     "RELAY_SWEEP_INTERVAL_SECONDS": "0.2",
@@ -45,9 +46,9 @@ def relay_stack(tmp_path: Path) -> Iterator[Stack]:
 class Person:
     """A logged-in user with a relay stub."""
 
-    def __init__(self, stack: Stack, client: Client, user_id: str) -> None:
+    def __init__(self, stack: Stack, client: UserClient, user_id: str) -> None:
         self.user_id = user_id
-        self.keys = client.register(user_id)
+        self.keys = new_user(client, user_id)
         self.token = client.login(user_id, self.keys)
         self.channel = stack.channel("relay")
         self.relay = pb_grpc.RelayServiceStub(self.channel)
@@ -73,15 +74,15 @@ class Person:
 
 
 @pytest.fixture
-def people(relay_stack: Stack) -> Iterator[tuple[Person, Person, Client]]:
-    client = Client(relay_stack)
+def people(relay_stack: Stack) -> Iterator[tuple[Person, Person, UserClient]]:
+    client = user_client(relay_stack)
     alice, bob = Person(relay_stack, client, "alice"), Person(relay_stack, client, "bob")
     yield alice, bob, client
     client.close()
 
 
 def test_live_subscription_and_fetch_deliver_then_ack_deletes(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, _ = people
     stream = bob.relay.SubscribeMessages(
@@ -116,7 +117,7 @@ def test_live_subscription_and_fetch_deliver_then_ack_deletes(
 
 
 def test_a_subscription_delivers_what_was_queued_before_it_opened(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, _ = people
     first = alice.send("bob", b"one").message_id
@@ -130,7 +131,7 @@ def test_a_subscription_delivers_what_was_queued_before_it_opened(
     assert ids == [first, second]
 
 
-def test_unacknowledged_messages_come_again(people: tuple[Person, Person, Client]) -> None:
+def test_unacknowledged_messages_come_again(people: tuple[Person, Person, UserClient]) -> None:
     alice, bob, _ = people
     sent = alice.send("bob", b"hello")
     assert [m.message_id for m in bob.fetch()] == [sent.message_id]
@@ -138,7 +139,7 @@ def test_unacknowledged_messages_come_again(people: tuple[Person, Person, Client
 
 
 def test_a_message_with_a_one_second_ttl_expires_unread(
-    relay_stack: Stack, people: tuple[Person, Person, Client]
+    relay_stack: Stack, people: tuple[Person, Person, UserClient]
 ) -> None:
     alice, bob, _ = people
     alice.send("bob", b"short-lived", ttl=1)
@@ -153,7 +154,7 @@ def test_a_message_with_a_one_second_ttl_expires_unread(
 
 
 def test_fifty_concurrent_acks_delete_once_and_never_fail(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, _ = people
     message_id = alice.send("bob", b"once").message_id
@@ -170,7 +171,7 @@ def test_fifty_concurrent_acks_delete_once_and_never_fail(
 
 
 def test_a_sender_cannot_read_or_acknowledge_the_recipients_queue(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, _ = people
     sent = alice.send("bob", b"for bob only")
@@ -180,7 +181,7 @@ def test_a_sender_cannot_read_or_acknowledge_the_recipients_queue(
 
 
 def test_a_revoked_token_can_neither_send_nor_receive(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, client = people
     stream = bob.relay.SubscribeMessages(
@@ -213,7 +214,7 @@ def test_a_revoked_token_can_neither_send_nor_receive(
     ],
 )
 def test_bad_sends_get_clear_errors(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
     recipient: str,
     body: bytes,
     ttl: float | None,
@@ -228,7 +229,7 @@ def test_bad_sends_get_clear_errors(
 
 
 def test_bad_fetch_and_ack_requests_are_invalid_argument(
-    people: tuple[Person, Person, Client],
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, _, _ = people
     with pytest.raises(grpc.RpcError) as error:
@@ -251,7 +252,7 @@ def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path
         RELAY_SENDS_PER_MINUTE="100000",
     )
     try:
-        client = Client(stack)
+        client = user_client(stack)
         flooder, victim = Person(stack, client, "flooder"), Person(stack, client, "victim")
         relay = stack["relay"]
         baseline = relay.rss_bytes()
@@ -284,7 +285,7 @@ def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path
 def test_a_sender_over_its_rate_limit_is_told_when_to_retry(tmp_path: Path) -> None:
     stack = start(tmp_path, RELAY_SENDS_PER_MINUTE="5")
     try:
-        client = Client(stack)
+        client = user_client(stack)
         alice, _ = Person(stack, client, "alice"), Person(stack, client, "bob")
         for _ in range(5):
             alice.send("bob", b"x")
@@ -297,7 +298,7 @@ def test_a_sender_over_its_rate_limit_is_told_when_to_retry(tmp_path: Path) -> N
 
 
 def test_a_restart_empties_every_queue(
-    relay_stack: Stack, people: tuple[Person, Person, Client]
+    relay_stack: Stack, people: tuple[Person, Person, UserClient]
 ) -> None:
     alice, bob, _ = people
     alice.send("bob", b"gone after restart")
@@ -317,7 +318,7 @@ def test_the_relay_writes_no_file(tmp_path: Path) -> None:
     stack["relay"].cwd = workdir
     stack.start()
     try:
-        client = Client(stack)
+        client = user_client(stack)
         alice, bob = Person(stack, client, "alice"), Person(stack, client, "bob")
         for i in range(20):
             alice.send("bob", f"secret body {i}".encode(), ttl=1)

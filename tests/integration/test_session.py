@@ -14,8 +14,9 @@ from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
 from securemsg.session.v1 import session_service_pb2 as pb
 
 from services.client.keys import UserKeys
+from services.client.sdk import UserClient
 from tests.support.stack import Stack
-from tests.support.users import Client, bearer, details, validate
+from tests.support.users import bearer, details, new_user, user_client, validate
 
 
 def refused(call: object) -> grpc.RpcError:
@@ -25,9 +26,9 @@ def refused(call: object) -> grpc.RpcError:
 
 
 def test_register_login_validate_logout_then_the_token_is_refused_everywhere(
-    stack: Stack, client: Client
+    stack: Stack, client: UserClient
 ) -> None:
-    keys = client.register("alice")
+    keys = new_user(client, "alice")
     token = client.login("alice", keys)
     assert len(token) == 43
 
@@ -47,7 +48,9 @@ def test_register_login_validate_logout_then_the_token_is_refused_everywhere(
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def _attempt(client: Client, user_id: str, challenge_id: str, signature: bytes) -> grpc.RpcError:
+def _attempt(
+    client: UserClient, user_id: str, challenge_id: str, signature: bytes
+) -> grpc.RpcError:
     return refused(
         lambda: client.session.CreateSession(
             pb.CreateSessionRequest(
@@ -58,8 +61,8 @@ def _attempt(client: Client, user_id: str, challenge_id: str, signature: bytes) 
     )
 
 
-def test_a_replayed_challenge_is_refused(client: Client) -> None:
-    keys = client.register("alice")
+def test_a_replayed_challenge_is_refused(client: UserClient) -> None:
+    keys = new_user(client, "alice")
     challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
     signature = keys.sign_login("alice", challenge.challenge)
     client.session.CreateSession(
@@ -71,8 +74,8 @@ def test_a_replayed_challenge_is_refused(client: Client) -> None:
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_a_signature_by_another_key_is_refused(client: Client) -> None:
-    client.register("alice")
+def test_a_signature_by_another_key_is_refused(client: UserClient) -> None:
+    new_user(client, "alice")
     challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
     impostor = UserKeys.generate(0)
     error = _attempt(
@@ -81,9 +84,9 @@ def test_a_signature_by_another_key_is_refused(client: Client) -> None:
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_a_challenge_issued_for_another_user_is_refused(client: Client) -> None:
-    client.register("alice")
-    mallory = client.register("mallory")
+def test_a_challenge_issued_for_another_user_is_refused(client: UserClient) -> None:
+    new_user(client, "alice")
+    mallory = new_user(client, "mallory")
     challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
     error = _attempt(
         client,
@@ -94,8 +97,8 @@ def test_a_challenge_issued_for_another_user_is_refused(client: Client) -> None:
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_unknown_user_and_bad_signature_look_the_same(client: Client) -> None:
-    client.register("alice")
+def test_unknown_user_and_bad_signature_look_the_same(client: UserClient) -> None:
+    new_user(client, "alice")
     ghost = UserKeys.generate(0)
     replies = []
     for user_id in ("alice", "nobody-here"):
@@ -131,8 +134,8 @@ def short_lived(tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_an_expired_challenge_is_refused(short_lived: Stack) -> None:
-    client = Client(short_lived)
-    keys = client.register("alice")
+    client = user_client(short_lived)
+    keys = new_user(client, "alice")
     challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="alice"))
     time.sleep(1.3)
     error = _attempt(
@@ -144,8 +147,8 @@ def test_an_expired_challenge_is_refused(short_lived: Stack) -> None:
 def test_idle_sessions_expire_and_use_keeps_them_alive_until_the_absolute_limit(
     short_lived: Stack,
 ) -> None:
-    client = Client(short_lived)
-    keys = client.register("alice")
+    client = user_client(short_lived)
+    keys = new_user(client, "alice")
     idle = client.login("alice", keys)
     busy = client.login("alice", keys)
 
@@ -166,9 +169,9 @@ def test_idle_sessions_expire_and_use_keeps_them_alive_until_the_absolute_limit(
     assert stats.active_sessions == 0
 
 
-def test_revoke_others_leaves_exactly_the_callers_session(client: Client) -> None:
-    keys = client.register("alice")
-    bob_token = client.login("bob", client.register("bob"))
+def test_revoke_others_leaves_exactly_the_callers_session(client: UserClient) -> None:
+    keys = new_user(client, "alice")
+    bob_token = client.login("bob", new_user(client, "bob"))
     tokens = [client.login("alice", keys, user_agent=f"device-{i}") for i in range(4)]
     keeper = tokens[2]
 
@@ -186,8 +189,8 @@ def test_revoke_others_leaves_exactly_the_callers_session(client: Client) -> Non
     assert client.profile(bob_token).user_id == "bob"  # other users untouched
 
 
-def test_list_sessions_pages_with_a_token(client: Client) -> None:
-    keys = client.register("alice")
+def test_list_sessions_pages_with_a_token(client: UserClient) -> None:
+    keys = new_user(client, "alice")
     tokens = [client.login("alice", keys, user_agent=f"device-{i}") for i in range(3)]
 
     def page(size: int, token: str = "") -> pb.ListSessionsResponse:
@@ -205,9 +208,9 @@ def test_list_sessions_pages_with_a_token(client: Client) -> None:
     assert "page_token" in (error.details() or "")
 
 
-def test_deleting_another_users_session_is_not_found(client: Client) -> None:
-    alice = client.login("alice", client.register("alice"))
-    bob = client.login("bob", client.register("bob"))
+def test_deleting_another_users_session_is_not_found(client: UserClient) -> None:
+    alice = client.login("alice", new_user(client, "alice"))
+    bob = client.login("bob", new_user(client, "bob"))
     bobs_id = (
         client.session.ListSessions(pb.ListSessionsRequest(), metadata=bearer(bob), timeout=10)
         .sessions[0]
@@ -222,15 +225,19 @@ def test_deleting_another_users_session_is_not_found(client: Client) -> None:
     assert client.profile(bob).user_id == "bob"
 
 
-def test_sessions_survive_a_restart_of_the_session_service(stack: Stack, client: Client) -> None:
-    token = client.login("alice", client.register("alice"))
+def test_sessions_survive_a_restart_of_the_session_service(
+    stack: Stack, client: UserClient
+) -> None:
+    token = client.login("alice", new_user(client, "alice"))
     stack["session"].restart()
     assert validate(stack, token).user_id == "alice"
     assert client.profile(token).user_id == "alice"
 
 
-def test_the_database_holds_no_token_ip_user_agent_or_user_id(stack: Stack, client: Client) -> None:
-    token = client.login("walrus-unique", client.register("walrus-unique"), "Agent-Smith/9.9")
+def test_the_database_holds_no_token_ip_user_agent_or_user_id(
+    stack: Stack, client: UserClient
+) -> None:
+    token = client.login("walrus-unique", new_user(client, "walrus-unique"), "Agent-Smith/9.9")
     stack["session"].stop()
     raw = b"".join(p.read_bytes() for p in stack.layout.data.glob("session.db*") if p.is_file())
     for secret in (token.encode(), b"127.0.0.1", b"Agent-Smith", b"walrus-unique"):
@@ -238,10 +245,10 @@ def test_the_database_holds_no_token_ip_user_agent_or_user_id(stack: Stack, clie
 
 
 def test_the_eleventh_failed_login_is_rate_limited_while_others_still_log_in(
-    client: Client,
+    client: UserClient,
 ) -> None:
-    client.register("victim")
-    friend = client.register("friend")
+    new_user(client, "victim")
+    friend = new_user(client, "friend")
     attacker = UserKeys.generate(0)
 
     codes = []
@@ -260,8 +267,8 @@ def test_the_eleventh_failed_login_is_rate_limited_while_others_still_log_in(
     assert client.profile(client.login("friend", friend)).user_id == "friend"
 
 
-def test_deactivation_revokes_every_session(client: Client) -> None:
-    keys = client.register("leaving")
+def test_deactivation_revokes_every_session(client: UserClient) -> None:
+    keys = new_user(client, "leaving")
     first, second = client.login("leaving", keys), client.login("leaving", keys)
     client.identity.DeactivateAccount(
         identity_pb.DeactivateAccountRequest(), metadata=bearer(first), timeout=10
@@ -293,7 +300,7 @@ def test_deactivation_revokes_every_session(client: Client) -> None:
     ],
 )
 def test_malformed_login_requests_are_invalid_argument(
-    client: Client, request_fields: dict[str, object], message: str
+    client: UserClient, request_fields: dict[str, object], message: str
 ) -> None:
     error = refused(
         lambda: client.session.CreateSession(pb.CreateSessionRequest(**request_fields), timeout=10)  # type: ignore[arg-type]
@@ -303,9 +310,9 @@ def test_malformed_login_requests_are_invalid_argument(
 
 
 def test_admin_cleanup_and_revoke_all_need_an_allowed_certificate(
-    stack: Stack, client: Client
+    stack: Stack, client: UserClient
 ) -> None:
-    client.login("alice", client.register("alice"))
+    client.login("alice", new_user(client, "alice"))
     with stack.channel("session") as public:
         error = refused(
             lambda: admin_grpc.SessionAdminServiceStub(public).RevokeUserSessions(
@@ -321,8 +328,8 @@ def test_admin_cleanup_and_revoke_all_need_an_allowed_certificate(
     assert cleaned.deleted_count == 0
 
 
-def test_touch_slides_the_idle_deadline(client: Client) -> None:
-    token = client.login("alice", client.register("alice"))
+def test_touch_slides_the_idle_deadline(client: UserClient) -> None:
+    token = client.login("alice", new_user(client, "alice"))
     before = client.session.ListSessions(
         pb.ListSessionsRequest(), metadata=bearer(token), timeout=10
     ).sessions[0]
@@ -340,8 +347,8 @@ def test_token_cache_bound_a_revoked_token_passes_elsewhere_for_at_most_that_lon
     stack = Stack(tmp_path, extra_env={"identity": {"TOKEN_CACHE_SECONDS": "1"}})
     stack.start()
     try:
-        client = Client(stack)
-        token = client.login("alice", client.register("alice"))
+        client = user_client(stack)
+        token = client.login("alice", new_user(client, "alice"))
         client.profile(token)  # identity has now cached the answer
         client.session.DeleteSession(pb.DeleteSessionRequest(), metadata=bearer(token), timeout=10)
         revoked_at = time.monotonic()

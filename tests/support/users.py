@@ -1,80 +1,73 @@
-"""Acting as a client: registering users and logging in through the generated stubs."""
+"""Acting as a client: the SDK's UserClient against a test stack, and registrations."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
+from google.protobuf.message import Message
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
-from securemsg.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from securemsg.session.v1 import session_internal_service_pb2 as internal_pb
 from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
-from securemsg.session.v1 import session_service_pb2 as session_pb
-from securemsg.session.v1 import session_service_pb2_grpc as session_grpc
 
 from services.client.keys import UserKeys
+from services.client.sdk import Endpoints, UserClient, registration_request
 from tests.support.stack import Stack
+
+TEST_METADATA = {"device": "test-phone"}
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def endpoints(stack: Stack) -> Endpoints:
+    """Where the stack's public APIs listen, trusted through its CA."""
+    ports = {name: public for name, (public, _, _) in stack.ports.items()}
+    return Endpoints(ca_file=stack.layout.tls / "ca.pem", ports=ports)
+
+
+def user_client(stack: Stack) -> UserClient:
+    """One end user's view of the stack: the SDK's client, over TLS without a certificate."""
+    return UserClient(endpoints(stack))
+
+
 def registration(
-    user_id: str, keys: UserKeys, *, alias: str = "", **overrides: object
+    user_id: str, keys: UserKeys, /, **overrides: object
 ) -> identity_pb.RegisterUserRequest:
-    fields: dict[str, object] = {
-        "user_id": user_id,
-        "alias": alias or f"Alias of {user_id}",
-        "metadata": {"device": "test-phone"},
-        "identity_key": keys.identity_public,
-        "verify_key": keys.verify_key,
-        "signed_prekey": keys.signed_prekey_proto(),
-        "pq_prekey": keys.pq_prekey_proto(),
-        "one_time_prekeys": keys.one_time_protos(),
-    }
-    fields.update(overrides)
-    return identity_pb.RegisterUserRequest(**fields)  # type: ignore[arg-type]
+    """The request the SDK sends for `keys`, with fields replaced by `overrides`.
+
+    An override of None clears the field; lists and maps replace the whole field.
+    """
+    request = registration_request(user_id, f"Alias of {user_id}", keys, TEST_METADATA)
+    for field, value in overrides.items():
+        if value is None:
+            request.ClearField(field)  # type: ignore[arg-type]
+        elif field == "metadata":
+            request.metadata.clear()
+            request.metadata.update(value)  # type: ignore[call-overload]
+        elif field == "one_time_prekeys":
+            del request.one_time_prekeys[:]
+            request.one_time_prekeys.extend(value)  # type: ignore[arg-type]
+        elif isinstance(value, Message):
+            getattr(request, field).CopyFrom(value)
+        else:
+            setattr(request, field, value)
+    return request
 
 
-class Client:
-    """One end user's view of the stack, over TLS without a client certificate."""
-
-    def __init__(self, stack: Stack) -> None:
-        self._identity_channel = stack.channel("identity")
-        self._session_channel = stack.channel("session")
-        self.identity = identity_grpc.IdentityServiceStub(self._identity_channel)
-        self.session = session_grpc.SessionServiceStub(self._session_channel)
-
-    def close(self) -> None:
-        self._identity_channel.close()
-        self._session_channel.close()
-
-    def register(
-        self, user_id: str, *, one_time: int = 10, alias: str = "", **overrides: object
-    ) -> UserKeys:
-        keys = UserKeys.generate(one_time)
-        request = registration(user_id, keys, alias=alias, **overrides)
-        self.identity.RegisterUser(request, timeout=10)
-        return keys
-
-    def login(self, user_id: str, keys: UserKeys, user_agent: str = "pytest") -> str:
-        challenge = self.session.CreateChallenge(
-            session_pb.CreateChallengeRequest(user_id=user_id), timeout=10
-        )
-        reply = self.session.CreateSession(
-            session_pb.CreateSessionRequest(
-                user_id=user_id,
-                challenge_id=challenge.challenge_id,
-                signature=keys.sign_login(user_id, challenge.challenge),
-                user_agent=user_agent,
-            ),
-            timeout=10,
-        )
-        return reply.token
-
-    def profile(self, token: str) -> identity_pb.Profile:
-        return self.identity.GetOwnProfile(
-            identity_pb.GetOwnProfileRequest(), metadata=bearer(token), timeout=10
-        ).profile
+def new_user(
+    client: UserClient,
+    user_id: str,
+    *,
+    one_time: int = 10,
+    alias: str = "",
+    metadata: Mapping[str, str] = TEST_METADATA,
+) -> UserKeys:
+    """Registers `user_id` with fresh keys (`one_time` one-time prekeys); returns the keys."""
+    keys = UserKeys.generate(one_time)
+    client.register(user_id, alias or f"Alias of {user_id}", keys, metadata)
+    return keys
 
 
 def details(error: grpc.RpcError) -> str:

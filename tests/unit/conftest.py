@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 from services.client.keys import UserKeys
 from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.domain import Registration
-from services.identity.keys import OneTimePrekey, SignedKey
+from services.identity.servicer import registration_from_request
+from tests.support import users
 
 
 class FakeClock:
@@ -59,17 +61,8 @@ def session_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
 
 
 def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registration:
-    """A valid registration for the identity domain, signed with `keys`."""
-    spk, pq = keys.signed_prekey_proto(), keys.pq_prekey_proto()
-    fields: dict[str, object] = {
-        "user_id": user_id,
-        "alias": "Alias",
-        "metadata": {},
-        "identity_key": keys.identity_public,
-        "verify_key": keys.verify_key,
-        "signed_prekey": SignedKey(spk.key_id, spk.public_key, spk.signature),
-        "pq_prekey": SignedKey(pq.key_id, pq.public_key, pq.signature),
-        "one_time_prekeys": [OneTimePrekey(p.key_id, p.public_key) for p in keys.one_time_protos()],
-    }
-    fields.update(overrides)
-    return Registration(**fields)  # type: ignore[arg-type]
+    """A valid registration as the identity domain receives it: the request the SDK
+    builds (tests.support.users.registration), converted by the servicer, with domain
+    fields replaced by `overrides`."""
+    request = users.registration(user_id, keys, alias="Alias", metadata={})
+    return dataclasses.replace(registration_from_request(request), **overrides)  # type: ignore[arg-type]
