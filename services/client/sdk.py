@@ -186,10 +186,17 @@ class UserClient:
             token,
         ).one_time_prekey_count
 
-    def sessions(self, token: str) -> list[session_pb2.Session]:
-        return list(
-            self._call(self.session.ListSessions, session_pb.ListSessionsRequest(), token).sessions
-        )
+    def sessions(self, token: str, page_size: int = 0) -> list[session_pb2.Session]:
+        """Every live session of the caller, newest first, following the pages."""
+        sessions: list[session_pb2.Session] = []
+        page_token = ""
+        while True:
+            request = session_pb.ListSessionsRequest(page_size=page_size, page_token=page_token)
+            page = self._call(self.session.ListSessions, request, token)
+            sessions.extend(page.sessions)
+            page_token = page.next_page_token
+            if not page_token:
+                return sessions
 
     def logout(self, token: str) -> None:
         self._call(self.session.DeleteSession, session_pb.DeleteSessionRequest(), token)

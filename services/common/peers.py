@@ -17,7 +17,8 @@ from services.common.errors import PermissionDenied
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-# Certificate common names used by the deployment (see scripts/dev_pki.py).
+# The operator tools' certificate common name; the development CA issues it with the
+# services' own (services/launcher/pki.py), a production CA must use the same name.
 OPERATOR = "operator"
 
 

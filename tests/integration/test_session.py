@@ -206,6 +206,8 @@ def test_list_sessions_pages_with_a_token(client: UserClient) -> None:
     error = refused(lambda: page(2, "not-a-token"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token" in (error.details() or "")
+    listed = client.sessions(tokens[0], page_size=2)  # the SDK follows the pages
+    assert [s.user_agent for s in listed] == ["device-2", "device-1", "device-0"]
 
 
 def test_deleting_another_users_session_is_not_found(client: UserClient) -> None:
