@@ -51,7 +51,8 @@ class Verification:
 
 
 class AuditStore(Protocol):
-    """What the audit rules need from storage (SQLite today, others later)."""
+    """What the audit rules need from storage. Every implementation (SQLite
+    today, others later) must pass tests/unit/test_store_contract_audit.py."""
 
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
         """Appends in order with the next sequence numbers, skipping event ids already

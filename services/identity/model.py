@@ -87,7 +87,8 @@ class PoolFull(ResourceExhausted):
 
 
 class IdentityStore(Protocol):
-    """What the identity rules need from storage (SQLite today, others later).
+    """What the identity rules need from storage. Every implementation (SQLite
+    today, others later) must pass tests/unit/test_store_contract_identity.py.
 
     Every change that takes an `AuditRecord` stores it in the same transaction.
     """

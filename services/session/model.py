@@ -37,7 +37,8 @@ class NoSuchSession(NotFound):
 
 
 class SessionStore(Protocol):
-    """What the session rules need from storage (SQLite today, others later).
+    """What the session rules need from storage. Every implementation (SQLite
+    today, others later) must pass tests/unit/test_store_contract_session.py.
 
     Every change that takes an audit event stores it in the same transaction.
     """

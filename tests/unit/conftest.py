@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from services.client.keys import UserKeys
-from services.common.sqlite import Migration, OpenedDatabase, open_database
 from services.identity.domain import Registration
 from services.identity.servicer import registration_from_request
 from tests.support import users
+from tests.support.stores import BACKENDS, Backend, Place
 
 
 class FakeClock:
@@ -31,38 +32,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def opened(path: Path, service: str, migrations: list[Migration]) -> OpenedDatabase:
-    return open_database(
-        path,
-        service=service,
-        master_key="unit test master key",
-        kdf_iterations=100_000,
-        migrations=migrations,
-        synchronous="NORMAL",
-    )
-
-
-@pytest.fixture
-def identity_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
-    from services.identity.store import MIGRATIONS
-
-    db = opened(tmp_path / "identity.db", "identity", MIGRATIONS)
-    yield db
-    db.database.close()
-
-
-@pytest.fixture
-def session_db(tmp_path: Path) -> Iterator[OpenedDatabase]:
-    from services.session.store import MIGRATIONS
-
-    db = opened(tmp_path / "session.db", "session", MIGRATIONS)
-    yield db
-    db.database.close()
-
-
 def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registration:
     """A valid registration as the identity domain receives it: the request the SDK
     builds (tests.support.users.registration), converted by the servicer, with domain
     fields replaced by `overrides`."""
     request = users.registration(user_id, keys, alias="Alias", metadata={})
     return dataclasses.replace(registration_from_request(request), **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store implementation in turn (tests/support/stores.py), on fresh storage."""
+    with contextlib.ExitStack() as cleanup:
+        yield BACKENDS[request.param](Place(tmp_path, cleanup, request.getfixturevalue))

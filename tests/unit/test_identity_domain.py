@@ -1,4 +1,4 @@
-"""Identity rules on a real SQLite file, without a network."""
+"""Identity rules on the in-memory store, without a network."""
 
 from __future__ import annotations
 
@@ -15,21 +15,16 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from services.common.outbox import SqliteOutbox
-from services.common.sqlite import OpenedDatabase
 from services.identity import keys as bundle_keys
 from services.identity.domain import MAX_PREKEY_POOL, Identity, IdentityLimits
 from services.identity.keys import OneTimePrekey, SignedKey
-from services.identity.store import SqliteIdentityStore
-from tests.fakes.identity import RecordingRevoker
+from tests.fakes.identity import MemoryIdentityStore, RecordingRevoker
 from tests.unit.conftest import FakeClock, registration
 
 
 @pytest.fixture
-def identity(identity_db: OpenedDatabase, clock: FakeClock) -> Identity:
-    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
-    store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
-    return Identity(store, RecordingRevoker(), clock)
+def identity(clock: FakeClock) -> Identity:
+    return Identity(MemoryIdentityStore(), RecordingRevoker(), clock)
 
 
 def test_registration_returns_the_profile(identity: Identity, clock: FakeClock) -> None:
@@ -146,10 +141,9 @@ def test_record_login_only_moves_forward(identity: Identity) -> None:
 
 
 def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
-    identity_db: OpenedDatabase, clock: FakeClock
+    clock: FakeClock,
 ) -> None:
-    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
-    store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
+    store = MemoryIdentityStore()
     identity = Identity(
         store,
         RecordingRevoker(),
@@ -169,13 +163,10 @@ def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
 
 
 async def test_deactivation_marks_the_account_first_then_revokes_its_sessions(
-    identity_db: OpenedDatabase, clock: FakeClock
+    clock: FakeClock,
 ) -> None:
-    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
     revoker = RecordingRevoker()
-    identity = Identity(
-        SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox), revoker, clock
-    )
+    identity = Identity(MemoryIdentityStore(), revoker, clock)
     identity.register(registration("alice", UserKeys.generate(0)))
     revoker.failure = Unavailable("session service unreachable")
     with pytest.raises(Unavailable):

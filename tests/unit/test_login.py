@@ -1,4 +1,5 @@
-"""The login protocol, with an in-memory identity directory standing in for the network."""
+"""The login protocol on the in-memory session store, with an in-memory identity
+directory standing in for the network."""
 
 from __future__ import annotations
 
@@ -6,11 +7,10 @@ import pytest
 
 from services.client.keys import UserKeys
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
-from services.common.outbox import SqliteOutbox
-from services.common.sqlite import OpenedDatabase
 from services.session.login import LOGIN_FAILED, ChallengeBook, Login, LoginLimits
 from services.session.sessions import SessionPolicy, Sessions
-from services.session.store import SqliteSessionStore
+from tests.fakes.outbox import RecordingAuditSink
+from tests.fakes.session import MemorySessionStore
 from tests.unit.conftest import FakeClock
 
 
@@ -32,15 +32,13 @@ def directory() -> Directory:
 
 
 @pytest.fixture
-def outbox(session_db: OpenedDatabase) -> SqliteOutbox:
-    return SqliteOutbox(session_db.database, session_db.keyring, "session")
+def outbox() -> RecordingAuditSink:
+    return RecordingAuditSink()
 
 
 @pytest.fixture
-def login(
-    session_db: OpenedDatabase, outbox: SqliteOutbox, directory: Directory, clock: FakeClock
-) -> Login:
-    store = SqliteSessionStore(session_db.database, session_db.keyring, outbox)
+def login(outbox: RecordingAuditSink, directory: Directory, clock: FakeClock) -> Login:
+    store = MemorySessionStore(outbox.events)  # store changes and failures in one order
     return Login(
         Sessions(store, SessionPolicy(), clock),
         directory,
@@ -159,7 +157,7 @@ def test_challenges_per_address_are_capped(login: Login) -> None:
 
 
 async def test_failures_and_the_first_refusal_are_audited_once(
-    login: Login, directory: Directory, outbox: SqliteOutbox
+    login: Login, directory: Directory, outbox: RecordingAuditSink
 ) -> None:
     user(directory, "alice")
     stranger = UserKeys.generate(0)
@@ -169,7 +167,7 @@ async def test_failures_and_the_first_refusal_are_audited_once(
     for _ in range(3):
         with pytest.raises(ResourceExhausted):
             await sign_in(login, "alice", stranger)
-    events = [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(100)]
+    events = [(e.action, e.user_id, dict(e.details)) for e in outbox.events]
     assert events == [("user_login_failed", "alice", {"ip": "1.2.3.4"})] * 3 + [
         ("rate_limit_exceeded", "alice", {"limit": "login_account"})
     ]

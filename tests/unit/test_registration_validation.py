@@ -1,7 +1,7 @@
 """Every malformed RegisterUser field, checked without a network.
 
 Each request is the SDK's valid one with one field spoiled, converted by the servicer's
-own conversion and handed to the identity domain (on a real SQLite store, which the
+own conversion and handed to the identity domain (on the in-memory store, which the
 refusal never reaches). That the resulting errors travel as INVALID_ARGUMENT is shown
 once over the wire in tests/integration/test_identity.py.
 """
@@ -13,12 +13,9 @@ from securemsg.identity.v1 import keys_pb2
 
 from services.client.keys import UserKeys
 from services.common.errors import InvalidArgument
-from services.common.outbox import SqliteOutbox
-from services.common.sqlite import OpenedDatabase
 from services.identity.domain import Identity
 from services.identity.servicer import registration_from_request
-from services.identity.store import SqliteIdentityStore
-from tests.fakes.identity import RecordingRevoker
+from tests.fakes.identity import MemoryIdentityStore, RecordingRevoker
 from tests.support.users import registration
 
 MALFORMED = [
@@ -66,10 +63,8 @@ def keys() -> UserKeys:
 
 
 @pytest.fixture
-def identity(identity_db: OpenedDatabase) -> Identity:
-    outbox = SqliteOutbox(identity_db.database, identity_db.keyring, "identity")
-    store = SqliteIdentityStore(identity_db.database, identity_db.keyring, outbox)
-    return Identity(store, RecordingRevoker())
+def identity() -> Identity:
+    return Identity(MemoryIdentityStore(), RecordingRevoker())
 
 
 def test_the_unspoiled_request_registers(identity: Identity, keys: UserKeys) -> None:

@@ -1,30 +1,28 @@
-"""Session expiry and revocation rules, with a clock the test controls."""
+"""Session expiry, listing and revocation rules on the in-memory store, with a clock the
+test controls."""
 
 from __future__ import annotations
 
 import pytest
 
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
-from services.common.outbox import SqliteOutbox
-from services.common.sqlite import OpenedDatabase
 from services.session.sessions import SessionPolicy, Sessions, hash_token
-from services.session.store import SqliteSessionStore
+from tests.fakes.session import MemorySessionStore
 from tests.unit.conftest import FakeClock
 
 
 @pytest.fixture
-def outbox(session_db: OpenedDatabase) -> SqliteOutbox:
-    return SqliteOutbox(session_db.database, session_db.keyring, "session")
+def store() -> MemorySessionStore:
+    return MemorySessionStore()
 
 
 @pytest.fixture
-def sessions(session_db: OpenedDatabase, outbox: SqliteOutbox, clock: FakeClock) -> Sessions:
-    store = SqliteSessionStore(session_db.database, session_db.keyring, outbox)
+def sessions(store: MemorySessionStore, clock: FakeClock) -> Sessions:
     return Sessions(store, SessionPolicy(idle_timeout=1800, max_lifetime=12 * 3600), clock)
 
 
-def actions(outbox: SqliteOutbox) -> list[tuple[str, str, dict[str, str]]]:
-    return [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(100)]
+def actions(store: MemorySessionStore) -> list[tuple[str, str, dict[str, str]]]:
+    return [(e.action, e.user_id, dict(e.details)) for e in store.events]
 
 
 def test_a_new_token_validates_to_its_user(sessions: Sessions) -> None:
@@ -104,7 +102,7 @@ def test_revoke_user_removes_all_of_their_sessions(sessions: Sessions) -> None:
 
 
 def test_each_change_leaves_its_audit_event_in_the_outbox(
-    sessions: Sessions, outbox: SqliteOutbox
+    sessions: Sessions, store: MemorySessionStore
 ) -> None:
     token, record = sessions.create("alice", "10.1.2.3", "ua")
     sessions.create("alice", "10.1.2.3", "ua")
@@ -112,16 +110,16 @@ def test_each_change_leaves_its_audit_event_in_the_outbox(
     sessions.revoke_others(current)
     sessions.delete(current, "")
     assert sessions.revoke_user("alice") == 0  # nothing left: no event
-    assert actions(outbox) == [
+    assert actions(store) == [
         ("user_login", "alice", {"session_id": record.session_id, "ip": "10.1.2.3"}),
-        ("user_login", "alice", {"session_id": sessions_id_of(outbox, 1), "ip": "10.1.2.3"}),
+        (
+            "user_login",
+            "alice",
+            {"session_id": store.events[1].details["session_id"], "ip": "10.1.2.3"},
+        ),
         ("sessions_revoked", "alice", {"count": "1", "scope": "others"}),
         ("user_logout", "alice", {"session_id": record.session_id}),
     ]
-
-
-def sessions_id_of(outbox: SqliteOutbox, index: int) -> str:
-    return outbox.peek(100)[index][1].details["session_id"]
 
 
 def test_list_pages_newest_first_and_each_session_once(

@@ -1,0 +1,132 @@
+"""Every store implementation, built the same way for the shared store contract suite
+(tests/unit/test_store_contract_*.py).
+
+A backend builds each service's store on fresh storage and tells which audit events went
+out with the changes (an outbox's content). Adding a backend (PostgreSQL) means one more
+class here and one more entry in BACKENDS; every contract test then runs against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from services.audit.model import AuditStore
+from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
+from services.audit.store import SqliteAuditStore
+from services.common.audit_events import AuditRecord
+from services.common.outbox import SqliteOutbox
+from services.common.sqlite import Migration, OpenedDatabase, open_database
+from services.identity.model import IdentityStore
+from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
+from services.identity.store import SqliteIdentityStore
+from services.session.model import SessionStore
+from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
+from services.session.store import SqliteSessionStore
+from tests.fakes.audit import MemoryAuditStore
+from tests.fakes.identity import MemoryIdentityStore
+from tests.fakes.session import MemorySessionStore
+
+S = TypeVar("S")
+# What an audit event says, whichever way a backend keeps it: (action, user id, details).
+Event = tuple[str, str, dict[str, str]]
+
+
+@dataclass
+class Harness(Generic[S]):
+    store: S
+    events: Callable[[], list[Event]]  # the audit events written with changes, in order
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a backend may keep its storage during one test, and what it may use."""
+
+    root: Path  # an empty directory of the test's own
+    cleanup: contextlib.ExitStack  # closed after the test
+    fixture: Callable[[str], Any]  # another pytest fixture by name (e.g. "postgres")
+
+
+class Backend(Protocol):
+    def identity(self) -> Harness[IdentityStore]: ...
+    def session(self) -> Harness[SessionStore]: ...
+    def audit(self) -> AuditStore: ...
+
+
+class MemoryBackend:
+    """The in-memory fakes (tests/fakes) that domain unit tests run on."""
+
+    def __init__(self, place: Place) -> None:
+        pass
+
+    def identity(self) -> Harness[IdentityStore]:
+        store = MemoryIdentityStore()
+        return Harness(
+            store, lambda: [(e.action, e.user_id, dict(e.details)) for e in store.events]
+        )
+
+    def session(self) -> Harness[SessionStore]:
+        store = MemorySessionStore()
+        return Harness(
+            store, lambda: [(e.action, e.user_id, dict(e.details)) for e in store.events]
+        )
+
+    def audit(self) -> AuditStore:
+        return MemoryAuditStore()
+
+
+class SqliteBackend:
+    """The SQLite stores the services run on, each in its own encrypted file."""
+
+    def __init__(self, place: Place) -> None:
+        self._root = place.root
+        self._cleanup = place.cleanup
+
+    def _open(self, service: str, migrations: list[Migration]) -> OpenedDatabase:
+        opened = open_database(
+            self._root / f"{service}.db",
+            service=service,
+            master_key="store contract test key",
+            kdf_iterations=1_000,  # the contract is about storage, not key stretching
+            migrations=migrations,
+            synchronous="NORMAL",
+        )
+        self._cleanup.callback(opened.database.close)
+        return opened
+
+    def _outbox(self, opened: OpenedDatabase, service: str) -> SqliteOutbox:
+        return SqliteOutbox(opened.database, opened.keyring, service)
+
+    def identity(self) -> Harness[IdentityStore]:
+        opened = self._open("identity", IDENTITY_MIGRATIONS)
+        outbox = self._outbox(opened, "identity")
+        store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
+        return Harness(store, lambda: _outbox_events(outbox))
+
+    def session(self) -> Harness[SessionStore]:
+        opened = self._open("session", SESSION_MIGRATIONS)
+        outbox = self._outbox(opened, "session")
+        store = SqliteSessionStore(opened.database, opened.keyring, outbox)
+        return Harness(store, lambda: _outbox_events(outbox))
+
+    def audit(self) -> AuditStore:
+        opened = self._open("audit", AUDIT_MIGRATIONS)
+        return SqliteAuditStore(opened.database, opened.keyring)
+
+
+def _record_events(records: list[AuditRecord]) -> list[Event]:
+    return [(e.action, e.user_id, dict(e.details)) for e in records]
+
+
+def _outbox_events(outbox: SqliteOutbox) -> list[Event]:
+    return [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(10_000)]
+
+
+# Each contract test runs once per entry.
+BACKENDS: dict[str, Callable[[Place], Backend]] = {
+    "memory": MemoryBackend,
+    "sqlite": SqliteBackend,
+}
