@@ -132,8 +132,23 @@ def tamper(stack: Stack, sql: str) -> None:
                 f"UPDATE audit_events SET {column} = ? WHERE sequence = ?", (bytes(blob), sequence)
             )
         else:
-            conn.execute(sql)
+            conn.executescript(sql)
     stack["audit"].start()
+
+
+# A forged event (a copy of row `copied`) inserted at `at`: later rows move up one and the
+# head follows (whoever can write the file can do all that); only the link cannot be
+# computed without the chain key.
+INSERT_AT = """
+    UPDATE audit_events SET sequence = -(sequence + 1) WHERE sequence >= {at};
+    UPDATE audit_events SET sequence = -sequence WHERE sequence < 0;
+    INSERT INTO audit_events (sequence, event_id, action, source, user_index, user_id_ct,
+                              details_ct, occur_time, record_time, link, chain_version)
+        SELECT {at}, 'forged-' || event_id, action, source, user_index, user_id_ct,
+               details_ct, occur_time, record_time, link, chain_version
+        FROM audit_events WHERE sequence = {copied};
+    UPDATE audit_head SET sequence = sequence + 1;
+"""
 
 
 @pytest.mark.parametrize(
@@ -145,6 +160,23 @@ def tamper(stack: Stack, sql: str) -> None:
         ("UPDATE audit_events SET action = 'user_logout' WHERE sequence = 6", 6),
         ("UPDATE audit_events SET occur_time = occur_time + 1 WHERE sequence = 4", 4),
         ("UPDATE audit_events SET user_index = NULL WHERE sequence = 8", 8),
+        # Every chained column: an edit to any of them breaks the link of its row.
+        ("UPDATE audit_events SET source = 'session' WHERE sequence = 3", 3),
+        ("UPDATE audit_events SET event_id = 'renamed-event' WHERE sequence = 5", 5),
+        ("UPDATE audit_events SET record_time = record_time - 60 WHERE sequence = 2", 2),
+        (
+            "UPDATE audit_events SET user_id_ct = (SELECT user_id_ct FROM audit_events"
+            " WHERE sequence = 1) WHERE sequence = 2",
+            2,
+        ),
+        (
+            "UPDATE audit_events SET details_ct = (SELECT details_ct FROM audit_events"
+            " WHERE sequence = 6) WHERE sequence = 7",
+            7,
+        ),
+        (INSERT_AT.format(at=6, copied=5), 6),
+        (INSERT_AT.format(at=1, copied=2), 1),
+        (INSERT_AT.format(at=11, copied=10), 11),  # appended after the last one
         ("DELETE FROM audit_events WHERE sequence = 7", 7),
         ("DELETE FROM audit_events WHERE sequence = 10", 10),  # the last one
     ],

@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -40,22 +41,55 @@ FAST_KDF = {
 }
 
 
+# What a service process inherits from the test run: nothing but a search path and a
+# UTF-8 locale. Everything else comes from `service_env`, so a variable exported in the
+# caller's shell (a limit, a key, a log level) cannot change what a test observes.
+BASE_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}
+
+
+class PortReservation:
+    """Loopback ports held bound (never listening) until `close`.
+
+    Each socket is bound with SO_REUSEADDR, so a service started with that port can still
+    bind and listen on it (Linux allows that while no other socket listens), but the
+    kernel hands none of these ports to anyone else's bind(0) or outgoing connection.
+    Picking a port and releasing it before the service binds would leave a window in
+    which another test run could take it; holding it for the stack's life closes it,
+    across restarts too.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._sockets: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", 0))
+        except BaseException:
+            self.close()
+            raise
+        self.ports = [int(sock.getsockname()[1]) for sock in self._sockets]
+        self._finalizer = weakref.finalize(self, _close_all, self._sockets)
+
+    def close(self) -> None:
+        _close_all(self._sockets)
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+_HELD: list[PortReservation] = []
+
+
 def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports: all sockets stay open until every port is chosen."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """One loopback port, held for the rest of this process (for a server that binds with
+    SO_REUSEADDR, as gRPC, Redis and http.server do)."""
+    reservation = PortReservation(1)
+    _HELD.append(reservation)
+    return reservation.ports[0]
 
 
 class ServiceProcess:
@@ -72,6 +106,8 @@ class ServiceProcess:
         self.log_path = log_path
         self.ca_file = ca_file
         self.cwd = cwd
+        # A command the service runs under (a tracer, say), or empty.
+        self.wrapper: Sequence[str] = ()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,8 +117,8 @@ class ServiceProcess:
     def start(self, *, wait: bool = True) -> None:
         log = os.fdopen(open_log(self.log_path), "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"],
-            env={**os.environ, **self.env},
+            [*self.wrapper, sys.executable, "-m", f"services.{self.name}"],
+            env={**BASE_ENV, **self.env},
             cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -109,7 +145,7 @@ class ServiceProcess:
         """Starts the service expecting it to refuse; returns (exit code, output)."""
         result = subprocess.run(
             [sys.executable, "-m", f"services.{self.name}"],
-            env={**os.environ, **self.env},
+            env={**BASE_ENV, **self.env},
             cwd=REPO,
             capture_output=True,
             timeout=timeout,
@@ -121,7 +157,7 @@ class ServiceProcess:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            os.kill(self.pid, signal.SIGTERM)  # the service itself, not its wrapper
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -133,7 +169,7 @@ class ServiceProcess:
 
     def kill(self) -> None:
         if self.process is not None:
-            self.process.kill()
+            os.kill(self.pid, signal.SIGKILL)
             self.process.wait()
             self.process = None
 
@@ -143,8 +179,14 @@ class ServiceProcess:
 
     @property
     def pid(self) -> int:
+        """The service's own process id (the wrapper's child when there is a wrapper)."""
         assert self.process is not None
-        return self.process.pid
+        pid = self.process.pid
+        if self.wrapper:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            assert len(children) == 1, f"{self.name}: wrapper has children {children}"
+            pid = int(children[0])
+        return pid
 
     def rss_bytes(self) -> int:
         """Resident memory of the running process, from /proc."""
@@ -170,7 +212,8 @@ class Stack:
         self.layout.prepare()
         # Ports for all four services, so that one not started here is simply absent
         # (calls to it fail and are retried) rather than a stray one on a default port.
-        ports = iter(free_ports(3 * len(PACKAGES)))
+        self.reservation = PortReservation(3 * len(PACKAGES))
+        ports = iter(self.reservation.ports)
         self.ports = {name: (next(ports), next(ports), next(ports)) for name in PACKAGES}
         self.services = {
             name: ServiceProcess(
