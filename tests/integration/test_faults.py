@@ -198,17 +198,26 @@ def test_a_hanging_audit_service_does_not_stall_logins(tmp_path: Path) -> None:
     try:
         client = user_client(stack)
         keys = new_user(client, "alice")
+        client.login("alice", keys)  # connections are up before audit hangs
         audit_pid = stack["audit"].pid
         os.kill(audit_pid, signal.SIGSTOP)  # alive, accepting connections, answering nothing
+        slowest = 0.0
         try:
-            for _ in range(15):  # each call has a 10 s deadline; a stall would blow it
+            time.sleep(0.5)  # the shippers are now stuck in calls to it
+            for _ in range(15):
+                started = time.monotonic()
                 client.login("alice", keys)
+                slowest = max(slowest, time.monotonic() - started)
+            started = time.monotonic()
             new_user(client, "bob")
+            slowest = max(slowest, time.monotonic() - started)
         finally:
             os.kill(audit_pid, signal.SIGCONT)
+        # A login takes milliseconds; one that waits on audit at all takes seconds.
+        assert slowest < 1.0, f"a login or registration took {slowest:.2f} s while audit hung"
         deadline = time.monotonic() + 30
-        while audit_total(stack) < 17 and time.monotonic() < deadline:
+        while audit_total(stack) < 18 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert audit_total(stack) == 17
+        assert audit_total(stack) == 18
     finally:
         stack.stop()
