@@ -4,10 +4,12 @@ For every RPC, hypothesis generates requests with arbitrary and boundary values 
 field (recursively), sent with credentials that get past authentication, so validation
 itself is exercised. A second property works below the protobuf layer: random bytes and
 serialized requests mutated byte by byte (flips, cuts, insertions, splices), which a
-generated client can never send. Only documented status codes may come back, never
-UNKNOWN or INTERNAL, never a stack trace or the parser's own words; afterwards every
-server still reports SERVING. HYPOTHESIS_EXAMPLES raises the number of examples per RPC
-(make soak uses more).
+generated client can never send. A deterministic sweep then sets each field, one at a
+time, to each boundary value of its type. Only documented status codes may come back,
+never UNKNOWN or INTERNAL, never a stack trace or the parser's own words, and never a
+hang: each call has a deadline that a correct server meets with a wide margin, and
+DEADLINE_EXCEEDED fails the test. Afterwards every server still reports SERVING.
+HYPOTHESIS_EXAMPLES raises the number of random examples per RPC (make soak uses more).
 """
 
 from __future__ import annotations
@@ -20,19 +22,33 @@ from typing import Any
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from securemsg.relay.v1 import relay_service_pb2 as relay_pb
+from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 
 from services.launcher.health import check
 from tests.support.rpc import POLICY, status_of
 from tests.support.stack import PACKAGES, Stack
-from tests.support.users import new_user, user_client
+from tests.support.users import bearer, new_user, user_client
 
-EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "20"))
+EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "50"))
+# Every RPC answers bad input in milliseconds; a call still unanswered after this long
+# is hanging (a correct server has a margin of hundreds of times on a loaded machine).
+CALL_DEADLINE_SECONDS = 3.0
 DOCUMENTED = {
     "OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "UNAUTHENTICATED",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
 }  # fmt: skip
+# Hypothesis settings of the random properties. Shrinking a hang would cost a deadline
+# per attempt, so failures are reported as generated.
+PROPERTY = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+)
 
 TEXT = st.one_of(
     st.text(max_size=40),
@@ -150,60 +166,212 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack.stop()
 
 
-def credentials(stack: Stack, cert: str | None) -> tuple[tuple[str, str], ...]:
-    """A fresh user's bearer token for public RPCs; nothing for certificate callers."""
+@pytest.fixture(scope="module")
+def postman(stack: Stack) -> str:
+    """A token of a user who sends each fuzzing user a message, so that a subscription
+    has something to return at once instead of waiting (correctly) for news."""
+    client = user_client(stack)
+    token = client.login("fuzz-postman", new_user(client, "fuzz-postman"))
+    client.close()
+    return token
+
+
+def credentials(
+    stack: Stack, method: MethodDescriptor, cert: str | None, postman: str
+) -> tuple[tuple[str, str], ...]:
+    """A fresh user's bearer token for public RPCs (with one message waiting for them);
+    nothing for certificate callers."""
     if cert is not None:
         return ()
     client = user_client(stack)
     user_id = f"fuzz-{uuid.uuid4().hex[:10]}"
     token = client.login(user_id, new_user(client, user_id))
     client.close()
-    return (("authorization", f"Bearer {token}"),)
+    if method.server_streaming:
+        with stack.channel("relay") as channel:
+            relay_grpc.RelayServiceStub(channel).SendMessage(
+                relay_pb.SendMessageRequest(recipient_id=user_id, body=b"waiting"),
+                metadata=bearer(postman),
+                timeout=10,
+            )
+    return bearer(token)
+
+
+def problem_with(code: str, text: str) -> str | None:
+    """Why an answer is not acceptable, or None."""
+    if code == "DEADLINE_EXCEEDED":
+        return f"no answer within {CALL_DEADLINE_SECONDS} s: the server hangs on this input"
+    if code not in DOCUMENTED:
+        return f"undocumented status {code}: {text}"
+    for leak in ("Traceback", 'File "', "DecodeError", "Error parsing", "UTF-8"):
+        if leak in text:
+            return f"{leak!r} in the status message: {text}"
+    return None
 
 
 @pytest.mark.parametrize(("host", "method", "cert"), list(rpcs()))
 def test_arbitrary_requests_get_only_documented_statuses(
-    stack: Stack, host: str, method: MethodDescriptor, cert: str | None
+    stack: Stack, postman: str, host: str, method: MethodDescriptor, cert: str | None
 ) -> None:
-    metadata = credentials(stack, cert)
+    metadata = credentials(stack, method, cert, postman)
     with stack.channel(host, cert=cert) as channel:
 
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-            database=None,
-        )
+        @PROPERTY
         @given(message_strategy(method.input_type))
         def probe(request: Any) -> None:
-            code, text = status_of(channel, method, request, metadata, timeout=5)
-            assert code in DOCUMENTED, (code, text)
-            assert "Traceback" not in text
-            assert 'File "' not in text
+            code, text = status_of(
+                channel, method, request, metadata, timeout=CALL_DEADLINE_SECONDS
+            )
+            problem = problem_with(code, text)
+            assert problem is None, problem
 
         probe()
 
 
 @pytest.mark.parametrize(("host", "method", "cert"), list(rpcs()))
 def test_arbitrary_bytes_get_only_documented_statuses(
-    stack: Stack, host: str, method: MethodDescriptor, cert: str | None
+    stack: Stack, postman: str, host: str, method: MethodDescriptor, cert: str | None
 ) -> None:
-    metadata = credentials(stack, cert)
-    # A stream that parsed its request waits for messages: a short deadline ends it.
-    timeout = 1 if method.server_streaming else 5
+    metadata = credentials(stack, method, cert, postman)
     with stack.channel(host, cert=cert) as channel:
 
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-            database=None,
-        )
+        @PROPERTY
         @given(raw_requests(method.input_type))
         def probe(data: bytes) -> None:
-            code, text = status_of(channel, method, data, metadata, timeout=timeout)
-            assert code in DOCUMENTED, (code, text)
-            for leak in ("Traceback", 'File "', "DecodeError", "Error parsing", "UTF-8"):
-                assert leak not in text, (code, text)
+            code, text = status_of(channel, method, data, metadata, timeout=CALL_DEADLINE_SECONDS)
+            problem = problem_with(code, text)
+            assert problem is None, problem
 
         probe()
+
+
+# One boundary value set per field type: sizes just around every documented limit,
+# extremes of each integer type, odd characters, and empties.
+STRINGS = [
+    "",
+    " ",
+    "a",
+    "A",
+    "alice",
+    "a" * 2,
+    "a" * 3,
+    "a" * 32,
+    "a" * 33,
+    "x" * 300,
+    "x" * 5000,
+    "../../etc",
+    "\x00",
+    "a\x00b",
+    "é" * 70,
+    "\U0001f642" * 20,
+    "user\n",
+    "-",
+    ".",
+    "_a",
+]
+BYTE_STRINGS = [
+    b"",
+    b"\x00",
+    bytes(31),
+    bytes(32),
+    bytes(33),
+    b"\xff" * 32,
+    bytes(63),
+    bytes(64),
+    bytes(65),
+    bytes(1183),
+    bytes(1184),
+    bytes(1185),
+    bytes(65536),
+    bytes(65537),
+    bytes(300_000),
+]
+INTEGERS = {
+    FieldDescriptor.TYPE_UINT32: [0, 1, 2, 100, 1000, 1001, 2**31 - 1, 2**31, 2**32 - 1],
+    FieldDescriptor.TYPE_UINT64: [0, 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1],
+    FieldDescriptor.TYPE_INT32: [-(2**31), -1, 0, 1, 100, 1000, 1001, 2**31 - 1],
+    FieldDescriptor.TYPE_INT64: [-(2**63), -1, 0, 1, 2**63 - 1],
+}
+TIMESTAMPS = [(-62135596800, 0), (-1, 999_999_999), (0, 0), (1, 0), (253402300799, 999_999_999)]
+DURATIONS = [(-315576000000, 0), (-1, 0), (0, 0), (0, 1), (1, 0), (604800, 0), (604801, 0),
+             (315576000000, 0)]  # fmt: skip
+
+
+def boundary_requests(descriptor: Descriptor, depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(label, request) pairs: each field of `descriptor` set alone to each boundary value,
+    nested messages recursively."""
+    cls = message_factory.GetMessageClass(descriptor)
+    for field in descriptor.fields:
+        for label, value in _field_values(field, depth):
+            message = cls()
+            target = getattr(message, field.name)
+            if isinstance(value, dict):
+                target.update(value)
+            elif isinstance(value, list):
+                target.extend(value)
+            elif hasattr(value, "SerializeToString"):
+                target.CopyFrom(value)
+            else:
+                setattr(message, field.name, value)
+            yield f"{field.name}{label}", message
+
+
+def _field_values(field: FieldDescriptor, depth: int) -> Iterator[tuple[str, Any]]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        yield "={}", {"": ""}
+        for text in STRINGS:
+            yield f"={{{text[:12]!r}: ...}}", {text: text}
+        yield "=(101 entries)", {f"k{i}": "v" for i in range(101)}
+        return
+    singles = list(_single_values(field, depth))
+    if not field.is_repeated:
+        yield from singles
+        return
+    for label, value in singles:
+        yield f"=[{label.lstrip('=')}]", [value]
+    if singles:
+        yield "=(1001 items)", [singles[0][1]] * 1001
+
+
+def _single_values(field: FieldDescriptor, depth: int) -> Iterator[tuple[str, Any]]:
+    if field.message_type is not None:
+        cls = message_factory.GetMessageClass(field.message_type)
+        name = field.message_type.full_name
+        if name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+            for seconds, nanos in TIMESTAMPS if name.endswith("Timestamp") else DURATIONS:
+                yield f"=({seconds}s,{nanos}ns)", cls(seconds=seconds, nanos=nanos)
+            return
+        yield "={}", cls()
+        if depth < 2:
+            for label, inner in boundary_requests(field.message_type, depth + 1):
+                yield f".{label}", inner
+        return
+    if field.type == FieldDescriptor.TYPE_STRING:
+        values: list[Any] = STRINGS
+    elif field.type == FieldDescriptor.TYPE_BYTES:
+        values = BYTE_STRINGS
+    elif field.type == FieldDescriptor.TYPE_BOOL:
+        values = [False, True]
+    elif field.enum_type is not None:
+        values = [v.number for v in field.enum_type.values] + [999]
+    else:
+        values = INTEGERS[field.type]
+    for value in values:
+        yield f"={value!r:.40}", value
+
+
+@pytest.mark.parametrize(("host", "method", "cert"), list(rpcs()))
+def test_every_boundary_value_of_every_field_gets_a_documented_status_in_time(
+    stack: Stack, postman: str, host: str, method: MethodDescriptor, cert: str | None
+) -> None:
+    metadata = credentials(stack, method, cert, postman)
+    problems = []
+    with stack.channel(host, cert=cert) as channel:
+        for label, request in boundary_requests(method.input_type):
+            code, text = status_of(
+                channel, method, request, metadata, timeout=CALL_DEADLINE_SECONDS
+            )
+            problem = problem_with(code, text)
+            if problem is not None:
+                problems.append(f"{method.name}({label}): {problem}")
+    assert problems == []
