@@ -6,9 +6,10 @@ import contextlib
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -221,3 +222,100 @@ def test_a_hanging_audit_service_does_not_stall_logins(tmp_path: Path) -> None:
         assert audit_total(stack) == 18
     finally:
         stack.stop()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `path` (CI runs as root; anything else fails)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"cannot mount a {size} tmpfs at {path} (the full-disk test needs root and "
+            f"mount(8), as CI has): {mounted.stderr.strip()}"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path, leave: int) -> Path:
+    """A ballast file taking all free space on `path`'s filesystem but `leave` bytes."""
+    ballast = path / "ballast"
+    free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
+    with ballast.open("wb") as handle:
+        handle.write(bytes(max(0, free - leave)))
+    return ballast
+
+
+@pytest.mark.parametrize("service", ["identity", "audit"])
+def test_a_full_disk_refuses_writes_cleanly_and_recovers_without_a_restart(
+    tmp_path: Path, service: str
+) -> None:
+    with small_filesystem(tmp_path / "disk", "8m") as disk:
+        names = ("identity", "session") if service == "identity" else ("audit",)
+        stack = Stack(tmp_path / "stack", names)
+        stack[service].env["DB_PATH"] = str(disk / f"{service}.db")
+        stack.start()
+        try:
+            pid = stack[service].pid
+            client = user_client(stack) if service == "identity" else None
+            attempted: list[str] = []
+
+            def write() -> str:
+                """Registers a user (identity) or appends 20 events (audit): its key."""
+                if client is not None:
+                    attempted.append(f"filler{len(attempted)}")
+                    new_user(client, attempted[-1], one_time=20)
+                else:
+                    batch = events(20, user_id=f"filler{len(attempted) % 1000}")
+                    attempted.append(batch[0].event_id)
+                    append(stack, batch)
+                return attempted[-1]
+
+            def stored(key: str) -> bool:
+                if client is None:
+                    return key in {e.event_id for e in operator_list(stack)}
+                with stack.channel("identity", cert="session") as channel:
+                    stub = identity_internal_grpc.IdentityInternalServiceStub(channel)
+                    return stub.GetUserStatus(
+                        identity_internal_pb.GetUserStatusRequest(user_id=key), timeout=10
+                    ).exists
+
+            written = [write() for _ in range(3)]
+            ballast = fill(disk, leave=128 * 1024)
+            refusal = None
+            for _ in range(2000):
+                try:
+                    written.append(write())
+                except grpc.RpcError as exc:
+                    refusal = exc
+                    break
+            assert refusal is not None, "the disk never filled"
+            assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
+            assert "storage is full" in details(refusal)
+            assert not stored(attempted[-1])  # nothing of the refused write
+            assert all(stored(key) for key in written)  # everything acknowledged is there
+            if client is None:
+                assert audit_total(stack) == 20 * len(written)
+
+            ballast.unlink()  # space returns; the service is not restarted
+            for _ in range(5):
+                written.append(write())
+            assert all(stored(key) for key in written)
+            if client is not None:
+                keys = new_user(client, "after-recovery")
+                profile = client.profile(client.login("after-recovery", keys))
+                assert profile.user_id == "after-recovery"
+            else:
+                assert audit_total(stack) == 20 * len(written)
+            assert stack[service].pid == pid  # the same process throughout
+        finally:
+            stack.stop()
+        assert integrity(disk / f"{service}.db") == "ok"
