@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
 
+from services.client.keys import UserKeys
 from services.common import convert
 from tests.support.audit import append, audit_total, events, operator_list
 from tests.support.stack import Stack
@@ -375,3 +379,94 @@ def test_a_time_range_that_ends_before_it_starts_is_invalid_argument(audit_only:
             )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "start_time must be before end_time" in details(error.value)
+
+
+def login_loop(
+    stack: Stack, users: dict[str, UserKeys], stop: threading.Event, logged: list[str]
+) -> None:
+    """Logs users in one after another until stopped, recording each acknowledged one."""
+    client = user_client(stack)
+    names = sorted(users)
+    n = 0
+    while not stop.is_set():
+        user_id = names[n % len(names)]
+        client.login(user_id, users[user_id])
+        logged.append(user_id)
+        n += 1
+    client.close()
+
+
+def assert_arrived_once_in_order(stack: Stack, registered: list[str], logged: list[str]) -> None:
+    wait_for_total(stack, len(registered) + len(logged), timeout=60)
+    time.sleep(0.5)  # give a duplicate, were one to be sent, time to show up
+    stored = list(reversed(operator_list(stack)))  # oldest first
+    assert len(stored) == len(registered) + len(logged)
+    assert len({e.event_id for e in stored}) == len(stored)
+    by_source = defaultdict(list)
+    for event in stored:
+        by_source[event.source].append(event.user_id)
+    assert by_source["identity"] == registered
+    assert by_source["session"] == logged
+
+
+def test_events_made_while_audit_restarts_again_and_again_arrive_once_and_in_order(
+    stack_without_audit: Stack,
+) -> None:
+    stack = stack_without_audit
+    audit = stack["audit"]
+    audit.start()
+    client = user_client(stack)
+    users = {f"user{i}": new_user(client, f"user{i}") for i in range(5)}
+    stop, logged = threading.Event(), list[str]()
+    producer = threading.Thread(target=login_loop, args=(stack, users, stop, logged))
+    producer.start()
+    try:
+        for restart in (audit.restart, audit.kill, audit.restart, audit.kill):
+            time.sleep(0.4)
+            restart()
+            if audit.process is None:  # killed: down for a while, then back
+                time.sleep(0.4)
+                audit.start()
+    finally:
+        stop.set()
+        producer.join()
+    assert len(logged) > 20
+    assert_arrived_once_in_order(stack, sorted(users), logged)
+
+
+def test_a_producer_killed_before_it_saw_the_acknowledgement_duplicates_nothing(
+    stack_without_audit: Stack,
+) -> None:
+    stack = stack_without_audit
+    stack["audit"].start()
+    client = user_client(stack)
+    users = {f"user{i}": new_user(client, f"user{i}") for i in range(3)}
+    logged: list[str] = []
+    for n in range(10):
+        client.login(f"user{n % 3}", users[f"user{n % 3}"])
+        logged.append(f"user{n % 3}")
+    wait_for_total(stack, 13)
+
+    audit_pid, session_pid = stack["audit"].pid, stack["session"].pid
+    os.kill(audit_pid, signal.SIGSTOP)
+    try:
+        for n in range(30):
+            client.login(f"user{n % 3}", users[f"user{n % 3}"])
+            logged.append(f"user{n % 3}")
+        time.sleep(1.0)  # the session's shipper has sent a batch and waits for the answer
+        os.kill(session_pid, signal.SIGSTOP)  # it will never read the answer
+    finally:
+        os.kill(audit_pid, signal.SIGCONT)
+    # Audit stores the batch and acknowledges it to a producer that is no longer running;
+    # then the producer dies, its outbox still holding those events.
+    deadline = time.monotonic() + 30
+    while audit_total(stack) == 13:
+        assert time.monotonic() < deadline, "the batch in flight never arrived"
+        time.sleep(0.1)
+    stack["session"].kill()
+    with sqlite3.connect(f"file:{stack.db_path('session')}?mode=ro", uri=True) as conn:
+        waiting = {row[0] for row in conn.execute("SELECT event_id FROM audit_outbox")}
+    assert waiting & {e.event_id for e in operator_list(stack)}, "no acknowledgement was lost"
+    stack["session"].start()
+    assert_arrived_once_in_order(stack, sorted(users), logged)
+    assert session_backlog(stack) == 0
