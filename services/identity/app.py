@@ -83,7 +83,7 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.IdentityAdminService",
-                IdentityAdminServicer(identity, outbox),
+                IdentityAdminServicer(identity, outbox.backlog),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
                 allowed_callers=frozenset({peers.OPERATOR}),
             ),

@@ -6,6 +6,7 @@ Domain calls block on SQLite, so they run in worker threads to keep the event lo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from securemsg.identity.v1 import identity_admin_service_pb2 as admin_pb
 from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
@@ -17,7 +18,6 @@ from securemsg.identity.v1 import keys_pb2
 
 from services.common import convert, peers
 from services.common.auth import TokenValidator, authenticate
-from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.identity.domain import Bundle, Identity, Registration
 from services.identity.keys import OneTimePrekey, SignedKey, fingerprint
@@ -174,15 +174,15 @@ class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
 
 
 class IdentityAdminServicer(admin_grpc.IdentityAdminServiceServicer):
-    def __init__(self, identity: Identity, outbox: Outbox) -> None:
+    def __init__(self, identity: Identity, audit_backlog: Callable[[], int]) -> None:
         self._identity = identity
-        self._outbox = outbox
+        self._audit_backlog = audit_backlog  # the outbox is storage: only its size here
 
     async def GetIdentityStats(
         self, request: admin_pb.GetIdentityStatsRequest, context: Context
     ) -> admin_pb.GetIdentityStatsResponse:
         counts = await asyncio.to_thread(self._identity.counts)
-        backlog = await asyncio.to_thread(self._outbox.backlog)
+        backlog = await asyncio.to_thread(self._audit_backlog)
         return admin_pb.GetIdentityStatsResponse(
             audit_outbox_backlog=backlog,
             registered_users=counts.registered,

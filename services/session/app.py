@@ -111,7 +111,7 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.SessionAdminService",
-                SessionAdminServicer(sessions, login, outbox),
+                SessionAdminServicer(sessions, login, outbox.backlog),
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
                 allowed_callers=frozenset({"identity", peers.OPERATOR}),
             ),

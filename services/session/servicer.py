@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from securemsg.session.v1 import session_admin_service_pb2 as admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
@@ -14,7 +15,6 @@ from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
 from services.common import convert, peers
 from services.common.auth import bearer_token
-from services.common.outbox import Outbox
 from services.common.peers import Context
 from services.session.login import Login
 from services.session.model import SessionRecord
@@ -125,10 +125,10 @@ class SessionInternalServicer(internal_grpc.SessionInternalServiceServicer):
 
 
 class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
-    def __init__(self, sessions: Sessions, login: Login, outbox: Outbox) -> None:
+    def __init__(self, sessions: Sessions, login: Login, audit_backlog: Callable[[], int]) -> None:
         self._sessions = sessions
         self._login = login
-        self._outbox = outbox
+        self._audit_backlog = audit_backlog  # the outbox is storage: only its size here
 
     async def RevokeUserSessions(
         self, request: admin_pb.RevokeUserSessionsRequest, context: Context
@@ -146,7 +146,7 @@ class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
         self, request: admin_pb.GetSessionStatsRequest, context: Context
     ) -> admin_pb.GetSessionStatsResponse:
         active, users = await asyncio.to_thread(self._sessions.counts)
-        backlog = await asyncio.to_thread(self._outbox.backlog)
+        backlog = await asyncio.to_thread(self._audit_backlog)
         return admin_pb.GetSessionStatsResponse(
             audit_outbox_backlog=backlog,
             active_sessions=active,
