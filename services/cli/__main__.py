@@ -13,8 +13,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 from securemsg.admin.v1 import database_admin_service_pb2 as admin_pb
 from securemsg.admin.v1 import database_admin_service_pb2_grpc as admin_grpc
 from securemsg.audit.v1 import audit_admin_service_pb2 as audit_admin_pb
@@ -103,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("text")
     inbox = commands.add_parser("inbox", help="read and acknowledge your messages")
     inbox.add_argument("user_id")
-    inbox.add_argument("--follow", type=float, metavar="SECONDS", help="then wait for more")
+    inbox.add_argument(
+        "--follow", type=float, metavar="SECONDS", help="then wait this many seconds for more"
+    )
     commands.add_parser("sessions", help="list your sessions").add_argument("user_id")
     commands.add_parser("logout", help="end the stored session").add_argument("user_id")
     commands.add_parser("audit", help="your own audit trail").add_argument("user_id")
@@ -119,9 +123,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
+    """Runs one command; `endpoints` (tests) replaces the default ports on --host."""
     home = Home(args.home)
-    endpoints = Endpoints(ca_file=args.ca, host=args.host)
+    endpoints = endpoints or Endpoints(ca_file=args.ca, host=args.host)
     command = args.command
     if command == "stats":
         _stats(endpoints, args.operator_cert)
@@ -146,7 +151,7 @@ def _run(args: argparse.Namespace) -> None:
         for service in PERSISTENT if args.service == "all" else (args.service,):
             with (
                 endpoints.channel(service, client_cert=args.operator_cert) as channel,
-                tqdm(desc=f"{service:8}", unit="B", unit_scale=True) as bar,
+                _progress(desc=f"{service:8}", unit="B", unit_scale=True) as bar,
             ):
                 path = backups.download_backup(channel, args.dir, _bar(bar))
             print(f"{service:8} backed up to {path}")
@@ -168,6 +173,11 @@ def _run(args: argparse.Namespace) -> None:
             print(f"alias        {profile.alias}")
             print(f"fingerprint  {profile.fingerprint}")
             print(f"prekeys left {profile.one_time_prekey_count}")
+            print(f"created      {_when(profile.create_time)}")
+            last_login = (
+                _when(profile.last_login_time) if profile.HasField("last_login_time") else "never"
+            )
+            print(f"last login   {last_login}")
         elif command == "bundle":
             bundle = client.bundle(home.token(args.user_id), args.peer)
             one_time = (
@@ -197,6 +207,7 @@ def _run(args: argparse.Namespace) -> None:
             if messages:
                 client.acknowledge(token, [m.message_id for m in messages])
             if args.follow:
+                print(f"waiting {args.follow:g} s for new messages (Ctrl-C stops)", flush=True)
                 for message in client.follow(token, args.follow):
                     _show(message.sender_id, sealing.open_sealed(keys.identity, message.body))
                     client.acknowledge(token, [message.message_id])
@@ -228,6 +239,16 @@ def _user_client(endpoints: Endpoints) -> UserClient:
         print(f"rate limited: trying again in {seconds:.1f} s", file=sys.stderr)
 
     return UserClient(endpoints, max_wait_when_limited=LIMIT_WAIT_SECONDS, on_wait=tell)
+
+
+def _progress(**options: Any) -> tqdm:  # type: ignore[type-arg]
+    """A progress bar on a terminal; nothing in piped output (logs, CI), where the
+    redrawn lines would only be noise. The final result is printed either way."""
+    return tqdm(disable=not sys.stderr.isatty(), **options)
+
+
+def _when(stamp: timestamp_pb2.Timestamp) -> str:
+    return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _bar(bar: tqdm) -> Callable[[int, int], None]:  # type: ignore[type-arg]
@@ -291,7 +312,7 @@ def _follow_rotation(endpoints: Endpoints, cert: Path, service: str) -> None:
         stub = admin_grpc.DatabaseAdminServiceStub(channel)
         request = admin_pb.GetKeyRotationStatusRequest()
         status = stub.GetKeyRotationStatus(request, timeout=10)
-        with tqdm(desc=f"{service} re-encryption", unit="row") as bar:
+        with _progress(desc=f"{service} re-encryption", unit="row") as bar:
             while not status.old_keys_retirable:
                 bar.total = status.rows_done + status.rows_remaining
                 bar.n = status.rows_done
@@ -311,7 +332,7 @@ def _verify(endpoints: Endpoints, cert: Path) -> None:
     checked, start = 0, 1
     with (
         endpoints.channel("audit", client_cert=cert) as channel,
-        tqdm(desc="audit chain", unit="event") as bar,
+        _progress(desc="audit chain", unit="event") as bar,
     ):
         stub = audit_admin_grpc.AuditAdminServiceStub(channel)
         while True:
@@ -372,10 +393,15 @@ def main() -> int:
         _run(args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            print("(are the services running? `make status` tells, `make run` starts them)",
+                  file=sys.stderr)  # fmt: skip
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

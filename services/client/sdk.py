@@ -40,10 +40,14 @@ class Endpoints:
     ca_file: Path | None  # None: plaintext (development only)
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    # Operator APIs: the default internal ports unless given (a stack on other ports).
+    internal_ports: dict[str, int] = field(
+        default_factory=lambda: {name: internal_port(name) for name in DEFAULT_PORTS}
+    )
 
     def channel(self, service: str, *, client_cert: Path | None = None) -> grpc.Channel:
         """A channel to the public port, or with a client certificate to the internal one."""
-        port = self.ports[service] if client_cert is None else internal_port(service)
+        port = self.ports[service] if client_cert is None else self.internal_ports[service]
         address = f"{self.host}:{port}"
         if self.ca_file is None:
             return grpc.insecure_channel(address)

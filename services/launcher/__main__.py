@@ -15,9 +15,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from services.common.errors import StartupError
+from services.launcher.diagnose import explain
 from services.launcher.health import check, wait_serving
 from services.launcher.restore import restore_backup
 from services.launcher.topology import (
@@ -28,34 +30,39 @@ from services.launcher.topology import (
     open_log,
     service_env,
 )
+from services.launcher.walkthrough import try_it_lines
 
 LAYOUT = StackLayout(Path("var"))
 HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
 PORTS = default_ports()
 
 
-def _pid_file(service: str) -> Path:
-    return LAYOUT.run / f"{service}.pid"
+def _pid_file(service: str, layout: StackLayout = LAYOUT) -> Path:
+    return layout.run / f"{service}.pid"
 
 
-def _running_pid(service: str) -> int | None:
+def _running_pid(service: str, layout: StackLayout = LAYOUT) -> int | None:
     try:
-        pid = int(_pid_file(service).read_text())
+        pid = int(_pid_file(service, layout).read_text())
         os.kill(pid, 0)
     except (OSError, ValueError):
         return None
     return pid
 
 
-def up() -> int:
-    LAYOUT.prepare()
+def up(layout: StackLayout = LAYOUT, ports: Mapping[str, tuple[int, int, int]] = PORTS) -> int:
+    """Starts what is not running yet and waits for all; 0 once every service serves."""
+    layout.prepare()
     started: dict[str, subprocess.Popen[bytes]] = {}
+    log_starts: dict[str, int] = {}  # where this start's output begins in each log
     for service in SERVICES:
-        if _running_pid(service):
+        if _running_pid(service, layout):
             print(f"{service:9} already running")
             continue
-        env = {**os.environ, **service_env(LAYOUT, service, PORTS)}
-        with os.fdopen(open_log(LAYOUT.logs / f"{service}.log"), "ab") as log:
+        env = {**os.environ, **service_env(layout, service, dict(ports))}
+        log_path = layout.logs / f"{service}.log"
+        log_starts[service] = log_path.stat().st_size if log_path.exists() else 0
+        with os.fdopen(open_log(log_path), "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{service}"],
                 env=env,
@@ -63,63 +70,61 @@ def up() -> int:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # survives the terminal; `make stop` ends it
             )
-        _pid_file(service).write_text(str(process.pid))
+        _pid_file(service, layout).write_text(str(process.pid))
         started[service] = process
-    ca = LAYOUT.tls / "ca.pem"
+    ca = layout.tls / "ca.pem"
     for service in SERVICES:
         child = started.get(service)
         try:
             wait_serving(
-                f"127.0.0.1:{PORTS[service][0]}",
+                f"127.0.0.1:{ports[service][0]}",
                 HEALTH_NAMES[service],
                 ca,
                 deadline=time.monotonic() + 60,
                 alive=(lambda p=child: p is None or p.poll() is None),
             )
-        except (RuntimeError, TimeoutError) as exc:
+        except TimeoutError as exc:
             print(f"{service} failed to start: {exc}; see var/log/{service}.log", file=sys.stderr)
+            return 1
+        except RuntimeError:
+            with (layout.logs / f"{service}.log").open("rb") as log:
+                log.seek(log_starts.get(service, 0))
+                output = log.read().decode("utf-8", "replace")
+            print(
+                f"{service} failed to start: {explain(output, ports[service])}\n"
+                f"  (log: var/log/{service}.log; `make stop` stops the services that did start)",
+                file=sys.stderr,
+            )
             return 1
     print()
     print("SecureMsg is running (TLS with the development CA in var/tls/ca.pem):")
     for service in SERVICES:
-        public, internal, metrics = PORTS[service]
+        public, internal, metrics = ports[service]
         print(
             f"  {service:9} 127.0.0.1:{public}  (internal, mutual TLS: {internal};"
             f" metrics: http://127.0.0.1:{metrics}/metrics)"
         )
-    print(
-        """
-Try it:
-  .venv/bin/python -m services.cli register alice
-  .venv/bin/python -m services.cli register bob
-  .venv/bin/python -m services.cli login alice
-  .venv/bin/python -m services.cli whoami alice
-  .venv/bin/python -m services.cli bundle alice bob
-  .venv/bin/python -m services.cli login bob
-  .venv/bin/python -m services.cli send alice bob "hello, bob"
-  .venv/bin/python -m services.cli inbox bob
-  .venv/bin/python -m services.cli audit bob
-  .venv/bin/python -m services.cli stats
-  .venv/bin/python -m services.cli verify
-Logs: var/log/<service>.log    Stop: make stop"""
-    )
+    print("\nTry it (from README.md):")
+    for line in try_it_lines():
+        print(f"  {line}")
+    print("Logs: var/log/<service>.log    Stop: make stop")
     return 0
 
 
-def down() -> int:
+def down(layout: StackLayout = LAYOUT) -> int:
     for service in SERVICES:
-        pid = _running_pid(service)
+        pid = _running_pid(service, layout)
         if pid is None:
             continue
         os.kill(pid, signal.SIGTERM)
         for _ in range(150):
-            if _running_pid(service) is None:
+            if _running_pid(service, layout) is None:
                 break
             time.sleep(0.1)
             with contextlib.suppress(ChildProcessError):  # reap it if it is our child
                 os.waitpid(pid, os.WNOHANG)
         print(f"{service:9} stopped")
-        _pid_file(service).unlink(missing_ok=True)
+        _pid_file(service, layout).unlink(missing_ok=True)
     return 0
 
 

@@ -22,9 +22,10 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 
 def endpoints(stack: Stack) -> Endpoints:
-    """Where the stack's public APIs listen, trusted through its CA."""
+    """Where the stack's APIs listen, trusted through its CA."""
     ports = {name: public for name, (public, _, _) in stack.ports.items()}
-    return Endpoints(ca_file=stack.layout.tls / "ca.pem", ports=ports)
+    internal = {name: port for name, (_, port, _) in stack.ports.items()}
+    return Endpoints(ca_file=stack.layout.tls / "ca.pem", ports=ports, internal_ports=internal)
 
 
 def user_client(stack: Stack) -> UserClient:
