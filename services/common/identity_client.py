@@ -10,9 +10,7 @@ from securemsg.identity.v1 import identity_internal_service_pb2_grpc as pb_grpc
 
 from services.common import convert, peer_client
 from services.common.cache import TtlCache
-from services.common.errors import NotFound, Unavailable
-
-_NOT_FOUND = {grpc.StatusCode.NOT_FOUND: lambda: NotFound("no such active user")}
+from services.common.errors import Unavailable
 
 
 class RemoteIdentityDirectory:
@@ -23,17 +21,13 @@ class RemoteIdentityDirectory:
         self._active = TtlCache[bool](active_cache_seconds, 100_000)
 
     async def verify_key(self, user_id: str) -> bytes | None:
-        try:
-            reply = await peer_client.call(
-                self._stub.GetVerifyKey,
-                pb.GetVerifyKeyRequest(user_id=user_id),
-                unavailable="login is unavailable right now (identity service); retry",
-                idempotent=True,
-                answers=_NOT_FOUND,
-            )
-        except NotFound:
-            return None
-        return reply.verify_key
+        reply = await peer_client.call(
+            self._stub.GetVerifyKey,
+            pb.GetVerifyKeyRequest(user_id=user_id),
+            unavailable="login is unavailable right now (identity service); retry",
+            idempotent=True,
+        )
+        return reply.verify_key or None  # empty: unknown or deactivated
 
     async def record_login(self, user_id: str, when: float) -> None:
         # Best effort: the session exists already; a missed last-login time is not worth

@@ -7,6 +7,7 @@ from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
 from services.common import database_admin, peers
+from services.common.addresses import ClientAddresses
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
@@ -72,6 +73,7 @@ async def build(env: Env) -> App:
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
+                    ClientAddresses.from_env(env),
                 ),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common import audit_events, validation
+from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord
 from services.common.errors import ResourceExhausted
 from services.common.ratelimit import SlidingWindowLimiter
@@ -83,7 +84,7 @@ class Identity:
         self._bundles = SlidingWindowLimiter(limits.bundles_per_minute, 60.0)
 
     def register(self, request: Registration, address: str = "") -> User:
-        wait = self._registrations.acquire(address)
+        wait = self._registrations.acquire(limit_key(address))
         if wait is not None:
             raise ResourceExhausted("too many registrations from your address", retry_after=wait)
         validation.user_id(request.user_id)
@@ -190,11 +191,13 @@ class Identity:
         )
 
     def verify_key(self, user_id: str) -> bytes:
+        """An active user's verify key; empty for an unknown or deactivated user.
+
+        Both answers take the same path out (no error, no log line), so the login that
+        asks cannot tell them apart by status or timing; login verifies against a decoy.
+        """
         validation.user_id(user_id)
-        key = self._store.get_verify_key(user_id)
-        if key is None:
-            raise NoSuchUser
-        return key
+        return self._store.get_verify_key(user_id) or b""
 
     def record_login(self, user_id: str, when: float | None) -> None:
         validation.user_id(user_id)

@@ -16,7 +16,8 @@ from securemsg.identity.v1 import identity_service_pb2 as pb
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from securemsg.identity.v1 import keys_pb2
 
-from services.common import convert, peers
+from services.common import convert
+from services.common.addresses import ClientAddresses
 from services.common.auth import TokenValidator, authenticate
 from services.common.peers import Context
 from services.identity.domain import Bundle, Identity, Registration
@@ -84,16 +85,19 @@ def _bundle(bundle: Bundle) -> keys_pb2.KeyBundle:
 
 
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    def __init__(self, identity: Identity, tokens: TokenValidator) -> None:
+    def __init__(
+        self, identity: Identity, tokens: TokenValidator, addresses: ClientAddresses | None = None
+    ) -> None:
         self._identity = identity
         self._tokens = tokens
+        self._addresses = addresses or ClientAddresses()
 
     async def RegisterUser(
         self, request: pb.RegisterUserRequest, context: Context
     ) -> pb.RegisterUserResponse:
         registration = registration_from_request(request)
         user = await asyncio.to_thread(
-            self._identity.register, registration, peers.peer_host(context)
+            self._identity.register, registration, self._addresses.of(context)
         )
         return pb.RegisterUserResponse(profile=_profile(user))
 

@@ -13,6 +13,7 @@ from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
 from services.common import metrics, peers
+from services.common.addresses import ClientAddresses
 from services.common.auth import RemoteTokenValidator
 from services.common.channels import open_channel
 from services.common.config import Env, ServerConfig, internal_port, tls_from_env
@@ -107,6 +108,7 @@ async def build(env: Env) -> App:
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
+                    ClientAddresses.from_env(env),
                 ),
                 pb_grpc.add_RelayServiceServicer_to_server,
             ),

@@ -10,7 +10,8 @@ from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2 as pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
-from services.common import convert, peers
+from services.common import convert
+from services.common.addresses import ClientAddresses, limit_key
 from services.common.auth import AuthenticatedUser, TokenValidator, bearer_token
 from services.common.errors import Unauthenticated
 from services.common.peers import Context
@@ -31,9 +32,10 @@ def _envelope(message: Message) -> pb.Envelope:
 class _AuditedTokens:
     """Token checks that leave an auth_failed event."""
 
-    def __init__(self, tokens: TokenValidator, relay: Relay) -> None:
+    def __init__(self, tokens: TokenValidator, relay: Relay, addresses: ClientAddresses) -> None:
         self._tokens = tokens
         self._relay = relay
+        self._addresses = addresses
 
     async def check(self, context: Context, token: str | None = None) -> AuthenticatedUser:
         try:
@@ -41,14 +43,16 @@ class _AuditedTokens:
                 token if token is not None else bearer_token(context)
             )
         except Unauthenticated:
-            self._relay.auth_failed(peers.peer_host(context))
+            self._relay.auth_failed(limit_key(self._addresses.of(context)))
             raise
 
 
 class RelayServicer(pb_grpc.RelayServiceServicer):
-    def __init__(self, relay: Relay, tokens: TokenValidator) -> None:
+    def __init__(
+        self, relay: Relay, tokens: TokenValidator, addresses: ClientAddresses | None = None
+    ) -> None:
         self._relay = relay
-        self._tokens = _AuditedTokens(tokens, relay)
+        self._tokens = _AuditedTokens(tokens, relay, addresses or ClientAddresses())
 
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context

@@ -10,6 +10,7 @@ from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_g
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
 from services.common import database_admin, peers
+from services.common.addresses import ClientAddresses
 from services.common.channels import open_channel
 from services.common.config import Env, internal_port, tls_from_env
 from services.common.identity_client import RemoteIdentityDirectory
@@ -60,20 +61,24 @@ async def build(env: Env) -> App:
         env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),
         tls_from_env(env),
     )
-    login = Login(
-        sessions,
-        RemoteIdentityDirectory(identity_channel),
-        ChallengeBook(ttl=env.number("CHALLENGE_TTL_SECONDS", 60.0, minimum=1.0)),
-        LoginLimits(
-            failures_per_account=env.integer("LOGIN_MAX_FAILURES_PER_ACCOUNT", 10, minimum=1),
-            failures_per_address=env.integer("LOGIN_MAX_FAILURES_PER_ADDRESS", 100, minimum=1),
-            window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
-            challenges_per_address_per_minute=env.integer(
-                "LOGIN_CHALLENGES_PER_MINUTE", 120, minimum=1
-            ),
+    limits = LoginLimits(
+        failures_per_account_address=env.integer(
+            "LOGIN_MAX_FAILURES_PER_ACCOUNT_ADDRESS", 10, minimum=1
         ),
-        outbox,
+        failures_per_address=env.integer("LOGIN_MAX_FAILURES_PER_ADDRESS", 100, minimum=1),
+        window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
+        challenges_per_address_per_minute=env.integer(
+            "LOGIN_CHALLENGES_PER_MINUTE", 120, minimum=1
+        ),
     )
+    challenge_ttl = env.number("CHALLENGE_TTL_SECONDS", 60.0, minimum=1.0)
+    challenges = ChallengeBook(
+        ttl=challenge_ttl,
+        capacity=env.integer("LOGIN_MAX_PENDING_CHALLENGES", 100_000, minimum=1),
+        # What the per-minute rate lets one address hold anyway; under pressure less.
+        per_group=max(1, int(limits.challenges_per_address_per_minute * challenge_ttl / 60)),
+    )
+    login = Login(sessions, RemoteIdentityDirectory(identity_channel), challenges, limits, outbox)
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
 
     async def cleanup_once(when: str) -> None:
@@ -100,7 +105,7 @@ async def build(env: Env) -> App:
         bindings=[
             ServiceBinding(
                 f"{PACKAGE}.SessionService",
-                SessionServicer(sessions, login),
+                SessionServicer(sessions, login, ClientAddresses.from_env(env)),
                 pb_grpc.add_SessionServiceServicer_to_server,
             ),
             ServiceBinding(

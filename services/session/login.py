@@ -20,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.common import audit_events, validation
+from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from services.common.ratelimit import SlidingWindowLimiter
@@ -54,40 +55,82 @@ class Challenge:
     user_id: str
     nonce: bytes
     expire_time: float
+    group: str = ""  # the requesting address's limit key (see services.common.addresses)
 
 
 class ChallengeBook:
-    """Outstanding challenges, in memory: each can be taken once, until it expires."""
+    """Outstanding challenges, in memory: each can be taken once, until it expires.
+
+    Backpressure: besides the hard `capacity`, each address group may hold at most
+    `per_group` outstanding challenges, and once the book is more than half full that
+    allowance shrinks with the free space left. A person holds one challenge for the
+    moment between asking and signing, so honest groups are never near it; whoever keeps
+    many outstanding is cut back first, and filling the book takes ever more groups.
+    """
 
     def __init__(
-        self, ttl: float, *, capacity: int = 100_000, clock: Callable[[], float] = time.time
+        self,
+        ttl: float,
+        *,
+        capacity: int = 100_000,
+        per_group: int = 120,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._ttl = ttl
         self._capacity = capacity
+        self._per_group = per_group
         self._clock = clock
         self._items: OrderedDict[str, Challenge] = OrderedDict()
+        self._by_group: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def issue(self, user_id: str) -> Challenge:
+    def _allowance(self) -> int:
+        half = self._capacity / 2
+        free = self._capacity - len(self._items)
+        if free >= half:
+            return self._per_group
+        return max(1, int(self._per_group * free / half))
+
+    def issue(self, user_id: str, group: str = "") -> Challenge:
         now = self._clock()
         challenge = Challenge(
-            secrets.token_hex(16), user_id, secrets.token_bytes(CHALLENGE_BYTES), now + self._ttl
+            secrets.token_hex(16),
+            user_id,
+            secrets.token_bytes(CHALLENGE_BYTES),
+            now + self._ttl,
+            group,
         )
         with self._lock:
             self._purge(now)
             if len(self._items) >= self._capacity:
                 raise ResourceExhausted("too many logins in progress", retry_after=self._ttl)
+            if self._by_group.get(group, 0) >= self._allowance():
+                raise ResourceExhausted(
+                    "too many unanswered login challenges from your address; sign the ones "
+                    "you have or wait for them to expire",
+                    retry_after=self._ttl,
+                )
             self._items[challenge.challenge_id] = challenge
+            self._by_group[group] = self._by_group.get(group, 0) + 1
         return challenge
 
     def take(self, challenge_id: str, user_id: str) -> Challenge | None:
         with self._lock:
             challenge = self._items.pop(challenge_id, None)
+            if challenge is not None:
+                self._release(challenge)
         if challenge is None or challenge.user_id != user_id:
             return None
         if challenge.expire_time <= self._clock():
             return None
         return challenge
+
+    def _release(self, challenge: Challenge) -> None:
+        left = self._by_group[challenge.group] - 1
+        if left:
+            self._by_group[challenge.group] = left
+        else:
+            del self._by_group[challenge.group]
 
     def _purge(self, now: float) -> None:
         # Insertion order is expiry order (fixed TTL), so expired ones sit at the front.
@@ -96,6 +139,7 @@ class ChallengeBook:
             if first.expire_time > now:
                 break
             self._items.popitem(last=False)
+            self._release(first)
 
     def __len__(self) -> int:
         with self._lock:
@@ -105,7 +149,15 @@ class ChallengeBook:
 
 @dataclass(frozen=True)
 class LoginLimits:
-    failures_per_account: int = 10
+    """Failed logins allowed per window, per (account, address group) and per group.
+
+    Nothing counts per account alone: an Ed25519 key cannot be guessed, so such a limit
+    would protect nothing and let anyone lock the owner out. A failure counts against
+    the account only when it presented a valid, unexpired challenge issued for that
+    account from that address group, and a correct signature is never refused.
+    """
+
+    failures_per_account_address: int = 10
     failures_per_address: int = 100
     window_seconds: float = 900.0
     # Challenges are free to ask for; without a cap one address could fill the book.
@@ -129,7 +181,9 @@ class Login:
         self._clock = clock
         # One rate_limit_exceeded event per key and window, not one per refused attempt.
         self._announced = SlidingWindowLimiter(1, limits.window_seconds)
-        self._by_account = SlidingWindowLimiter(limits.failures_per_account, limits.window_seconds)
+        self._by_pair = SlidingWindowLimiter(
+            limits.failures_per_account_address, limits.window_seconds
+        )
         self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
         self._challenges_by_address = SlidingWindowLimiter(
             limits.challenges_per_address_per_minute, 60.0
@@ -137,28 +191,30 @@ class Login:
 
     def challenge(self, user_id: str, address: str) -> Challenge:
         validation.user_id(user_id)
-        wait = self._challenges_by_address.acquire(address)
+        group = limit_key(address)
+        wait = self._challenges_by_address.acquire(group)
         if wait is not None:
-            self._announce_limit("login_challenges", address, "")
+            self._announce_limit("login_challenges", group, "")
             raise ResourceExhausted("too many login challenges from your address", retry_after=wait)
-        return self._challenges.issue(user_id)
+        return self._challenges.issue(user_id, group)
 
-    def _announce_limit(self, limit: str, key: str, user_id: str) -> None:
-        if self._announced.acquire(f"{limit}:{key}") is None:
-            details = {"limit": limit}
-            if not user_id:
-                details["ip"] = key
+    def _announce_limit(self, limit: str, group: str, user_id: str) -> None:
+        if self._announced.acquire(f"{limit}:{user_id}:{group}") is None:
+            details = {"limit": limit, "ip": group}
             self._audit.record(AuditRecord(audit_events.RATE_LIMIT_EXCEEDED, user_id, details))
 
-    def check_limits(self, user_id: str, address: str) -> None:
-        for limiter, key, what, limit in (
-            (self._by_account, user_id, "this account", "login_account"),
-            (self._by_address, address, "your address", "login_address"),
-        ):
+    def _over_limit(self, user_id: str, group: str) -> ResourceExhausted | None:
+        """The refusal due if this (account, group) or this group failed too often."""
+        for limiter, key, what, limit, account in (
+            (self._by_pair, f"{user_id} {group}", "this account from your address",
+             "login_account_address", user_id),
+            (self._by_address, group, "your address", "login_address", ""),
+        ):  # fmt: skip
             wait = limiter.retry_after(key)
             if wait is not None:
-                self._announce_limit(limit, key, user_id if limit == "login_account" else "")
-                raise ResourceExhausted(f"too many failed logins for {what}", retry_after=wait)
+                self._announce_limit(limit, group, account)
+                return ResourceExhausted(f"too many failed logins for {what}", retry_after=wait)
+        return None
 
     async def sign_in(
         self,
@@ -169,16 +225,23 @@ class Login:
         address: str,
         user_agent: str,
     ) -> tuple[str, SessionRecord]:
-        """Returns (token, session) or raises Unauthenticated / ResourceExhausted."""
+        """Returns (token, session) or raises Unauthenticated / ResourceExhausted.
+
+        Limits decide only how a failure is answered and whether hopeless attempts get
+        any work: a correct signature on a valid challenge always logs in.
+        """
         validation.user_id(user_id)
         if not challenge_id:
             raise InvalidArgument("challenge_id is required (from CreateChallenge)")
         if len(signature) != SIGNATURE_BYTES:
             raise InvalidArgument(f"signature must be {SIGNATURE_BYTES} bytes (Ed25519)")
         validation.text(user_agent, "user_agent", max_chars=MAX_USER_AGENT_CHARS, required=False)
-        self.check_limits(user_id, address)
+        group = limit_key(address)
 
         challenge = self._challenges.take(challenge_id, user_id)
+        refusal = self._over_limit(user_id, group)
+        if challenge is None and refusal is not None:
+            raise refusal  # cannot succeed without a challenge: spend nothing on it
         raw_key = await self._directory.verify_key(user_id)
         verifier = _DECOY_KEY
         if raw_key is not None:
@@ -194,13 +257,16 @@ class Login:
             verified = False
 
         if not (verified and challenge is not None and raw_key is not None):
-            self._by_account.hit(user_id)
-            self._by_address.hit(address)
+            if refusal is not None:
+                raise refusal  # no event per attempt past a limit: one announcement
+            self._by_address.hit(group)
+            if challenge is not None:  # only a real attempt at this account counts for it
+                self._by_pair.hit(f"{user_id} {group}")
             failure = AuditRecord(audit_events.USER_LOGIN_FAILED, user_id, {"ip": address})
             await asyncio.to_thread(self._audit.record, failure)
             raise Unauthenticated(LOGIN_FAILED)
 
-        self._by_account.reset(user_id)
+        self._by_pair.reset(f"{user_id} {group}")
         token, record = await asyncio.to_thread(self._sessions.create, user_id, address, user_agent)
         await self._directory.record_login(user_id, record.create_time)
         return token, record

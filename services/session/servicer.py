@@ -13,7 +13,8 @@ from securemsg.session.v1 import session_pb2
 from securemsg.session.v1 import session_service_pb2 as pb
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
-from services.common import convert, peers
+from services.common import convert
+from services.common.addresses import ClientAddresses
 from services.common.auth import bearer_token
 from services.common.peers import Context
 from services.session.login import Login
@@ -44,9 +45,10 @@ def _user_agent(request_value: str, context: Context) -> str:
 
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
-    def __init__(self, sessions: Sessions, login: Login) -> None:
+    def __init__(self, sessions: Sessions, login: Login, addresses: ClientAddresses) -> None:
         self._sessions = sessions
         self._login = login
+        self._addresses = addresses
 
     async def _caller(self, context: Context) -> SessionRecord:
         return await asyncio.to_thread(self._sessions.validate, bearer_token(context))
@@ -54,7 +56,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def CreateChallenge(
         self, request: pb.CreateChallengeRequest, context: Context
     ) -> pb.CreateChallengeResponse:
-        challenge = self._login.challenge(request.user_id, peers.peer_host(context))
+        challenge = self._login.challenge(request.user_id, self._addresses.of(context))
         return pb.CreateChallengeResponse(
             challenge_id=challenge.challenge_id,
             challenge=challenge.nonce,
@@ -68,7 +70,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             request.user_id,
             request.challenge_id,
             request.signature,
-            address=peers.peer_host(context),
+            address=self._addresses.of(context),
             user_agent=_user_agent(request.user_agent, context),
         )
         return pb.CreateSessionResponse(

@@ -221,6 +221,26 @@ def test_internal_api_refuses_callers_without_an_allowed_certificate(
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_an_unknown_users_verify_key_lookup_looks_like_a_known_ones(stack: Stack) -> None:
+    # Same status and same log lines: nothing for a login's timing to tell apart.
+    keys = new_user(user_client(stack), "known")
+    identity = stack["identity"]
+    with stack.channel("identity", cert="session") as channel:
+        stub = internal_grpc.IdentityInternalServiceStub(channel)
+        before = identity.log().count("GetVerifyKey")
+        assert (
+            stub.GetVerifyKey(
+                internal_pb.GetVerifyKeyRequest(user_id="known"), timeout=10
+            ).verify_key
+            == keys.verify_key
+        )
+        after_known = identity.log().count("GetVerifyKey")
+        reply = stub.GetVerifyKey(internal_pb.GetVerifyKeyRequest(user_id="nobody"), timeout=10)
+        after_unknown = identity.log().count("GetVerifyKey")
+    assert reply.verify_key == b""
+    assert after_known - before == after_unknown - after_known
+
+
 def test_internal_api_serves_an_allowed_service(stack: Stack) -> None:
     keys = new_user(user_client(stack), "target")
     with stack.channel("identity", cert="session") as channel:

@@ -269,6 +269,62 @@ def test_the_eleventh_failed_login_is_rate_limited_while_others_still_log_in(
     assert client.profile(client.login("friend", friend)).user_id == "friend"
 
 
+def test_bogus_attempts_naming_an_account_never_lock_its_owner_out(client: UserClient) -> None:
+    # The review's lockout: no account needed, a made-up challenge id, a random signature.
+    keys = new_user(client, "victim")
+    for _ in range(15):
+        error = _attempt(client, "victim", "made-up-challenge", bytes(64))
+        assert error.code() in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert client.profile(client.login("victim", keys)).user_id == "victim"
+
+
+def test_a_correct_login_is_never_refused_after_others_failed_from_the_same_address(
+    client: UserClient,
+) -> None:
+    keys = new_user(client, "victim")
+    attacker = UserKeys.generate(0)
+    for _ in range(11):
+        challenge = client.session.CreateChallenge(pb.CreateChallengeRequest(user_id="victim"))
+        _attempt(
+            client,
+            "victim",
+            challenge.challenge_id,
+            attacker.sign_login("victim", challenge.challenge),
+        )
+    assert client.profile(client.login("victim", keys)).user_id == "victim"
+
+
+@pytest.mark.parametrize(("trusted", "seen"), [("127.0.0.1", "198.51.100.7"), ("", "127.0.0.1")])
+def test_a_trusted_proxy_names_the_client_address_and_no_one_else_can(
+    tmp_path: Path, trusted: str, seen: str
+) -> None:
+    stack = Stack(tmp_path, extra_env={"session": {"TRUSTED_PROXIES": trusted}})
+    stack.start()
+    try:
+        client = user_client(stack)
+        keys = new_user(client, "proxied")
+        forwarded = (("x-forwarded-for", "198.51.100.7"),)
+        challenge = client.session.CreateChallenge(
+            pb.CreateChallengeRequest(user_id="proxied"), metadata=forwarded, timeout=10
+        )
+        token = client.session.CreateSession(
+            pb.CreateSessionRequest(
+                user_id="proxied",
+                challenge_id=challenge.challenge_id,
+                signature=keys.sign_login("proxied", challenge.challenge),
+            ),
+            metadata=forwarded,
+            timeout=10,
+        ).token
+        sessions = client.session.ListSessions(
+            pb.ListSessionsRequest(), metadata=bearer(token), timeout=10
+        ).sessions
+        assert [s.ip_address for s in sessions] == [seen]
+        client.close()
+    finally:
+        stack.stop()
+
+
 def test_deactivation_revokes_every_session(client: UserClient) -> None:
     keys = new_user(client, "leaving")
     first, second = client.login("leaving", keys), client.login("leaving", keys)

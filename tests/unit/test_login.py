@@ -122,12 +122,12 @@ async def test_failures_lock_the_account_but_not_other_accounts(
     for _ in range(3):
         with pytest.raises(Unauthenticated):
             await sign_in(login, "alice", stranger)
-    with pytest.raises(ResourceExhausted, match="this account; retry after 900 s"):
+    with pytest.raises(ResourceExhausted, match="this account from your address; retry after 900"):
         await sign_in(login, "alice", stranger)
     await sign_in(login, "bob", bob, address="5.6.7.8")
 
 
-async def test_failures_from_one_address_lock_that_address(
+async def test_failures_from_one_address_lock_that_address_but_never_a_correct_signature(
     login: Login, directory: Directory
 ) -> None:
     stranger = UserKeys.generate(0)
@@ -135,10 +135,86 @@ async def test_failures_from_one_address_lock_that_address(
         user(directory, f"user{i}")
         with pytest.raises(Unauthenticated):
             await sign_in(login, f"user{i}", stranger, address="6.6.6.6")
-    honest = user(directory, "honest")
     with pytest.raises(ResourceExhausted, match="your address"):
-        await sign_in(login, "honest", honest, address="6.6.6.6")
+        await sign_in(login, "user0", stranger, address="6.6.6.6")
+    honest = user(directory, "honest")
+    await sign_in(login, "honest", honest, address="6.6.6.6")
     await sign_in(login, "honest", honest, address="7.7.7.7")
+
+
+async def test_attempts_without_a_valid_challenge_never_lock_the_owner_out(
+    login: Login, directory: Directory
+) -> None:
+    # The review's lockout: anyone naming an account with a made-up challenge id and a
+    # random signature, no account of their own needed.
+    alice = user(directory, "alice")
+    for _ in range(20):
+        with pytest.raises((Unauthenticated, ResourceExhausted)):
+            await login.sign_in(
+                "alice", "made-up", bytes(64), address="6.6.6.6", user_agent="attack"
+            )
+    await sign_in(login, "alice", alice, address="1.2.3.4")
+    await sign_in(login, "alice", alice, address="6.6.6.6")  # even from the attacker's address
+
+
+async def test_failed_real_attempts_limit_only_that_account_from_that_address(
+    login: Login, directory: Directory
+) -> None:
+    alice = user(directory, "alice")
+    stranger = UserKeys.generate(0)
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            await sign_in(login, "alice", stranger, address="6.6.6.6")
+    with pytest.raises(ResourceExhausted, match="this account from your address"):
+        await sign_in(login, "alice", stranger, address="6.6.6.6")
+    with pytest.raises(Unauthenticated):  # the same account from elsewhere: not limited
+        await sign_in(login, "alice", stranger, address="7.7.7.7")
+    await sign_in(login, "alice", alice, address="6.6.6.6")
+
+
+async def test_ipv6_addresses_of_one_64_share_one_failure_budget(
+    login: Login, directory: Directory
+) -> None:
+    stranger = UserKeys.generate(0)
+    for i in range(5):
+        user(directory, f"user{i}")
+        with pytest.raises(Unauthenticated):
+            await sign_in(login, f"user{i}", stranger, address=f"2001:db8:1:2::{i + 1:x}")
+    with pytest.raises(ResourceExhausted, match="your address"):
+        await sign_in(login, "user0", stranger, address="2001:db8:1:2:ffff::99")
+    with pytest.raises(Unauthenticated):  # the next /64 has its own budget
+        await sign_in(login, "user0", stranger, address="2001:db8:1:3::1")
+
+
+def test_ipv6_addresses_of_one_64_share_one_challenge_budget(login: Login) -> None:
+    for i in range(20):
+        login.challenge("alice", f"2001:db8::{i + 1:x}")
+    with pytest.raises(ResourceExhausted, match="too many login challenges"):
+        login.challenge("alice", "2001:db8::ffff:1")
+    login.challenge("alice", "2001:db8:0:1::1")
+
+
+def issue_until_refused(book: ChallengeBook, group: str) -> int:
+    issued = 0
+    with pytest.raises(ResourceExhausted, match="unanswered login challenges"):  # noqa: PT012
+        while True:
+            book.issue("someone", group)
+            issued += 1
+    return issued
+
+
+def test_a_filling_challenge_book_cuts_back_the_groups_holding_most(clock: FakeClock) -> None:
+    book = ChallengeBook(ttl=60, capacity=100, per_group=40, clock=clock)
+    # Up to half full every group may hold 40; beyond, 40 * free / 50, shrinking as it fills.
+    assert issue_until_refused(book, "a") == 40
+    assert issue_until_refused(book, "b") == 27
+    assert issue_until_refused(book, "c") == 15
+    assert len(book) == 82  # the book is not full: someone holding none still gets one
+    honest = book.issue("alice", "d")
+    assert book.take(honest.challenge_id, "alice") == honest
+    clock.advance(61)  # expired challenges free their groups' allowance
+    assert len(book) == 0
+    assert issue_until_refused(book, "a") == 40
 
 
 async def test_malformed_requests_are_invalid_argument(login: Login) -> None:
@@ -169,5 +245,5 @@ async def test_failures_and_the_first_refusal_are_audited_once(
             await sign_in(login, "alice", stranger)
     events = [(e.action, e.user_id, dict(e.details)) for e in outbox.events]
     assert events == [("user_login_failed", "alice", {"ip": "1.2.3.4"})] * 3 + [
-        ("rate_limit_exceeded", "alice", {"limit": "login_account"})
+        ("rate_limit_exceeded", "alice", {"limit": "login_account_address", "ip": "1.2.3.4"})
     ]
