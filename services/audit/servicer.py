@@ -51,9 +51,13 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             user_id=request.user_id,
             action=request.action,
             start_time=(
-                convert.seconds(request.start_time) if request.HasField("start_time") else None
+                convert.seconds(request.start_time, "start_time")
+                if request.HasField("start_time")
+                else None
             ),
-            end_time=convert.seconds(request.end_time) if request.HasField("end_time") else None,
+            end_time=convert.seconds(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else None,
             page_size=request.page_size,
             page_token=request.page_token,
         )
@@ -74,7 +78,9 @@ class AuditIngestServicer(ingest_grpc.AuditIngestServiceServicer):
                 action=e.action,
                 source=e.source,
                 user_id=e.user_id,
-                occur_time=convert.seconds(e.occur_time) if e.HasField("occur_time") else 0.0,
+                occur_time=convert.seconds(e.occur_time, "events[].occur_time")
+                if e.HasField("occur_time")
+                else 0.0,
                 details=dict(e.details),
             )
             for e in request.events

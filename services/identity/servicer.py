@@ -166,7 +166,11 @@ class IdentityInternalServicer(internal_grpc.IdentityInternalServiceServicer):
     async def RecordLogin(
         self, request: internal_pb.RecordLoginRequest, context: Context
     ) -> internal_pb.RecordLoginResponse:
-        when = convert.seconds(request.login_time) if request.HasField("login_time") else None
+        when = (
+            convert.seconds(request.login_time, "login_time")
+            if request.HasField("login_time")
+            else None
+        )
         await asyncio.to_thread(self._identity.record_login, request.user_id, when)
         return internal_pb.RecordLoginResponse()
 
