@@ -44,6 +44,13 @@ def limits_from_env(env: Env) -> RelayLimits:
         max_queue_bytes=env.integer("RELAY_MAX_QUEUE_BYTES", 8 * 1024 * 1024, minimum=1024),
         max_total_bytes=env.integer("RELAY_MAX_TOTAL_BYTES", 256 * 1024 * 1024, minimum=1024),
         sends_per_minute=env.integer("RELAY_SENDS_PER_MINUTE", 600, minimum=1),
+        max_sender_messages=env.integer("RELAY_MAX_SENDER_MESSAGES", 1000, minimum=1),
+        max_sender_bytes=env.integer("RELAY_MAX_SENDER_BYTES", 16 * 1024 * 1024, minimum=1024),
+        unseen_recipient_ttl=env.number(
+            "RELAY_UNSEEN_RECIPIENT_TTL_SECONDS", 6 * 3600.0, minimum=1.0
+        ),
+        max_streams_per_user=env.integer("RELAY_MAX_STREAMS_PER_USER", 8, minimum=1),
+        max_streams=env.integer("RELAY_MAX_STREAMS", 2000, minimum=1),
     )
 
 

@@ -50,6 +50,7 @@ class Relay:
         limit = max_messages or DEFAULT_FETCH
         if limit > MAX_FETCH:
             raise InvalidArgument(f"max_messages must be at most {MAX_FETCH}")
+        self._queues.connected(user_id)
         return self._queues.pending(user_id, limit, self._fetch_budget)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
@@ -57,6 +58,7 @@ class Relay:
             raise InvalidArgument("message_ids must name at least one message")
         if len(message_ids) > MAX_ACK_IDS:
             raise InvalidArgument(f"message_ids may hold at most {MAX_ACK_IDS} ids")
+        self._queues.connected(user_id)
         return self._queues.acknowledge(user_id, message_ids)
 
     async def subscribe(

@@ -22,19 +22,37 @@ class RelayLimits:
     max_queue_bytes: int = 8 * 1024 * 1024
     max_total_bytes: int = 256 * 1024 * 1024
     sends_per_minute: int = 600
+    # What one sender may have waiting in all queues together (see MessageQueues.send).
+    max_sender_messages: int = 1000
+    max_sender_bytes: int = 16 * 1024 * 1024
+    # Lifetime cap while the recipient has not connected to this relay since it started.
+    unseen_recipient_ttl: float = 6 * 3600.0
+    # Open SubscribeMessages streams, per user and in all.
+    max_streams_per_user: int = 8
+    max_streams: int = 2000
 
 
 class Message:
-    __slots__ = ("body", "expire_time", "message_id", "send_time", "sender_id")
+    __slots__ = ("body", "expire_time", "message_id", "promised_expire_time", "send_time",
+                 "sender_id")  # fmt: skip
 
     def __init__(
-        self, message_id: str, sender_id: str, body: bytearray, send_time: float, expire: float
+        self,
+        message_id: str,
+        sender_id: str,
+        body: bytearray,
+        send_time: float,
+        expire: float,
+        promised_expire: float | None = None,
     ) -> None:
         self.message_id = message_id
         self.sender_id = sender_id
         self.body = body
         self.send_time = send_time
         self.expire_time = expire
+        # The lifetime the sender was granted; expire_time is shorter while the recipient
+        # has never connected, and becomes this once they do.
+        self.promised_expire_time = expire if promised_expire is None else promised_expire
 
     @property
     def cost(self) -> int:

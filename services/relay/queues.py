@@ -2,6 +2,17 @@
 
 Nothing here touches the disk. All methods run on the event loop thread (the relay has
 no blocking work), so there is no locking: each call is atomic with respect to others.
+
+Fairness, so that one actor cannot fill the relay for everyone:
+- each sender may have at most `max_sender_messages` / `max_sender_bytes` waiting;
+- once the relay is more than half full, a sender's byte allowance shrinks with the
+  free space left (never below one largest message), so the heaviest senders are
+  stopped first and someone with little queued can still send until it is truly full;
+- a message to a recipient who has not connected (fetched, subscribed, acknowledged)
+  since the relay started lives at most `unseen_recipient_ttl`, so queues for
+  recipients that never come drain in hours, not days; when the recipient connects,
+  their messages get the full lifetime granted at sending;
+- open streams are capped per user and in all.
 """
 
 from __future__ import annotations
@@ -18,6 +29,20 @@ from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.ratelimit import SlidingWindowLimiter
 from services.relay.model import MESSAGE_OVERHEAD_BYTES, Message, RelayLimits, RelayStats
+
+# How many recipients the relay remembers as having connected (least recent forgotten;
+# a forgotten one only gets the shorter unseen lifetime for new messages).
+SEEN_RECIPIENTS = 100_000
+
+
+class _Load:
+    """What one sender has waiting in all queues."""
+
+    __slots__ = ("cost", "messages")
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.cost = 0
 
 
 class _Mailbox:
@@ -50,6 +75,8 @@ class MessageQueues:
         self._subscribers = 0
         self._total_body_bytes = 0
         self._senders = SlidingWindowLimiter(limits.sends_per_minute, 60.0)
+        self._loads: dict[str, _Load] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self.closing = asyncio.Event()
 
     def ttl(self, requested: float | None) -> float:
@@ -88,6 +115,15 @@ class MessageQueues:
         if self._announced.acquire(key) is None:
             self._audit.record(AuditRecord(action, user_id, details))
 
+    def sender_allowance(self) -> int:
+        """Bytes one sender may have waiting now (shrinks once the relay is half full)."""
+        half = self.limits.max_total_bytes / 2
+        free = self.limits.max_total_bytes - self._total_cost
+        if free >= half:
+            return self.limits.max_sender_bytes
+        floor = self.limits.max_body_bytes + MESSAGE_OVERHEAD_BYTES
+        return max(floor, int(self.limits.max_sender_bytes * free / half))
+
     def send(self, sender_id: str, recipient_id: str, body: bytes, ttl: float) -> Message:
         """Queues an admitted message for an active recipient, if there is room."""
         box = self._boxes.get(recipient_id)
@@ -100,18 +136,38 @@ class MessageQueues:
             raise ResourceExhausted(
                 "the recipient's queue is full; try again after they read their messages"
             )
+        load = self._loads.get(sender_id)
+        if load is not None and (
+            load.messages >= self.limits.max_sender_messages
+            or load.cost + cost > self.sender_allowance()
+        ):
+            self.announce(audit_events.CAPACITY_EXCEEDED, sender_id, {"scope": "sender"})
+            raise ResourceExhausted(
+                "you have too many undelivered messages waiting at the relay; try again when "
+                "your recipients have read some",
+                retry_after=60,
+            )
         if self._total_cost + cost > self.limits.max_total_bytes:
             self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "relay_total"})
             raise ResourceExhausted("the relay is at capacity; try again later", retry_after=30)
         now = self._clock()
+        expire = now + ttl
+        if recipient_id not in self._seen:
+            expire = min(expire, now + self.limits.unseen_recipient_ttl)
         # 96 random bits: ids only name messages inside one recipient's own queue.
-        message = Message(secrets.token_urlsafe(12), sender_id, bytearray(body), now, now + ttl)
+        message = Message(
+            secrets.token_urlsafe(12), sender_id, bytearray(body), now, expire, now + ttl
+        )
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.messages[message.message_id] = message
         if len(box.messages) == 1:
             self._recipients += 1
         box.cost += cost
+        if load is None:
+            load = self._loads[sender_id] = _Load()
+        load.messages += 1
+        load.cost += cost
         self._total_cost += cost
         self._total_messages += 1
         self._total_body_bytes += len(body)
@@ -119,6 +175,23 @@ class MessageQueues:
         for wakeup in box.wakeups:
             wakeup.set()
         return message
+
+    def connected(self, recipient_id: str) -> None:
+        """The recipient fetched, subscribed or acknowledged: from now on (while remembered)
+        their messages live as long as their senders were granted."""
+        if recipient_id in self._seen:
+            self._seen.move_to_end(recipient_id)
+            return
+        self._seen[recipient_id] = None
+        if len(self._seen) > SEEN_RECIPIENTS:
+            self._seen.popitem(last=False)
+        box = self._boxes.get(recipient_id)
+        for message in box.messages.values() if box else ():
+            if message.expire_time < message.promised_expire_time:
+                message.expire_time = message.promised_expire_time
+                heapq.heappush(
+                    self._expiry, (message.expire_time, message.message_id, recipient_id)
+                )
 
     def pending(
         self, recipient_id: str, limit: int | None = None, max_bytes: int | None = None
@@ -162,6 +235,11 @@ class MessageQueues:
         if not box.messages:
             self._recipients -= 1
         box.cost -= message.cost
+        load = self._loads[message.sender_id]
+        load.messages -= 1
+        load.cost -= message.cost
+        if not load.messages:
+            del self._loads[message.sender_id]
         self._total_cost -= message.cost
         self._total_messages -= 1
         self._total_body_bytes -= len(message.body)
@@ -178,8 +256,10 @@ class MessageQueues:
         while self._expiry and self._expiry[0][0] <= now:
             _, message_id, recipient_id = heapq.heappop(self._expiry)
             box = self._boxes.get(recipient_id)
-            message = box.messages.pop(message_id, None) if box else None
-            if box is not None and message is not None:
+            message = box.messages.get(message_id) if box else None
+            # An entry may be stale: its message was acknowledged, or given a longer life.
+            if box is not None and message is not None and message.expire_time <= now:
+                del box.messages[message_id]
                 self._forget(box, message)
                 self._drop_if_empty(recipient_id, box)
                 removed += 1
@@ -195,10 +275,31 @@ class MessageQueues:
         return removed
 
     def watch(self, recipient_id: str) -> asyncio.Event:
-        """An event set whenever a message arrives for the recipient."""
+        """An event set whenever a message arrives for the recipient.
+
+        Each open stream costs memory whatever it carries, so they are capped per user and
+        in all (RESOURCE_EXHAUSTED): a flood of subscriptions cannot push the relay into
+        an out-of-memory kill, which would drop every queued message.
+        """
+        box = self._boxes.get(recipient_id)
+        if box is not None and len(box.wakeups) >= self.limits.max_streams_per_user:
+            self.announce(audit_events.CAPACITY_EXCEEDED, recipient_id, {"scope": "user_streams"})
+            raise ResourceExhausted(
+                f"you have {len(box.wakeups)} live subscriptions open, the most allowed; "
+                "close one before opening another"
+            )
+        if self._subscribers >= self.limits.max_streams:
+            self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "relay_streams"})
+            raise ResourceExhausted(
+                "the relay has too many live subscriptions; fetch instead, or subscribe later",
+                retry_after=30,
+            )
         wakeup = asyncio.Event()
-        self._boxes.setdefault(recipient_id, _Mailbox(recipient_id)).wakeups.add(wakeup)
+        if box is None:
+            box = self._boxes[recipient_id] = _Mailbox(recipient_id)
+        box.wakeups.add(wakeup)
         self._subscribers += 1
+        self.connected(recipient_id)
         return wakeup
 
     def unwatch(self, recipient_id: str, wakeup: asyncio.Event) -> None:

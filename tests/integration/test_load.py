@@ -28,7 +28,11 @@ CLIENTS = int(os.environ.get("LOAD_CLIENTS", "20"))
 SECONDS = float(os.environ.get("LOAD_SECONDS", "8"))
 RELAXED = {
     "session": {"LOGIN_CHALLENGES_PER_MINUTE": "1000000"},
-    "relay": {"RELAY_SENDS_PER_MINUTE": "1000000", "RELAY_MAX_QUEUE_MESSAGES": "100000"},
+    "relay": {
+        "RELAY_SENDS_PER_MINUTE": "1000000",
+        "RELAY_MAX_QUEUE_MESSAGES": "100000",
+        "RELAY_MAX_SENDER_MESSAGES": "100000",
+    },
 }
 
 

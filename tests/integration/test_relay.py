@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -267,7 +268,8 @@ def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path
                 break
         assert refusal is not None
         assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "capacity" in details(refusal) or "queue is full" in details(refusal)
+        reasons = ("capacity", "queue is full", "too many undelivered messages")
+        assert any(reason in details(refusal) for reason in reasons)
         assert accepted * len(body) <= cap
         with stack.channel("relay", cert="operator") as channel:
             stats = admin_grpc.RelayAdminServiceStub(channel).GetRelayStats(
@@ -278,6 +280,81 @@ def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path
         fetched = victim.fetch()  # still serving; a batch fits one gRPC message
         assert 0 < len(fetched) < accepted
         assert fetched[0].body == body
+    finally:
+        stack.stop()
+
+
+def test_an_abuser_is_capped_while_an_honest_user_still_sends(tmp_path: Path) -> None:
+    # The review's fill: several accounts sending large bodies to recipients they
+    # registered themselves and never read. Room for 9 such messages in all, 2 per
+    # sender, and fewer once the relay is half full.
+    stack = start(tmp_path, RELAY_MAX_TOTAL_BYTES="600000", RELAY_MAX_SENDER_BYTES="140000")
+    try:
+        client = user_client(stack)
+        body = os.urandom(64 * 1024)
+        held = []
+        for n in range(3):
+            abuser = Person(stack, client, f"abuser{n}")
+            new_user(client, f"sink{n}")
+            sent = 0
+            with pytest.raises(grpc.RpcError) as refusal:  # noqa: PT012
+                while True:
+                    abuser.send(f"sink{n}", body)
+                    sent += 1
+            assert refusal.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many undelivered messages" in details(refusal.value)
+            held.append(sent)
+        assert held == [2, 2, 1]
+        alice, bob = Person(stack, client, "alice"), Person(stack, client, "bob")
+        alice.send("bob", b"still room for an honest message")
+        assert [m.body for m in bob.fetch()] == [b"still room for an honest message"]
+    finally:
+        stack.stop()
+
+
+def test_subscriptions_are_capped_per_user_and_in_all(tmp_path: Path) -> None:
+    stack = start(tmp_path, RELAY_MAX_STREAMS_PER_USER="2", RELAY_MAX_STREAMS="3")
+    try:
+        client = user_client(stack)
+        bob, carol, dave = (Person(stack, client, name) for name in ("bob", "carol", "dave"))
+
+        def subscribe(person: Person) -> Any:
+            return person.relay.SubscribeMessages(
+                pb.SubscribeMessagesRequest(), metadata=bearer(person.token), timeout=10
+            )
+
+        def refusal(person: Person) -> str:
+            with pytest.raises(grpc.RpcError) as error:
+                next(iter(subscribe(person)))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return details(error.value)
+
+        def subscribers() -> int:
+            with stack.channel("relay", cert="operator") as channel:
+                return (
+                    admin_grpc.RelayAdminServiceStub(channel)
+                    .GetRelayStats(admin_pb.GetRelayStatsRequest(), timeout=10)
+                    .subscribers
+                )
+
+        def wait_for(count: int) -> None:
+            deadline = time.monotonic() + 5
+            while subscribers() != count:
+                assert time.monotonic() < deadline, subscribers()
+                time.sleep(0.05)
+
+        open_streams = [subscribe(bob), subscribe(bob)]
+        wait_for(2)
+        assert "2 live subscriptions open" in refusal(bob)
+        open_streams.append(subscribe(carol))
+        wait_for(3)
+        assert "too many live subscriptions" in refusal(dave)
+        open_streams.pop(0).cancel()
+        wait_for(2)
+        open_streams.append(subscribe(dave))
+        wait_for(3)
+        for stream in open_streams:
+            stream.cancel()
     finally:
         stack.stop()
 

@@ -48,7 +48,9 @@ def test_expired_messages_are_hidden_then_swept(clock: FakeClock) -> None:
 
 
 def test_the_expiry_heap_is_compacted_after_acknowledgements(clock: FakeClock) -> None:
-    q = queues(clock, max_queue_messages=10_000, sends_per_minute=10_000)
+    q = queues(
+        clock, max_queue_messages=10_000, sends_per_minute=10_000, max_sender_messages=10_000
+    )
     ids = [send(q) for _ in range(3000)]
     q.acknowledge("bob", ids)
     q.expire()
@@ -138,3 +140,78 @@ async def test_stats_keep_count_through_sends_acks_expiry_and_watchers(clock: Fa
     q.unwatch("dave", watcher)  # twice is harmless
     stats = q.stats()
     assert (stats.queued_messages, stats.recipients, stats.subscribers) == (0, 0, 0)
+
+
+def send_from(q: MessageQueues, sender: str, to: str, body: bytes, ttl: float | None = None) -> str:
+    return q.send(sender, to, body, q.admit(sender, to, body, ttl)).message_id
+
+
+def send_until_refused(q: MessageQueues, sender: str, to: str, body: bytes) -> int:
+    sent = 0
+    with pytest.raises(ResourceExhausted) as refusal:  # noqa: PT012
+        while True:
+            send_from(q, sender, to, body)
+            sent += 1
+    assert "capacity" not in refusal.value.message  # capped as a sender, not by the total
+    return sent
+
+
+def test_a_sender_is_capped_in_messages_and_bytes_across_recipients(clock: FakeClock) -> None:
+    q = queues(clock, max_sender_messages=3, max_sender_bytes=10 * 1024)
+    for to in ("bob", "carol", "dave"):
+        send_from(q, "alice", to, b"x")
+    with pytest.raises(ResourceExhausted, match="too many undelivered messages"):
+        send_from(q, "alice", "erin", b"x")
+    q.acknowledge("bob", [m.message_id for m in q.pending("bob")])
+    send_from(q, "alice", "erin", b"x")  # room again once a recipient read one
+    body = b"x" * 4000
+    assert send_until_refused(q, "mallory", "bob", body) == 2  # 2 * 4512 <= 10 KiB < 3 * 4512
+
+
+def test_an_honest_sender_still_gets_through_while_an_abuser_is_capped(clock: FakeClock) -> None:
+    # The review's fill: accounts sending large bodies to recipients nobody reads.
+    cost = 1024 + MESSAGE_OVERHEAD_BYTES
+    q = queues(
+        clock,
+        max_body_bytes=1024,
+        max_total_bytes=100 * cost,
+        max_sender_bytes=30 * cost,
+        sends_per_minute=10_000,
+    )
+    held = [send_until_refused(q, f"abuser{i}", f"sink{i}", b"x" * 1024) for i in range(10)]
+    assert held[0] == 30  # the per-sender cap
+    assert held[2] < held[1] < 30  # past half full, allowances shrink
+    assert q.stats().queued_messages < 100  # ten accounts did not fill it
+    send_from(q, "alice", "bob", b"hello bob")
+
+
+def test_messages_to_a_recipient_who_never_connected_expire_sooner_until_they_connect(
+    clock: FakeClock,
+) -> None:
+    q = queues(clock, unseen_recipient_ttl=100)
+    send_from(q, "alice", "bob", b"1", ttl=1000)
+    send_from(q, "alice", "carol", b"2", ttl=1000)
+    assert [m.expire_time for m in q.pending("bob")] == [clock.now + 100]
+    q.connected("carol")  # carol fetched: her message gets its full lifetime back
+    assert [m.expire_time for m in q.pending("carol")] == [clock.now + 1000]
+    send_from(q, "alice", "carol", b"3", ttl=1000)
+    clock.advance(150)
+    assert q.expire() == 1
+    assert q.pending("bob") == []
+    assert [bytes(m.body) for m in q.pending("carol")] == [b"2", b"3"]
+    clock.advance(900)
+    assert q.expire() == 2
+
+
+def test_live_streams_are_capped_per_user_and_in_all(clock: FakeClock) -> None:
+    q = queues(clock, max_streams_per_user=2, max_streams=3)
+    first = q.watch("bob")
+    q.watch("bob")
+    with pytest.raises(ResourceExhausted, match="2 live subscriptions open"):
+        q.watch("bob")
+    q.watch("carol")
+    with pytest.raises(ResourceExhausted, match="too many live subscriptions"):
+        q.watch("dave")
+    q.unwatch("bob", first)
+    q.watch("dave")
+    assert q.stats().subscribers == 3
