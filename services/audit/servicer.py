@@ -14,8 +14,9 @@ from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from services.audit.domain import AuditLog, ListRequest, Reader
 from services.audit.model import NewEvent, StoredEvent
-from services.common import convert, peers
+from services.common import convert, metrics, peers
 from services.common.auth import TokenValidator, authenticate
+from services.common.errors import IntegrityError
 from services.common.peers import Context
 
 
@@ -99,9 +100,15 @@ class AuditAdminServicer(admin_grpc.AuditAdminServiceServicer):
     async def VerifyAuditLog(
         self, request: admin_pb.VerifyAuditLogRequest, context: Context
     ) -> admin_pb.VerifyAuditLogResponse:
-        result = await asyncio.to_thread(
-            self._log.verify, request.start_sequence, request.max_events
-        )
+        try:
+            result = await asyncio.to_thread(
+                self._log.verify, request.start_sequence, request.max_events
+            )
+        except IntegrityError:
+            metrics.AUDIT_VERIFY_FAILURES.inc()
+            raise
+        if not result.ok:
+            metrics.AUDIT_VERIFY_FAILURES.inc()  # operators are alerted on this counter
         return admin_pb.VerifyAuditLogResponse(
             ok=result.ok,
             checked_count=result.checked,

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from services.common import metrics
 from services.common.errors import IntegrityError
 
 FORMAT_V1 = 0x01
@@ -101,22 +102,26 @@ class FieldCipher:
 
     def decrypt(self, blob: bytes, row_key: bytes) -> bytes:
         if len(blob) < OVERHEAD:
-            raise IntegrityError(f"{self._label}: ciphertext too short")
+            raise self._failure("ciphertext too short")
         fmt, version = _HEADER.unpack_from(blob)
         if fmt != FORMAT_V1:
-            raise IntegrityError(f"{self._label}: unknown ciphertext format {fmt}")
+            raise self._failure(f"unknown ciphertext format {fmt}")
         aead = self._aeads.get(version)
         if aead is None:
-            raise IntegrityError(f"{self._label}: key version {version} is not loaded")
+            raise self._failure(f"key version {version} is not loaded")
         nonce = blob[_HEADER.size : _HEADER.size + NONCE_BYTES]
         try:
             return aead.decrypt(
                 nonce, blob[_HEADER.size + NONCE_BYTES :], self._aad(row_key, version)
             )
         except InvalidTag:
-            raise IntegrityError(
-                f"{self._label}: authentication failed (tampered, moved, or wrong key)"
-            ) from None
+            raise self._failure("authentication failed (tampered, moved, or wrong key)") from None
+
+    def _failure(self, reason: str) -> IntegrityError:
+        # Counted where it is found, so failures outside any RPC (rotation, outbox
+        # shipping) reach the operator's alert too; the label names a column, never a row.
+        metrics.INTEGRITY_FAILURES.labels(self._label).inc()
+        return IntegrityError(f"{self._label}: {reason}")
 
     def encrypt_text(self, text: str, row_key: bytes) -> bytes:
         return self.encrypt(text.encode("utf-8"), row_key)

@@ -36,6 +36,10 @@ AUDIT_DROPPED = Counter(
 AUDIT_SHIP_FAILURES = Counter(
     "securemsg_audit_ship_failures_total", "Failed attempts to deliver audit events"
 )
+AUDIT_VERIFY_FAILURES = Counter(
+    "securemsg_audit_verify_failures_total",
+    "VerifyAuditLog runs that found the log broken or could not check it",
+)
 
 
 def gauge(name: str, description: str, read: Callable[[], float]) -> None:

@@ -69,10 +69,16 @@ async def build(env: Env) -> App:
     for field, text in (
         ("queued_messages", "Messages waiting in the relay"),
         ("queued_bytes", "Body bytes waiting in the relay"),
+        ("charged_bytes", "Bytes counted against RELAY_MAX_TOTAL_BYTES (bodies + overhead)"),
         ("recipients", "Recipients with queued messages"),
         ("subscribers", "Open SubscribeMessages streams"),
     ):
         metrics.gauge(f"securemsg_relay_{field}", text, _stat_reader(queues, field))
+    metrics.gauge(
+        "securemsg_relay_max_total_bytes",
+        "RELAY_MAX_TOTAL_BYTES: past it the relay refuses every send",
+        lambda: float(limits.max_total_bytes),
+    )
     tls = tls_from_env(env)
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls

@@ -67,6 +67,7 @@ class Message:
 class RelayStats:
     queued_messages: int
     queued_bytes: int
+    charged_bytes: int  # what counts against max_total_bytes: bodies plus per-message overhead
     recipients: int
     subscribers: int
 

@@ -314,6 +314,7 @@ class MessageQueues:
         return RelayStats(
             queued_messages=self._total_messages,
             queued_bytes=self._total_body_bytes,
+            charged_bytes=self._total_cost,
             recipients=self._recipients,
             subscribers=self._subscribers,
         )
