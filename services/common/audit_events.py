@@ -28,6 +28,17 @@ RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 AUTH_FAILED = "auth_failed"
 CAPACITY_EXCEEDED = "capacity_exceeded"
 KEY_ROTATION_COMPLETED = "key_rotation_completed"
+TOTP_ENROLLMENT_STARTED = "totp_enrollment_started"
+TOTP_ENABLED = "totp_enabled"
+TOTP_REMOVED = "totp_removed"
+SECOND_FACTOR_FAILED = "second_factor_failed"
+RECOVERY_CODE_USED = "recovery_code_used"
+RECOVERY_CODES_GENERATED = "recovery_codes_generated"
+PASSWORD_SET = "password_set"  # noqa: S105 (an event name)
+PASSWORD_REHASHED = "password_rehashed"  # noqa: S105
+KEYS_REPLACED = "keys_replaced"
+SESSION_STEPPED_UP = "session_stepped_up"
+RECOVERY_LOGIN = "recovery_login"
 
 VOCABULARY = frozenset(
     {
@@ -43,6 +54,17 @@ VOCABULARY = frozenset(
         AUTH_FAILED,
         CAPACITY_EXCEEDED,
         KEY_ROTATION_COMPLETED,
+        TOTP_ENROLLMENT_STARTED,
+        TOTP_ENABLED,
+        TOTP_REMOVED,
+        SECOND_FACTOR_FAILED,
+        RECOVERY_CODE_USED,
+        RECOVERY_CODES_GENERATED,
+        PASSWORD_SET,
+        PASSWORD_REHASHED,
+        KEYS_REPLACED,
+        SESSION_STEPPED_UP,
+        RECOVERY_LOGIN,
     }
 )
 

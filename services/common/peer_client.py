@@ -18,7 +18,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
 
 DEADLINE_SECONDS = 3.0
 # Pauses before the second and third attempt of an idempotent call, inside its deadline.
@@ -60,7 +60,7 @@ async def call(
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if answers and code in answers:
-                raise answers[code]() from None
+                raise _with_retry_delay(answers[code](), exc) from None
             delay = next(delays, None) if code == grpc.StatusCode.UNAVAILABLE else None
             if delay is not None and time.monotonic() + delay < give_up:
                 await asyncio.sleep(delay)
@@ -70,3 +70,15 @@ async def call(
                 extra={"fields": {"rpc": type(request).__name__, "code": code.name}},
             )
             raise Unavailable(unavailable) from None
+
+
+def _with_retry_delay(error: ServiceError, exc: grpc.aio.AioRpcError) -> ServiceError:
+    """A peer's RESOURCE_EXHAUSTED keeps its wait (the `retry-after` trailer every
+    server sets beside google.rpc.RetryInfo), so the end user hears when to retry."""
+    if not isinstance(error, ResourceExhausted) or error.retry_after is not None:
+        return error
+    for item in exc.trailing_metadata() or ():
+        key, value = item[0], item[1]  # type: ignore[index]
+        if key == "retry-after" and isinstance(value, str) and value.isdigit():
+            return ResourceExhausted(error.message, retry_after=float(value))
+    return error

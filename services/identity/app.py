@@ -16,6 +16,9 @@ from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_service_database
 from services.identity.domain import Identity, IdentityLimits
+from services.identity.factor_store import SqliteFactorStore
+from services.identity.factors import FactorLimits, Factors
+from services.identity.passwords import HashParameters, PasswordHasher
 from services.identity.servicer import (
     IdentityAdminServicer,
     IdentityInternalServicer,
@@ -38,13 +41,35 @@ async def build(env: Env) -> App:
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
     store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
+    factor_store = SqliteFactorStore(opened.database, opened.keyring, outbox)
     # Rotation is a concern of this SQLite store, not of the store protocol.
     rotation = rotation_from_env(
         opened.database,
         opened.keyring,
-        [*store.rotatables(), outbox.rotatable()],
+        [*store.rotatables(), factor_store.rotatable(), outbox.rotatable()],
         outbox,
         env.number,
+    )
+    factors = Factors(
+        factor_store,
+        store,
+        PasswordHasher(
+            HashParameters(
+                time_cost=env.integer("PASSWORD_HASH_TIME_COST", 2, minimum=1),
+                memory_kib=env.integer("PASSWORD_HASH_MEMORY_KIB", 19456, minimum=8),
+                parallelism=env.integer("PASSWORD_HASH_PARALLELISM", 1, minimum=1),
+            )
+        ),
+        outbox,
+        limits=FactorLimits(
+            code_failures_per_account=env.integer(
+                "SECOND_FACTOR_FAILURES_PER_ACCOUNT", 10, minimum=1
+            ),
+            password_budget=env.integer("PASSWORD_BUDGET", 10, minimum=1),
+            password_budget_window=env.number(
+                "PASSWORD_BUDGET_WINDOW_SECONDS", 86400.0, minimum=1.0
+            ),
+        ),
     )
     session_channel = open_channel(
         env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
@@ -57,6 +82,7 @@ async def build(env: Env) -> App:
             registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
             bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
         ),
+        on_login=factors.refill_password_budget,
     )
 
     async def close() -> None:
@@ -70,6 +96,7 @@ async def build(env: Env) -> App:
                 f"{PACKAGE}.IdentityService",
                 IdentityServicer(
                     identity,
+                    factors,
                     RemoteTokenValidator(
                         session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
                     ),
@@ -79,7 +106,7 @@ async def build(env: Env) -> App:
             ),
             ServiceBinding(
                 f"{PACKAGE}.IdentityInternalService",
-                IdentityInternalServicer(identity),
+                IdentityInternalServicer(identity, factors),
                 internal_grpc.add_IdentityInternalServiceServicer_to_server,
                 allowed_callers=frozenset({"session", "relay"}),
             ),

@@ -18,6 +18,7 @@ from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityCounts,
     IdentityStore,
+    NewKeys,
     NewUser,
     NoSuchUser,
     SessionRevoker,
@@ -75,10 +76,13 @@ class Identity:
         revoker: SessionRevoker,
         clock: Callable[[], float] = time.time,
         limits: IdentityLimits | None = None,
+        on_login: Callable[[str], None] = lambda user_id: None,
     ) -> None:
         self._store = store
         self._revoker = revoker
         self._clock = clock
+        # A device-key login also refills the password budget (see factors.py).
+        self._on_login = on_login
         limits = limits or IdentityLimits(2**31, 2**31)
         self._registrations = SlidingWindowLimiter(limits.registrations_per_minute, 60.0)
         self._bundles = SlidingWindowLimiter(limits.bundles_per_minute, 60.0)
@@ -202,6 +206,7 @@ class Identity:
     def record_login(self, user_id: str, when: float | None) -> None:
         validation.user_id(user_id)
         self._store.record_login(user_id, self._clock() if when is None else when)
+        self._on_login(user_id)
 
     def status(self, user_id: str) -> tuple[bool, bool]:
         """(exists, active) for a user id."""
@@ -221,6 +226,36 @@ class Identity:
         when = await asyncio.to_thread(self._store.deactivate, user_id, self._clock(), event)
         await self._revoker.revoke_all(user_id)
         return when
+
+    async def replace_keys(
+        self, user_id: str, replacement: Registration, *, by: str, keep_session_id: str
+    ) -> tuple[User, int]:
+        """Replaces a lost device's keys (`replacement` as at registration, its user id,
+        alias and metadata ignored); returns the profile and how many other sessions
+        were revoked. `by` ("recovery" or "owner") goes into the audit trail.
+
+        Keys first, then sessions: from the moment the keys change the old verify key
+        cannot log in, and revoking is idempotent, so if the session service cannot be
+        reached the call fails (UNAVAILABLE) and repeating it finishes the job.
+        """
+        verifier = keys.check_identity_keys(replacement.identity_key, replacement.verify_key)
+        new = NewKeys(
+            identity_key=replacement.identity_key,
+            verify_key=replacement.verify_key,
+            signed_prekey=keys.check_signed_prekey(verifier, replacement.signed_prekey),
+            pq_prekey=keys.check_pq_prekey(verifier, replacement.pq_prekey),
+            one_time_prekeys=keys.check_one_time_prekeys(
+                replacement.one_time_prekeys, max_count=MAX_PREKEYS_PER_REQUEST, allow_empty=True
+            ),
+        )
+        event = AuditRecord(
+            audit_events.KEYS_REPLACED,
+            user_id,
+            {"by": by, "one_time_prekeys": str(len(new.one_time_prekeys))},
+        )
+        await asyncio.to_thread(self._store.replace_keys, user_id, new, event)
+        revoked = await self._revoker.revoke_all(user_id, keep_session_id=keep_session_id)
+        return await asyncio.to_thread(self.profile, user_id), revoked
 
     def counts(self) -> IdentityCounts:
         return self._store.counts()

@@ -55,6 +55,37 @@ class IdentityCounts:
     active_without_prekeys: int
 
 
+@dataclass(frozen=True)
+class NewKeys:
+    """A complete replacement of a user's long-term keys (after a lost device)."""
+
+    identity_key: bytes
+    verify_key: bytes
+    signed_prekey: SignedKey
+    pq_prekey: SignedKey
+    one_time_prekeys: list[OneTimePrekey]
+
+
+@dataclass(frozen=True)
+class FactorState:
+    """An active user's authentication factors, decrypted (never leaves identity)."""
+
+    totp_secret: str | None  # the active TOTP secret
+    totp_pending: str | None  # an enrolment waiting for its first code
+    totp_last_step: int  # the last accepted time step; codes of earlier steps are refused
+    password_hash: str | None  # Argon2id PHC string
+    password_failures: int  # failed password logins in the current budget window
+    password_window_start: float | None  # when that window began
+    recovery_codes: int  # unused recovery codes
+
+    @property
+    def totp_enabled(self) -> bool:
+        return self.totp_secret is not None
+
+
+NO_FACTORS = FactorState(None, None, 0, None, 0, None, 0)
+
+
 class NoSuchUser(NotFound):
     """A command named a user that does not exist (or, unless `active=False`, is
     deactivated)."""
@@ -136,10 +167,81 @@ class IdentityStore(Protocol):
         Raises NoSuchUser(active=False)."""
         ...
 
+    def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
+        """Replaces the active user's long-term keys and one-time prekey pool; returns how
+        many old one-time prekeys were discarded. Raises NoSuchUser, PrekeyIdsInUse
+        (never, since the pool is emptied first, but the store checks)."""
+        ...
+
     def counts(self) -> IdentityCounts: ...
 
 
-class SessionRevoker(Protocol):
-    """The session service as deactivation sees it."""
+class FactorStore(Protocol):
+    """Where identity keeps authentication factors (same database as the users).
 
-    async def revoke_all(self, user_id: str) -> int: ...
+    Secrets (TOTP secrets, password hashes) are stored encrypted; recovery codes only
+    as keyed hashes, so the store takes codes as typed (normalised) and never returns
+    them. Every method that names a user raises NoSuchUser unless the user is active,
+    except `get` (None). Changes that take an `AuditRecord` store it in the same
+    transaction, and only when they change something.
+    """
+
+    def get(self, user_id: str) -> FactorState | None:
+        """The active user's factors (NO_FACTORS if none were ever set), or None."""
+        ...
+
+    def set_pending_totp(self, user_id: str, secret: str, audit: AuditRecord) -> None:
+        """Stores an enrolment waiting for its first code, replacing any earlier one."""
+        ...
+
+    def activate_totp(
+        self, user_id: str, pending: str, step: int, codes: list[str], audit: AuditRecord
+    ) -> bool:
+        """Makes the pending secret, if it is still `pending`, the active one with `step`
+        as its last accepted step, and replaces the recovery codes with `codes`.
+        False (nothing changed) if the enrolment was activated or replaced meanwhile."""
+        ...
+
+    def accept_totp_step(self, user_id: str, step: int) -> bool:
+        """Records `step` as the last accepted one if it is later than the stored one and
+        a TOTP factor is active: True exactly once per step, even under concurrent calls."""
+        ...
+
+    def remove_totp(self, user_id: str, audit: AuditRecord) -> bool:
+        """Removes the TOTP factor (active and pending); False if there was none."""
+        ...
+
+    def replace_recovery_codes(self, user_id: str, codes: list[str], audit: AuditRecord) -> None:
+        """Replaces every recovery code of the user with `codes` (normalised)."""
+        ...
+
+    def use_recovery_code(self, user_id: str, code: str, audit: AuditRecord) -> bool:
+        """Removes `code` (normalised) if it is one of the user's: True exactly once."""
+        ...
+
+    def set_password(self, user_id: str, password_hash: str, audit: AuditRecord) -> None:
+        """Stores a new password hash and clears the password budget."""
+        ...
+
+    def rehash_password(
+        self, user_id: str, old_hash: str, new_hash: str, audit: AuditRecord
+    ) -> bool:
+        """Replaces the hash if it is still `old_hash` (upgraded parameters)."""
+        ...
+
+    def record_password_failure(self, user_id: str, now: float, window: float) -> int | None:
+        """Counts a password attempt in the budget window (a new window starts when the
+        last began `window` seconds or more before `now`); returns the count, or None for
+        an unknown or deactivated user after a write of the same cost (so timing does not
+        tell them apart)."""
+        ...
+
+    def reset_password_budget(self, user_id: str) -> None:
+        """Clears the failure count (a device-key login, a recovery code, a success)."""
+        ...
+
+
+class SessionRevoker(Protocol):
+    """The session service as deactivation and key replacement see it."""
+
+    async def revoke_all(self, user_id: str, *, keep_session_id: str = "") -> int: ...

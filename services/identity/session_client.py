@@ -15,12 +15,12 @@ class RemoteSessionRevoker:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = pb_grpc.SessionAdminServiceStub(channel)
 
-    async def revoke_all(self, user_id: str) -> int:
+    async def revoke_all(self, user_id: str, *, keep_session_id: str = "") -> int:
         reply = await peer_client.call(
             self._stub.RevokeUserSessions,
-            pb.RevokeUserSessionsRequest(user_id=user_id),
-            unavailable="the account is deactivated but its sessions could not be revoked yet "
-            "(session service unreachable); repeat the call to finish",
+            pb.RevokeUserSessionsRequest(user_id=user_id, keep_session_id=keep_session_id),
+            unavailable="the change is made but the account's sessions could not be revoked "
+            "yet (session service unreachable); repeat the call to finish",
             idempotent=True,  # revoking what is already revoked changes nothing
         )
         return reply.revoked_count

@@ -18,6 +18,7 @@ from services.common.sqlite import Database, Migration, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityCounts,
+    NewKeys,
     NewUser,
     NoSuchUser,
     PoolFull,
@@ -25,6 +26,34 @@ from services.identity.model import (
     User,
     UserIdTaken,
 )
+
+# Authentication factors (services/identity/factor_store.py): secrets sealed per row,
+# recovery codes as HMACs under a sealed per-user key, the last accepted TOTP step and
+# the password budget in the clear (needed for atomic conditional updates).
+FACTOR_TABLES = """
+CREATE TABLE factors (
+    user_row              INTEGER PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
+    row_key               TEXT    NOT NULL UNIQUE,
+    code_key_ct           BLOB    NOT NULL,
+    totp_secret_ct        BLOB,
+    totp_pending_ct       BLOB,
+    totp_last_step        INTEGER NOT NULL DEFAULT 0,
+    password_ct           BLOB,
+    password_failures     INTEGER NOT NULL DEFAULT 0,
+    password_window_start REAL
+) STRICT;
+-- Unknown user ids pay for the same write as known ones (see record_password_failure).
+CREATE TABLE password_decoy (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    attempts INTEGER NOT NULL
+) STRICT;
+INSERT INTO password_decoy (id, attempts) VALUES (1, 0);
+CREATE TABLE recovery_codes (
+    user_row INTEGER NOT NULL REFERENCES factors (user_row) ON DELETE CASCADE,
+    digest   BLOB    NOT NULL,
+    PRIMARY KEY (user_row, digest)
+) STRICT, WITHOUT ROWID;
+"""
 
 MIGRATIONS = [
     Migration(
@@ -57,6 +86,7 @@ MIGRATIONS = [
         """,
     ),
     Migration(2, OUTBOX_TABLE),
+    Migration(3, FACTOR_TABLES),  # used by services/identity/factor_store.py
 ]
 
 
@@ -267,8 +297,44 @@ class SqliteIdentityStore:
                 return float(already)
             conn.execute("UPDATE users SET deactivate_time = ? WHERE id = ?", (when, user_row))
             conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,))
+            # A closed account keeps no secrets (recovery codes go with their row).
+            conn.execute("DELETE FROM factors WHERE user_row = ?", (user_row,))
             self._outbox.add(conn, audit)
             return when
+
+    def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
+        with self._db.write() as conn:
+            user_row = self._active_row(conn, user_id)
+            conn.execute(
+                """UPDATE users SET identity_key = ?, verify_key = ?, signed_prekey_id = ?,
+                       signed_prekey = ?, signed_prekey_sig = ?, pq_prekey_id = ?,
+                       pq_prekey = ?, pq_prekey_sig = ?
+                   WHERE id = ?""",
+                (
+                    keys.identity_key,
+                    keys.verify_key,
+                    keys.signed_prekey.key_id,
+                    keys.signed_prekey.public_key,
+                    keys.signed_prekey.signature,
+                    keys.pq_prekey.key_id,
+                    keys.pq_prekey.public_key,
+                    keys.pq_prekey.signature,
+                    user_row,
+                ),
+            )
+            # The old one-time prekeys belong to the lost device's private keys.
+            discarded = conn.execute(
+                "DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,)
+            ).rowcount
+            try:
+                conn.executemany(
+                    "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
+                    [(user_row, k.key_id, k.public_key) for k in keys.one_time_prekeys],
+                )
+            except sqlite3.IntegrityError:
+                raise PrekeyIdsInUse from None
+            self._outbox.add(conn, audit)
+            return int(discarded)
 
     def counts(self) -> IdentityCounts:
         with self._db.read() as conn:

@@ -19,6 +19,7 @@ from services.common.rotation import rotation_from_env
 from services.common.server import App, ServiceBinding
 from services.common.sqlite import open_service_database
 from services.session.login import ChallengeBook, Login, LoginLimits
+from services.session.recovery import PasswordLimits, PasswordLogin
 from services.session.servicer import (
     SessionAdminServicer,
     SessionInternalServicer,
@@ -44,6 +45,8 @@ async def build(env: Env) -> App:
     policy = SessionPolicy(
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
         max_lifetime=env.number("SESSION_MAX_LIFETIME_SECONDS", 12 * 3600.0, minimum=1.0),
+        step_up_max_age=env.number("STEP_UP_MAX_AGE_SECONDS", 600.0, minimum=1.0),
+        recovery_lifetime=env.number("RECOVERY_SESSION_SECONDS", 900.0, minimum=1.0),
     )
     outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
@@ -78,7 +81,20 @@ async def build(env: Env) -> App:
         # What the per-minute rate lets one address hold anyway; under pressure less.
         per_group=max(1, int(limits.challenges_per_address_per_minute * challenge_ttl / 60)),
     )
-    login = Login(sessions, RemoteIdentityDirectory(identity_channel), challenges, limits, outbox)
+    directory = RemoteIdentityDirectory(identity_channel)
+    login = Login(sessions, directory, challenges, limits, outbox)
+    password_login = PasswordLogin(
+        sessions,
+        directory,
+        PasswordLimits(
+            failures_per_account_address=env.integer(
+                "PASSWORD_LOGIN_FAILURES_PER_ACCOUNT_ADDRESS", 5, minimum=1
+            ),
+            failures_per_address=env.integer("PASSWORD_LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1),
+            window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
+        ),
+        outbox,
+    )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
 
     async def cleanup_once(when: str) -> None:
@@ -105,7 +121,7 @@ async def build(env: Env) -> App:
         bindings=[
             ServiceBinding(
                 f"{PACKAGE}.SessionService",
-                SessionServicer(sessions, login, ClientAddresses.from_env(env)),
+                SessionServicer(sessions, login, password_login, ClientAddresses.from_env(env)),
                 pb_grpc.add_SessionServiceServicer_to_server,
             ),
             ServiceBinding(

@@ -19,10 +19,11 @@ from typing import Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.common import audit_events, validation
+from services.common import assurance, audit_events, validation
 from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.identity_client import LoginKey
 from services.common.ratelimit import SlidingWindowLimiter
 from services.protocol.signing import ED25519_SIGNATURE_BYTES as SIGNATURE_BYTES
 from services.protocol.signing import login_message
@@ -35,6 +36,11 @@ LOGIN_FAILED = (
     "expired; request a new challenge and sign it with your verify key"
 )
 
+STEP_UP_FAILED = (
+    "step-up failed: wrong signature, or a challenge that is unknown, used or expired; "
+    "request a new challenge and sign it with your verify key"
+)
+
 # Verifying against a fixed key when the user is unknown keeps the timing uniform.
 _DECOY_KEY = Ed25519PublicKey.from_public_bytes(bytes(range(32)))
 
@@ -42,11 +48,24 @@ _DECOY_KEY = Ed25519PublicKey.from_public_bytes(bytes(range(32)))
 class IdentityDirectory(Protocol):
     """The identity service as login sees it."""
 
-    async def verify_key(self, user_id: str) -> bytes | None:
-        """The active user's Ed25519 verify key, or None if unknown or deactivated."""
+    async def login_key(self, user_id: str) -> LoginKey | None:
+        """The active user's Ed25519 verify key and whether the account has a second
+        factor, or None if unknown or deactivated."""
         ...
 
     async def record_login(self, user_id: str, when: float) -> None: ...
+
+    async def verify_second_factor(self, user_id: str, code: str, recovery_code: str) -> str:
+        """ "totp" or "recovery_code", or raises Unauthenticated, FailedPrecondition,
+        InvalidArgument, ResourceExhausted."""
+        ...
+
+    async def verify_password(
+        self, user_id: str, password: str, code: str, recovery_code: str
+    ) -> str:
+        """The second factor proven with the password ("none", "totp", "recovery_code"),
+        or raises Unauthenticated, InvalidArgument, ResourceExhausted."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -242,21 +261,9 @@ class Login:
         refusal = self._over_limit(user_id, group)
         if challenge is None and refusal is not None:
             raise refusal  # cannot succeed without a challenge: spend nothing on it
-        raw_key = await self._directory.verify_key(user_id)
-        verifier = _DECOY_KEY
-        if raw_key is not None:
-            try:
-                verifier = Ed25519PublicKey.from_public_bytes(raw_key)
-            except ValueError:
-                raw_key = None
-        nonce = challenge.nonce if challenge is not None else bytes(CHALLENGE_BYTES)
-        try:
-            verifier.verify(signature, login_message(user_id, nonce))
-            verified = True
-        except InvalidSignature:
-            verified = False
+        key = await self._verified_key(user_id, challenge, signature)
 
-        if not (verified and challenge is not None and raw_key is not None):
+        if key is None:
             if refusal is not None:
                 raise refusal  # no event per attempt past a limit: one announcement
             self._by_address.hit(group)
@@ -267,9 +274,84 @@ class Login:
             raise Unauthenticated(LOGIN_FAILED)
 
         self._by_pair.reset(f"{user_id} {group}")
-        token, record = await asyncio.to_thread(self._sessions.create, user_id, address, user_agent)
+        # An account with a second factor gets a session that can only step up until a
+        # code is proven; otherwise the login already meets what the account requires.
+        token, record = await asyncio.to_thread(
+            lambda: self._sessions.create(
+                user_id,
+                address,
+                user_agent,
+                level=assurance.DEVICE_KEY,
+                scope=assurance.STEP_UP_REQUIRED if key.second_factor_enabled else assurance.FULL,
+                stepped_up=not key.second_factor_enabled,
+            )
+        )
         await self._directory.record_login(user_id, record.create_time)
         return token, record
+
+    async def _verified_key(
+        self, user_id: str, challenge: Challenge | None, signature: bytes
+    ) -> LoginKey | None:
+        """The user's login key if `signature` signs `challenge` with it; None for every
+        failure, after the same work (a decoy key stands in for an unknown user)."""
+        key = await self._directory.login_key(user_id)
+        verifier = _DECOY_KEY
+        if key is not None:
+            try:
+                verifier = Ed25519PublicKey.from_public_bytes(key.verify_key)
+            except ValueError:
+                key = None
+        nonce = challenge.nonce if challenge is not None else bytes(CHALLENGE_BYTES)
+        try:
+            verifier.verify(signature, login_message(user_id, nonce))
+            verified = True
+        except InvalidSignature:
+            verified = False
+        return key if verified and challenge is not None else None
+
+    async def step_up(
+        self,
+        record: SessionRecord,
+        *,
+        code: str,
+        recovery_code: str,
+        challenge_id: str,
+        signature: bytes,
+        address: str,
+    ) -> SessionRecord:
+        """Proves a second factor (or, for an account without one, the device key again)
+        in a session; returns the raised session."""
+        self._sessions.require(record, frozenset({assurance.FULL, assurance.STEP_UP_REQUIRED}))
+        user_id = record.user_id
+        if code or recovery_code:
+            if challenge_id or signature:
+                raise InvalidArgument("send a code or a signature, not both")
+            used = await self._directory.verify_second_factor(user_id, code, recovery_code)
+            return await asyncio.to_thread(self._sessions.step_up, record, used)
+        if not challenge_id or len(signature) != SIGNATURE_BYTES:
+            raise InvalidArgument(
+                "send code (or recovery_code), or for an account without a second factor "
+                f"challenge_id and a {SIGNATURE_BYTES}-byte signature"
+            )
+        group = limit_key(address)
+        refusal = self._over_limit(user_id, group)
+        if refusal is not None:
+            raise refusal
+        key = await self._verified_key(
+            user_id, self._challenges.take(challenge_id, user_id), signature
+        )
+        if key is not None and key.second_factor_enabled:
+            raise InvalidArgument(
+                "this account has a second factor: step up with a code from your "
+                "authenticator app (or a recovery code)"
+            )
+        if key is None:
+            self._by_address.hit(group)
+            self._by_pair.hit(f"{user_id} {group}")
+            failure = AuditRecord(audit_events.USER_LOGIN_FAILED, user_id, {"ip": address})
+            await asyncio.to_thread(self._audit.record, failure)
+            raise Unauthenticated(STEP_UP_FAILED)
+        return await asyncio.to_thread(self._sessions.step_up, record, "device_key")
 
     def pending_challenges(self) -> int:
         return len(self._challenges)

@@ -10,8 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common import assurance
 from services.common.audit_events import AuditRecord
 from services.common.errors import NotFound
+
+
+@dataclass(frozen=True)
+class Assurance:
+    """How a session was authenticated and what it may do (services.common.assurance
+    names); `step_up_time` is when it last proved its account's strongest factor."""
+
+    level: str = assurance.DEVICE_KEY
+    scope: str = assurance.FULL
+    step_up_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,9 @@ class SessionRecord:
     create_time: float
     absolute_deadline: float
     expire_time: float
+    # Sessions stored before assurance levels existed read as device key, full scope,
+    # never stepped up.
+    assurance: Assurance = Assurance()
 
 
 # Builds the audit event for a bulk deletion once its count is known (None: no event).
@@ -51,6 +65,10 @@ class SessionStore(Protocol):
 
     def set_expiry(self, session_id: str, expire_time: float) -> None:
         """Raises NoSuchSession."""
+        ...
+
+    def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
+        """Records a step-up. Raises NoSuchSession."""
         ...
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:

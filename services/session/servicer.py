@@ -13,13 +13,17 @@ from securemsg.session.v1 import session_pb2
 from securemsg.session.v1 import session_service_pb2 as pb
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
-from services.common import convert
+from services.common import assurance, convert
 from services.common.addresses import ClientAddresses
 from services.common.auth import bearer_token
+from services.common.errors import PermissionDenied
 from services.common.peers import Context
 from services.session.login import Login
 from services.session.model import SessionRecord
+from services.session.recovery import PasswordLogin
 from services.session.sessions import Sessions
+
+_ANY_SCOPE = frozenset({assurance.FULL, assurance.STEP_UP_REQUIRED, assurance.RECOVERY})
 
 
 def _session(record: SessionRecord, current_id: str, sessions: Sessions) -> session_pb2.Session:
@@ -32,6 +36,9 @@ def _session(record: SessionRecord, current_id: str, sessions: Sessions) -> sess
         ip_address=record.ip_address,
         user_agent=record.user_agent,
         current=record.session_id == current_id,
+        assurance_level=assurance.level_value(record.assurance.level),
+        scope=assurance.scope_value(record.assurance.scope),
+        step_up_time=convert.optional_timestamp(record.assurance.step_up_time),
     )
 
 
@@ -45,13 +52,27 @@ def _user_agent(request_value: str, context: Context) -> str:
 
 
 class SessionServicer(pb_grpc.SessionServiceServicer):
-    def __init__(self, sessions: Sessions, login: Login, addresses: ClientAddresses) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        login: Login,
+        password_login: PasswordLogin,
+        addresses: ClientAddresses,
+    ) -> None:
         self._sessions = sessions
         self._login = login
+        self._password_login = password_login
         self._addresses = addresses
 
-    async def _caller(self, context: Context) -> SessionRecord:
-        return await asyncio.to_thread(self._sessions.validate, bearer_token(context))
+    async def _caller(
+        self,
+        context: Context,
+        scopes: frozenset[str] = frozenset({assurance.FULL}),
+        *,
+        recent_step_up: bool = False,
+    ) -> SessionRecord:
+        record = await asyncio.to_thread(self._sessions.validate, bearer_token(context))
+        return self._sessions.require(record, scopes, recent_step_up=recent_step_up)
 
     async def CreateChallenge(
         self, request: pb.CreateChallengeRequest, context: Context
@@ -96,17 +117,48 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    async def StepUpSession(
+        self, request: pb.StepUpSessionRequest, context: Context
+    ) -> pb.StepUpSessionResponse:
+        caller = await self._caller(
+            context, frozenset({assurance.FULL, assurance.STEP_UP_REQUIRED})
+        )
+        record = await self._login.step_up(
+            caller,
+            code=request.code,
+            recovery_code=request.recovery_code,
+            challenge_id=request.challenge_id,
+            signature=request.signature,
+            address=self._addresses.of(context),
+        )
+        return pb.StepUpSessionResponse(session=_session(record, record.session_id, self._sessions))
+
+    async def CreatePasswordSession(
+        self, request: pb.CreatePasswordSessionRequest, context: Context
+    ) -> pb.CreatePasswordSessionResponse:
+        token, record = await self._password_login.sign_in(
+            request.user_id,
+            request.password,
+            code=request.second_factor_code,
+            recovery_code=request.recovery_code,
+            address=self._addresses.of(context),
+            user_agent=_user_agent(request.user_agent, context),
+        )
+        return pb.CreatePasswordSessionResponse(
+            token=token, session=_session(record, record.session_id, self._sessions)
+        )
+
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Context
     ) -> pb.DeleteSessionResponse:
-        caller = await self._caller(context)
+        caller = await self._caller(context, _ANY_SCOPE)
         await asyncio.to_thread(self._sessions.delete, caller, request.session_id)
         return pb.DeleteSessionResponse()
 
     async def RevokeOtherSessions(
         self, request: pb.RevokeOtherSessionsRequest, context: Context
     ) -> pb.RevokeOtherSessionsResponse:
-        caller = await self._caller(context)
+        caller = await self._caller(context, recent_step_up=True)
         count = await asyncio.to_thread(self._sessions.revoke_others, caller)
         return pb.RevokeOtherSessionsResponse(revoked_count=count)
 
@@ -119,10 +171,18 @@ class SessionInternalServicer(internal_grpc.SessionInternalServiceServicer):
         self, request: internal_pb.ValidateSessionRequest, context: Context
     ) -> internal_pb.ValidateSessionResponse:
         record = await asyncio.to_thread(self._sessions.validate, request.token, strict_shape=True)
+        # Fail closed: a service that does not ask for restricted sessions never sees one.
+        if record.assurance.scope != assurance.FULL and not request.accept_restricted:
+            raise PermissionDenied(assurance.RESTRICTED)
         return internal_pb.ValidateSessionResponse(
             user_id=record.user_id,
             session_id=record.session_id,
             expire_time=convert.timestamp(record.expire_time),
+            assurance_level=assurance.level_value(record.assurance.level),
+            scope=assurance.scope_value(record.assurance.scope),
+            step_up_expire_time=convert.optional_timestamp(
+                self._sessions.step_up_expire_time(record)
+            ),
         )
 
 
@@ -135,7 +195,9 @@ class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
     async def RevokeUserSessions(
         self, request: admin_pb.RevokeUserSessionsRequest, context: Context
     ) -> admin_pb.RevokeUserSessionsResponse:
-        count = await asyncio.to_thread(self._sessions.revoke_user, request.user_id)
+        count = await asyncio.to_thread(
+            self._sessions.revoke_user, request.user_id, request.keep_session_id
+        )
         return admin_pb.RevokeUserSessionsResponse(revoked_count=count)
 
     async def CleanupExpiredSessions(

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common import audit_events, validation
+from services.common import assurance, audit_events, validation
 from services.common.audit_events import AuditRecord
-from services.common.errors import InvalidArgument, Unauthenticated
-from services.session.model import NoSuchSession, SessionRecord, SessionStore
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from services.session.model import Assurance, NoSuchSession, SessionRecord, SessionStore
 
 TOKEN_BYTES = 32
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -30,6 +30,11 @@ _REFUSED = "session token is invalid, expired or revoked; log in again"
 class SessionPolicy:
     idle_timeout: float = 1800.0
     max_lifetime: float = 12 * 3600.0
+    # How long a step-up (or a login that met the account's requirement) lets a session
+    # make sensitive calls.
+    step_up_max_age: float = 600.0
+    # A recovery session's whole life: enough to replace keys, short if a password leaks.
+    recovery_lifetime: float = 900.0
 
     @property
     def touch_granularity(self) -> float:
@@ -63,11 +68,27 @@ class Sessions:
         self.policy = policy
         self._clock = clock
 
-    def create(self, user_id: str, ip_address: str, user_agent: str) -> tuple[str, SessionRecord]:
-        """Creates a session; returns the token (shown once) and the record."""
+    def create(
+        self,
+        user_id: str,
+        ip_address: str,
+        user_agent: str,
+        *,
+        level: str = assurance.DEVICE_KEY,
+        scope: str = assurance.FULL,
+        stepped_up: bool = True,
+    ) -> tuple[str, SessionRecord]:
+        """Creates a session; returns the token (shown once) and the record.
+
+        `stepped_up`: the login met everything the account requires, so it counts as a
+        step-up (sensitive calls are allowed for a while). A recovery session lives
+        `recovery_lifetime` in all.
+        """
         validation.text(user_agent, "user_agent", max_chars=MAX_USER_AGENT_CHARS, required=False)
         now = self._clock()
-        deadline = now + self.policy.max_lifetime
+        recovery = scope == assurance.RECOVERY
+        lifetime = self.policy.recovery_lifetime if recovery else self.policy.max_lifetime
+        deadline = now + lifetime
         record = SessionRecord(
             session_id=secrets.token_hex(16),
             user_id=user_id,
@@ -76,12 +97,13 @@ class Sessions:
             create_time=now,
             absolute_deadline=deadline,
             expire_time=min(now + self.policy.idle_timeout, deadline),
+            assurance=Assurance(level, scope, now if stepped_up else None),
         )
         token = new_token()
         event = AuditRecord(
-            audit_events.USER_LOGIN,
+            audit_events.RECOVERY_LOGIN if recovery else audit_events.USER_LOGIN,
             user_id,
-            {"session_id": record.session_id, "ip": ip_address},
+            {"session_id": record.session_id, "ip": ip_address, "level": level},
             occur_time=now,
         )
         self._store.add(record, hash_token(token), event)
@@ -112,6 +134,60 @@ class Sessions:
         except NoSuchSession:  # logged out or revoked a moment ago
             raise Unauthenticated(_REFUSED) from None
         return dataclasses.replace(record, expire_time=new_expiry)
+
+    def step_up_expire_time(self, record: SessionRecord) -> float | None:
+        """Until when the session may make sensitive calls; None if it never stepped up.
+        A recovery session may for its whole (short) life."""
+        if record.assurance.scope == assurance.RECOVERY:
+            return record.absolute_deadline
+        if record.assurance.step_up_time is None:
+            return None
+        return min(record.assurance.step_up_time + self.policy.step_up_max_age,
+                   record.absolute_deadline)  # fmt: skip
+
+    def require(
+        self,
+        record: SessionRecord,
+        scopes: frozenset[str] = frozenset({assurance.FULL}),
+        *,
+        recent_step_up: bool = False,
+    ) -> SessionRecord:
+        """The record if its scope is one of `scopes` and, for a sensitive call, its
+        step-up is recent; otherwise PermissionDenied saying what to do."""
+        if record.assurance.scope not in scopes:
+            raise PermissionDenied(
+                assurance.RESTRICTED_SCOPE.get(record.assurance.scope, assurance.RESTRICTED)
+            )
+        until = self.step_up_expire_time(record)
+        if recent_step_up and (until is None or self._clock() >= until):
+            raise PermissionDenied(assurance.STEP_UP_NEEDED)
+        return record
+
+    def step_up(self, record: SessionRecord, second_factor: str) -> SessionRecord:
+        """Records a step-up: with a second factor (`"totp"`, `"recovery_code"`) the
+        session reaches the second-factor level and full scope; with `"device_key"` (an
+        account without one) it only becomes recent again."""
+        now = self._clock()
+        level = record.assurance.level
+        if second_factor != "device_key" and level == assurance.DEVICE_KEY:
+            level = assurance.DEVICE_KEY_AND_SECOND_FACTOR
+        scope = (
+            assurance.FULL
+            if record.assurance.scope == assurance.STEP_UP_REQUIRED
+            else (record.assurance.scope)
+        )
+        raised = Assurance(level, scope, now)
+        event = AuditRecord(
+            audit_events.SESSION_STEPPED_UP,
+            record.user_id,
+            {"session_id": record.session_id, "method": second_factor, "level": level},
+            occur_time=now,
+        )
+        try:
+            self._store.set_assurance(record.session_id, raised, event)
+        except NoSuchSession:  # logged out or revoked a moment ago
+            raise Unauthenticated(_REFUSED) from None
+        return dataclasses.replace(record, assurance=raised)
 
     def touch(self, record: SessionRecord) -> SessionRecord:
         """An explicit touch always moves the deadline, whatever the granularity."""
@@ -149,9 +225,13 @@ class Sessions:
             keep_session_id=caller.session_id,
         )
 
-    def revoke_user(self, user_id: str) -> int:
+    def revoke_user(self, user_id: str, keep_session_id: str = "") -> int:
         validation.user_id(user_id)
-        return self._store.delete_user(user_id, _revoked(user_id, "all"))
+        return self._store.delete_user(
+            user_id,
+            _revoked(user_id, "others" if keep_session_id else "all"),
+            keep_session_id=keep_session_id or None,
+        )
 
     def cleanup(self) -> int:
         return self._store.delete_expired(self._clock())

@@ -19,7 +19,7 @@ from services.common.crypto import Keyring
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable
 from services.common.sqlite import Database, Migration, any_of
-from services.session.model import CountedEvent, NoSuchSession, SessionRecord
+from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
 
 MIGRATIONS = [
     Migration(
@@ -41,9 +41,21 @@ MIGRATIONS = [
         """,
     ),
     Migration(2, OUTBOX_TABLE),
+    # Level, scope and step-up time, encrypted; NULL for sessions from before.
+    Migration(3, "ALTER TABLE sessions ADD COLUMN assurance_ct BLOB;"),
 ]
 
 _TIMES = struct.Struct(">dd")  # login time, absolute deadline
+
+
+def _pack_assurance(value: Assurance) -> bytes:
+    step_up = "" if value.step_up_time is None else repr(value.step_up_time)
+    return f"{value.level}|{value.scope}|{step_up}".encode()
+
+
+def _unpack_assurance(raw: bytes) -> Assurance:
+    level, scope, step_up = raw.decode().split("|")
+    return Assurance(level, scope, float(step_up) if step_up else None)
 
 
 class SqliteSessionStore:
@@ -60,6 +72,7 @@ class SqliteSessionStore:
         self._ip = keyring.field("sessions", "ip_address")
         self._user_agent = keyring.field("sessions", "user_agent")
         self._times = keyring.field("sessions", "times")
+        self._assurance = keyring.field("sessions", "assurance")
 
     def rotatables(self) -> list[Rotatable]:
         """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
@@ -73,6 +86,7 @@ class SqliteSessionStore:
                 ("ip_ct", self._ip),
                 ("user_agent_ct", self._user_agent),
                 ("times_ct", self._times),
+                ("assurance_ct", self._assurance),
             ],
             Reindex("user_index", self._index, "user_id_ct"),
         )
@@ -83,8 +97,8 @@ class SqliteSessionStore:
         with self._db.write() as conn:
             conn.execute(
                 """INSERT INTO sessions (session_id, token_hash, user_index, user_id_ct, ip_ct,
-                       user_agent_ct, times_ct, expire_time)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                       user_agent_ct, times_ct, expire_time, assurance_ct)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     record.session_id,
                     token_hash,
@@ -96,6 +110,7 @@ class SqliteSessionStore:
                         _TIMES.pack(record.create_time, record.absolute_deadline), row_key
                     ),
                     record.expire_time,
+                    self._assurance.encrypt(_pack_assurance(record.assurance), row_key),
                 ),
             )
             self._outbox.add(conn, audit)
@@ -103,6 +118,7 @@ class SqliteSessionStore:
     def _decode(self, row: sqlite3.Row) -> SessionRecord:
         row_key = row["session_id"].encode()
         create_time, deadline = _TIMES.unpack(self._times.decrypt(row["times_ct"], row_key))
+        sealed = row["assurance_ct"]
         return SessionRecord(
             session_id=row["session_id"],
             user_id=self._user_id.decrypt_text(row["user_id_ct"], row_key),
@@ -111,6 +127,11 @@ class SqliteSessionStore:
             create_time=create_time,
             absolute_deadline=deadline,
             expire_time=row["expire_time"],
+            assurance=(
+                Assurance()
+                if sealed is None
+                else _unpack_assurance(self._assurance.decrypt(sealed, row_key))
+            ),
         )
 
     def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
@@ -129,6 +150,19 @@ class SqliteSessionStore:
             )
             if cursor.rowcount != 1:
                 raise NoSuchSession
+
+    def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
+        with self._db.write() as conn:
+            cursor = conn.execute(
+                "UPDATE sessions SET assurance_ct = ? WHERE session_id = ?",
+                (
+                    self._assurance.encrypt(_pack_assurance(assurance), session_id.encode()),
+                    session_id,
+                ),
+            )
+            if cursor.rowcount != 1:
+                raise NoSuchSession
+            self._outbox.add(conn, audit)
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
         with self._db.read(snapshot=False) as conn:

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from services.common.audit_events import AuditRecord
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
+    NO_FACTORS,
+    FactorState,
     IdentityCounts,
+    NewKeys,
     NewUser,
     NoSuchUser,
     PoolFull,
@@ -25,12 +28,14 @@ class RecordingRevoker:
 
     def __init__(self) -> None:
         self.revoked: list[str] = []
+        self.kept: list[str] = []  # the session each revocation spared ("" for none)
         self.failure: Exception | None = None
 
-    async def revoke_all(self, user_id: str) -> int:
+    async def revoke_all(self, user_id: str, *, keep_session_id: str = "") -> int:
         if self.failure is not None:
             raise self.failure
         self.revoked.append(user_id)
+        self.kept.append(keep_session_id)
         return 0
 
 
@@ -138,6 +143,23 @@ class MemoryIdentityStore:
             self.events.append(audit)
             return when
 
+    def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
+        with self._lock:
+            row = self._active(user_id)
+            if len({k.key_id for k in keys.one_time_prekeys}) != len(keys.one_time_prekeys):
+                raise PrekeyIdsInUse
+            discarded = len(row.prekeys)
+            row.user = dataclasses.replace(
+                row.user,
+                identity_key=keys.identity_key,
+                verify_key=keys.verify_key,
+                signed_prekey=keys.signed_prekey,
+                pq_prekey=keys.pq_prekey,
+            )
+            row.prekeys = {k.key_id: k for k in keys.one_time_prekeys}
+            self.events.append(audit)
+            return discarded
+
     def counts(self) -> IdentityCounts:
         with self._lock:
             rows = list(self._users.values())
@@ -149,3 +171,133 @@ class MemoryIdentityStore:
             one_time_prekeys=sum(len(r.prekeys) for r in rows),
             active_without_prekeys=sum(1 for r in active if not r.prekeys),
         )
+
+
+class MemoryFactorStore:
+    """`FactorStore` in memory beside a `MemoryIdentityStore` (whose users it checks),
+    held to the same contract suite as SQLite (tests/unit/test_store_contract_factors.py).
+    Events go to `events`, as the SQLite store's outbox would keep them; recovery codes
+    are kept as given (the fake has no thief to fear)."""
+
+    def __init__(
+        self, users: MemoryIdentityStore | None = None, events: list[AuditRecord] | None = None
+    ) -> None:
+        self.users = users or MemoryIdentityStore()
+        self.events = events if events is not None else self.users.events
+        self._state: dict[str, FactorState] = {}
+        self._codes: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def _user(self, user_id: str) -> FactorState:
+        if not self.users.is_active(user_id):
+            # A deactivated account keeps no secrets.
+            self._state.pop(user_id, None)
+            self._codes.pop(user_id, None)
+            raise NoSuchUser
+        return self._state.get(user_id, NO_FACTORS)
+
+    def _put(self, user_id: str, state: FactorState, audit: AuditRecord | None = None) -> None:
+        self._state[user_id] = state
+        if audit is not None:
+            self.events.append(audit)
+
+    def get(self, user_id: str) -> FactorState | None:
+        with self._lock:
+            try:
+                state = self._user(user_id)
+            except NoSuchUser:
+                return None
+            codes = len(self._codes.get(user_id, set()))
+            return dataclasses.replace(state, recovery_codes=codes)
+
+    def set_pending_totp(self, user_id: str, secret: str, audit: AuditRecord) -> None:
+        with self._lock:
+            state = self._user(user_id)
+            self._put(user_id, dataclasses.replace(state, totp_pending=secret), audit)
+
+    def activate_totp(
+        self, user_id: str, pending: str, step: int, codes: list[str], audit: AuditRecord
+    ) -> bool:
+        with self._lock:
+            state = self._user(user_id)
+            if state.totp_pending != pending:
+                return False
+            new = dataclasses.replace(
+                state, totp_secret=pending, totp_pending=None, totp_last_step=step
+            )
+            self._codes[user_id] = set(codes)
+            self._put(user_id, new, audit)
+            return True
+
+    def accept_totp_step(self, user_id: str, step: int) -> bool:
+        with self._lock:
+            state = self._user(user_id)
+            if state.totp_secret is None or state.totp_last_step >= step:
+                return False
+            self._put(user_id, dataclasses.replace(state, totp_last_step=step))
+            return True
+
+    def remove_totp(self, user_id: str, audit: AuditRecord) -> bool:
+        with self._lock:
+            state = self._user(user_id)
+            if state.totp_secret is None:
+                return False
+            removed = dataclasses.replace(state, totp_secret=None, totp_pending=None)
+            self._put(user_id, removed, audit)
+            return True
+
+    def replace_recovery_codes(self, user_id: str, codes: list[str], audit: AuditRecord) -> None:
+        with self._lock:
+            self._put(user_id, self._user(user_id), audit)
+            self._codes[user_id] = set(codes)
+
+    def use_recovery_code(self, user_id: str, code: str, audit: AuditRecord) -> bool:
+        with self._lock:
+            self._user(user_id)
+            codes = self._codes.get(user_id, set())
+            if code not in codes:
+                return False
+            codes.remove(code)
+            self.events.append(audit)
+            return True
+
+    def set_password(self, user_id: str, password_hash: str, audit: AuditRecord) -> None:
+        with self._lock:
+            state = dataclasses.replace(
+                self._user(user_id),
+                password_hash=password_hash,
+                password_failures=0,
+                password_window_start=None,
+            )
+            self._put(user_id, state, audit)
+
+    def rehash_password(
+        self, user_id: str, old_hash: str, new_hash: str, audit: AuditRecord
+    ) -> bool:
+        with self._lock:
+            state = self._user(user_id)
+            if state.password_hash != old_hash:
+                return False
+            self._put(user_id, dataclasses.replace(state, password_hash=new_hash), audit)
+            return True
+
+    def record_password_failure(self, user_id: str, now: float, window: float) -> int | None:
+        with self._lock:
+            try:
+                state = self._user(user_id)
+            except NoSuchUser:
+                return None
+            start = state.password_window_start
+            if start is None or start <= now - window:
+                state = dataclasses.replace(state, password_failures=1, password_window_start=now)
+            else:
+                state = dataclasses.replace(state, password_failures=state.password_failures + 1)
+            self._put(user_id, state)
+            return state.password_failures
+
+    def reset_password_budget(self, user_id: str) -> None:
+        with self._lock:
+            state = dataclasses.replace(
+                self._user(user_id), password_failures=0, password_window_start=None
+            )
+            self._put(user_id, state)

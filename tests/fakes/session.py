@@ -6,7 +6,7 @@ import dataclasses
 import threading
 
 from services.common.audit_events import AuditRecord
-from services.session.model import CountedEvent, NoSuchSession, SessionRecord
+from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
 
 
 class MemorySessionStore:
@@ -39,6 +39,17 @@ class MemorySessionStore:
                 dataclasses.replace(record, expire_time=expire_time),
                 token_hash,
             )
+
+    def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
+        with self._lock:
+            if session_id not in self._sessions:
+                raise NoSuchSession
+            record, token_hash = self._sessions[session_id]
+            self._sessions[session_id] = (
+                dataclasses.replace(record, assurance=assurance),
+                token_hash,
+            )
+            self.events.append(audit)
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
         with self._lock:

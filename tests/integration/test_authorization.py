@@ -21,7 +21,7 @@ from tests.support.users import new_user, user_client
 
 CERTS = ("identity", "session", "relay", "audit", "operator")
 CALLERS = ("anonymous", "user", *CERTS)
-ANONYMOUS_OK = {"RegisterUser", "CreateChallenge", "CreateSession"}
+ANONYMOUS_OK = {"RegisterUser", "CreateChallenge", "CreateSession", "CreatePasswordSession"}
 
 
 def cases() -> Iterator[Any]:

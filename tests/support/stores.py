@@ -20,14 +20,15 @@ from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import Migration, OpenedDatabase, open_database
-from services.identity.model import IdentityStore
+from services.identity.factor_store import SqliteFactorStore
+from services.identity.model import FactorStore, IdentityStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SqliteIdentityStore
 from services.session.model import SessionStore
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
 from services.session.store import SqliteSessionStore
 from tests.fakes.audit import MemoryAuditStore
-from tests.fakes.identity import MemoryIdentityStore
+from tests.fakes.identity import MemoryFactorStore, MemoryIdentityStore
 from tests.fakes.session import MemorySessionStore
 
 S = TypeVar("S")
@@ -50,8 +51,18 @@ class Place:
     fixture: Callable[[str], Any]  # another pytest fixture by name (e.g. "postgres")
 
 
+@dataclass
+class FactorHarness:
+    """Identity's factor store with the user store it shares its storage with."""
+
+    store: FactorStore
+    users: IdentityStore
+    events: Callable[[], list[Event]]
+
+
 class Backend(Protocol):
     def identity(self) -> Harness[IdentityStore]: ...
+    def factors(self) -> FactorHarness: ...
     def session(self) -> Harness[SessionStore]: ...
     def audit(self) -> AuditStore: ...
 
@@ -67,6 +78,10 @@ class MemoryBackend:
         return Harness(
             store, lambda: [(e.action, e.user_id, dict(e.details)) for e in store.events]
         )
+
+    def factors(self) -> FactorHarness:
+        store = MemoryFactorStore()
+        return FactorHarness(store, store.users, lambda: _record_events(store.events))
 
     def session(self) -> Harness[SessionStore]:
         store = MemorySessionStore()
@@ -105,6 +120,15 @@ class SqliteBackend:
         outbox = self._outbox(opened, "identity")
         store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
         return Harness(store, lambda: _outbox_events(outbox))
+
+    def factors(self) -> FactorHarness:
+        opened = self._open("identity", IDENTITY_MIGRATIONS)
+        outbox = self._outbox(opened, "identity")
+        return FactorHarness(
+            SqliteFactorStore(opened.database, opened.keyring, outbox),
+            SqliteIdentityStore(opened.database, opened.keyring, outbox),
+            lambda: _outbox_events(outbox),
+        )
 
     def session(self) -> Harness[SessionStore]:
         opened = self._open("session", SESSION_MIGRATIONS)

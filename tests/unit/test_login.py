@@ -9,21 +9,12 @@ from services.client.keys import UserKeys
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from services.session.login import LOGIN_FAILED, ChallengeBook, Login, LoginLimits
 from services.session.sessions import SessionPolicy, Sessions
+from tests.fakes.directory import FakeDirectory
 from tests.fakes.outbox import RecordingAuditSink
 from tests.fakes.session import MemorySessionStore
 from tests.unit.conftest import FakeClock
 
-
-class Directory:
-    def __init__(self) -> None:
-        self.keys: dict[str, bytes] = {}
-        self.logins: list[str] = []
-
-    async def verify_key(self, user_id: str) -> bytes | None:
-        return self.keys.get(user_id)
-
-    async def record_login(self, user_id: str, when: float) -> None:
-        self.logins.append(user_id)
+Directory = FakeDirectory
 
 
 @pytest.fixture

@@ -23,8 +23,11 @@ from services.common.config import Env, ServerConfig
 from services.common.errors import ResourceExhausted, StartupError
 from services.common.server import App, Server, ServiceBinding
 from services.identity.domain import Identity
+from services.identity.factors import Factors
+from services.identity.passwords import HashParameters, PasswordHasher
 from services.identity.servicer import IdentityInternalServicer, IdentityServicer
 from tests.fakes.identity import RecordingRevoker
+from tests.fakes.outbox import RecordingAuditSink
 
 GET_VERIFY_KEY = "/securemsg.identity.v1.IdentityInternalService/GetVerifyKey"
 
@@ -43,6 +46,11 @@ class Tokens:
     async def validate(self, token: str) -> AuthenticatedUser:
         return AuthenticatedUser(user_id="alice", session_id="s1")
 
+    async def check(
+        self, token: str, *, accept_restricted: bool = False, fresh: bool = False
+    ) -> AuthenticatedUser:
+        return await self.validate(token)
+
 
 def trailers_of(error: grpc.aio.AioRpcError) -> dict[str, str]:
     pairs: Any = error.trailing_metadata() or ()
@@ -52,16 +60,22 @@ def trailers_of(error: grpc.aio.AioRpcError) -> dict[str, str]:
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     identity = Identity(ExplodingStore(), RecordingRevoker())  # type: ignore[arg-type]
+    factors = Factors(
+        ExplodingStore(),  # type: ignore[arg-type]
+        ExplodingStore(),  # type: ignore[arg-type]
+        PasswordHasher(HashParameters(time_cost=1, memory_kib=8)),
+        RecordingAuditSink(),
+    )
     app = App(
         bindings=[
             ServiceBinding(
                 "securemsg.identity.v1.IdentityService",
-                IdentityServicer(identity, Tokens()),
+                IdentityServicer(identity, factors, Tokens()),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
             ServiceBinding(
                 "securemsg.identity.v1.IdentityInternalService",
-                IdentityInternalServicer(identity),
+                IdentityInternalServicer(identity, factors),
                 internal_grpc.add_IdentityInternalServiceServicer_to_server,
                 allowed_callers=frozenset({"session"}),
             ),

@@ -111,15 +111,18 @@ def test_each_change_leaves_its_audit_event_in_the_outbox(
     sessions.delete(current, "")
     assert sessions.revoke_user("alice") == 0  # nothing left: no event
     assert actions(store) == [
-        ("user_login", "alice", {"session_id": record.session_id, "ip": "10.1.2.3"}),
+        ("user_login", "alice", {"session_id": record.session_id, "ip": "10.1.2.3", **LEVEL}),
         (
             "user_login",
             "alice",
-            {"session_id": store.events[1].details["session_id"], "ip": "10.1.2.3"},
+            {"session_id": store.events[1].details["session_id"], "ip": "10.1.2.3", **LEVEL},
         ),
         ("sessions_revoked", "alice", {"count": "1", "scope": "others"}),
         ("user_logout", "alice", {"session_id": record.session_id}),
     ]
+
+
+LEVEL = {"level": "device_key"}
 
 
 def test_list_pages_newest_first_and_each_session_once(

@@ -12,6 +12,7 @@ from services.common.audit_events import AuditRecord
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityStore,
+    NewKeys,
     NewUser,
     NoSuchUser,
     PoolFull,
@@ -166,3 +167,28 @@ def test_deactivation_is_once_empties_the_pool_and_hides_the_user_from_commands(
     counts = store.counts()
     assert (counts.registered, counts.active, counts.deactivated) == (2, 1, 1)
     assert (counts.one_time_prekeys, counts.active_without_prekeys) == (1, 0)
+
+
+def test_replacing_keys_swaps_them_all_and_discards_the_old_prekeys(
+    identity: Harness[IdentityStore],
+) -> None:
+    store = identity.store
+    store.add_user(new_user("alice", 3), event("user_registered", "alice"))
+    keys = NewKeys(
+        identity_key=b"I" * 32,
+        verify_key=b"V" * 32,
+        signed_prekey=SignedKey(2, b"S" * 32, b"G" * 64),
+        pq_prekey=SignedKey(2, b"Q" * 1184, b"H" * 64),
+        one_time_prekeys=[OneTimePrekey(1, b"N" * 32)],  # a reused id is fine: pool emptied
+    )
+    assert store.replace_keys("alice", keys, event("keys_replaced", "alice")) == 3
+    user = store.get_user("alice")
+    assert user is not None
+    assert (user.identity_key, user.verify_key) == (b"I" * 32, b"V" * 32)
+    assert (user.signed_prekey, user.pq_prekey) == (keys.signed_prekey, keys.pq_prekey)
+    assert store.get_verify_key("alice") == b"V" * 32
+    assert store.take_one_time_prekey("alice") == OneTimePrekey(1, b"N" * 32)
+    assert store.take_one_time_prekey("alice") is None
+    assert identity.events()[-1][0] == "keys_replaced"
+    with pytest.raises(NoSuchUser):
+        store.replace_keys("bob", keys, event("keys_replaced", "bob"))

@@ -3,10 +3,18 @@ against each backend (tests/support/stores.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from services.common.audit_events import AuditRecord
-from services.session.model import CountedEvent, NoSuchSession, SessionRecord, SessionStore
+from services.session.model import (
+    Assurance,
+    CountedEvent,
+    NoSuchSession,
+    SessionRecord,
+    SessionStore,
+)
 from tests.support.stores import Backend, Harness
 
 
@@ -107,3 +115,35 @@ def test_expired_sessions_are_deleted_in_bulk(sessions: Harness[SessionStore]) -
     assert store.delete_expired(250.0) == 2
     assert store.delete_expired(250.0) == 0
     assert [r.session_id for r in store.for_user("alice", 0.0)] == ["a2"]
+
+
+def test_a_step_up_is_stored_with_its_event_and_sessions_default_to_device_key(
+    sessions: Harness[SessionStore],
+) -> None:
+    store = sessions.store
+    add(store, "s1", "alice", 100.0, 500.0)
+    found = store.by_token(b"s1".ljust(32, b"#"), 200.0)
+    assert found is not None
+    assert found.assurance == Assurance()
+    raised = Assurance("device_key_and_second_factor", "full", 150.0)
+    store.set_assurance("s1", raised, AuditRecord("session_stepped_up", "alice"))
+    found = store.by_token(b"s1".ljust(32, b"#"), 200.0)
+    assert found is not None
+    assert found.assurance == raised
+    assert store.for_user("alice", 200.0)[0].assurance == raised
+    with pytest.raises(NoSuchSession):
+        store.set_assurance("nope", raised, AuditRecord("session_stepped_up", "alice"))
+    assert sessions.events()[-1][0] == "session_stepped_up"
+
+
+def test_a_recovery_session_keeps_its_scope_and_level(sessions: Harness[SessionStore]) -> None:
+    recovery = Assurance("password_and_second_factor", "recovery", 100.0)
+    base = record("r1", "alice", 100.0, 400.0)
+    sessions.store.add(
+        dataclasses.replace(base, assurance=recovery),
+        b"r1".ljust(32, b"#"),
+        AuditRecord("recovery_login", "alice"),
+    )
+    found = sessions.store.by_token(b"r1".ljust(32, b"#"), 200.0)
+    assert found is not None
+    assert found.assurance == recovery
