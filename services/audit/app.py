@@ -29,7 +29,7 @@ async def build(env: Env) -> App:
         synchronous="FULL",  # an acknowledged event is deleted from the sender's outbox
     )
     store = SqliteAuditStore(opened.database, opened.keyring)
-    log = AuditLog(store)
+    log = AuditLog(store, opened.keyring.mac("audit/page_token"))
     # The audit service has no outbox of its own: its rotation is in its log file.
     rotation = rotation_from_env(
         opened.database, opened.keyring, store.rotatables(), None, env.number

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import re
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.audit.model import AuditStore, NewEvent, Query, StoredEvent, Verification
 from services.common import validation
-from services.common.audit_events import SOURCES
+from services.common.audit_events import SOURCES, VOCABULARY
+from services.common.crypto import MAC_TAG_BYTES, Mac
 from services.common.errors import InvalidArgument, PermissionDenied
 
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -19,6 +20,10 @@ ACTION_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
 MAX_BATCH = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+MAX_SEQUENCE = 2**62  # well inside SQLite's signed 64-bit integers
+_SEQUENCE = struct.Struct(">Q")
+_TOKEN_CONTEXT = "audit page token v2"  # noqa: S105 - a label, not a secret
+_Filters = tuple[str, str, float | None, float | None]
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,10 @@ def _check_event(index: int, event: NewEvent, caller: str | None) -> None:
     where = f"events[{index}]"
     if not EVENT_ID_PATTERN.fullmatch(event.event_id):
         raise InvalidArgument(f"{where}.event_id must be 1 to 64 characters of [A-Za-z0-9_-]")
-    if not ACTION_PATTERN.fullmatch(event.action):
-        raise InvalidArgument(f"{where}.action must be 1 to 64 characters of [a-z0-9_]")
+    if event.action not in VOCABULARY:
+        raise InvalidArgument(
+            f"{where}.action must be one of the documented audit actions (docs/AUDIT_EVENTS.md)"
+        )
     if event.source not in SOURCES:
         raise InvalidArgument(f"{where}.source must be one of {', '.join(sorted(SOURCES))}")
     if caller is not None and event.source != caller:
@@ -57,8 +64,11 @@ def _check_event(index: int, event: NewEvent, caller: str | None) -> None:
 
 
 class AuditLog:
-    def __init__(self, store: AuditStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: AuditStore, page_tokens: Mac, clock: Callable[[], float] = time.time
+    ) -> None:
         self._store = store
+        self._tokens = page_tokens
         self._clock = clock
 
     def append(self, events: list[NewEvent], caller: str | None) -> tuple[int, int]:
@@ -93,8 +103,8 @@ class AuditLog:
         ):
             raise InvalidArgument("start_time must be before end_time")
         size = request.page_size or DEFAULT_PAGE_SIZE
-        fingerprint = _filter_fingerprint(user_id, request)
-        before = _parse_token(request.page_token, fingerprint) if request.page_token else None
+        filters = (user_id, request.action, request.start_time, request.end_time)
+        before = self._parse_token(request.page_token, filters) if request.page_token else None
         events = self._store.query(
             Query(
                 user_id=user_id or None,
@@ -108,7 +118,7 @@ class AuditLog:
         if len(events) <= size:
             return events, ""
         page = events[:size]
-        return page, _make_token(page[-1].sequence, fingerprint)
+        return page, self._make_token(page[-1].sequence, filters)
 
     def verify(self, start: int = 1, limit: int = 0) -> Verification:
         # uint64 fields beyond SQLite's signed 64-bit range mean "everything" / "past the end".
@@ -117,27 +127,28 @@ class AuditLog:
     def counts(self) -> dict[str, int]:
         return self._store.counts()
 
+    # A page token is the last sequence seen and a MAC over it and the query's filters
+    # (the reader's own user id for a user), so a token cannot be forged, moved to
+    # another query or reader, or pointed past the range SQLite can hold.
 
-def _filter_fingerprint(user_id: str, request: ListRequest) -> str:
-    filters = f"{user_id}|{request.action}|{request.start_time}|{request.end_time}"
-    return hashlib.sha256(filters.encode()).hexdigest()[:16]
+    def _make_token(self, before_sequence: int, filters: _Filters) -> str:
+        tag = self._tokens.tag(_TOKEN_CONTEXT, before_sequence, *filters)
+        raw = _SEQUENCE.pack(before_sequence) + tag
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
-
-def _make_token(before_sequence: int, fingerprint: str) -> str:
-    raw = f"v1.{before_sequence}.{fingerprint}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _parse_token(token: str, fingerprint: str) -> int:
-    bad = InvalidArgument(
-        "page_token is not from a previous page of this same query; start without one"
-    )
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, sequence, token_fingerprint = raw.split(".")
-        before = int(sequence)
-    except (ValueError, UnicodeDecodeError):
-        raise bad from None
-    if version != "v1" or token_fingerprint != fingerprint or before < 1:
-        raise bad
-    return before
+    def _parse_token(self, token: str, filters: _Filters) -> int:
+        bad = InvalidArgument(
+            "page_token is not from a previous page of this same query; start without one"
+        )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except ValueError:
+            raise bad from None
+        if len(raw) != _SEQUENCE.size + MAC_TAG_BYTES:
+            raise bad
+        (before,) = _SEQUENCE.unpack_from(raw)
+        if not self._tokens.valid(raw[_SEQUENCE.size :], _TOKEN_CONTEXT, before, *filters):
+            raise bad
+        if not 1 <= before <= MAX_SEQUENCE:
+            raise bad
+        return int(before)

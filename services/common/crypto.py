@@ -7,6 +7,8 @@ Key hierarchy (see docs/ARCHITECTURE.md):
            ├─ HKDF "field/<table>/<column>"  -> ChaCha20-Poly1305 key per column
            ├─ HKDF "blind-index/<name>"      -> HMAC-SHA256 key per lookup column
            ├─ HKDF "chain"                   -> HMAC-SHA256 key for the audit hash chain
+           ├─ HKDF "mac/<purpose>"           -> HMAC-SHA256 key for authentication tags
+                                                (row MACs per table, page tokens)
            └─ HKDF "key-check"               -> key-check value stored in the database
 
 Ciphertext format (all integers big endian):
@@ -162,6 +164,71 @@ class BlindIndex:
         return [hmac.digest(key, data, "sha256") for key in self._keys]
 
 
+MacValue = bytes | str | int | float | None
+_MAC_HEADER = struct.Struct(">I")  # key version
+MAC_TAG_BYTES = _MAC_HEADER.size + 32
+
+
+def _mac_value(value: MacValue) -> bytes:
+    # A type byte first, so that 1, 1.0, "1" and b"1" never authenticate for each other.
+    if value is None:
+        return b"n"
+    if isinstance(value, bytes):
+        return b"b" + value
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8")
+    if isinstance(value, bool | int):
+        return b"i" + struct.pack(">q", int(value))
+    return b"f" + struct.pack(">d", value)
+
+
+class Mac:
+    """Authentication tags (HMAC-SHA256) over a tuple of values, under one purpose key.
+
+    A tag is `key version (u32) | HMAC(purpose key of that version, values)`, the values
+    length-prefixed and typed so that no two tuples encode alike. New tags use the
+    primary version; tags of any loaded version verify, so key rotation can re-tag rows
+    in the background. Comparison is constant-time.
+    """
+
+    def __init__(self, label: str, keys: Mapping[int, bytes], primary: int) -> None:
+        self._label = label
+        self._keys = dict(keys)
+        self._primary = primary
+        self._context = label.encode()
+
+    def _digest(self, version: int, values: tuple[MacValue, ...]) -> bytes:
+        data = _encode_parts(b"securemsg/mac/v1", self._context, *map(_mac_value, values))
+        return hmac.digest(self._keys[version], data, "sha256")
+
+    def tag(self, *values: MacValue) -> bytes:
+        return _MAC_HEADER.pack(self._primary) + self._digest(self._primary, values)
+
+    def valid(self, tag: bytes | None, *values: MacValue) -> bool:
+        if tag is None or len(tag) != MAC_TAG_BYTES:
+            return False
+        (version,) = _MAC_HEADER.unpack_from(tag)
+        if version not in self._keys:
+            return False
+        return hmac.compare_digest(tag[_MAC_HEADER.size :], self._digest(version, values))
+
+    def check(self, tag: bytes | None, *values: MacValue) -> None:
+        """Raises IntegrityError unless `tag` authenticates exactly these values."""
+        if not self.valid(tag, *values):
+            raise IntegrityError(
+                f"{self._label}: authentication tag does not match (altered, moved, or made "
+                "under a key that is not loaded)"
+            )
+
+    @staticmethod
+    def version_of(tag: bytes) -> int:
+        return int(_MAC_HEADER.unpack_from(tag)[0])
+
+    @property
+    def primary_version(self) -> int:
+        return self._primary
+
+
 class Keyring:
     """All purpose keys of one service, derived once from its loaded key versions."""
 
@@ -172,6 +239,7 @@ class Keyring:
         self.primary_version = primary
         self._roots = {v.version: v.root_key for v in versions}
         self._fields: dict[tuple[str, str], FieldCipher] = {}
+        self._macs: dict[str, Mac] = {}
 
     def field(self, table: str, column: str) -> FieldCipher:
         """The cipher for one column; the same object for repeated calls."""
@@ -199,6 +267,15 @@ class Keyring:
     def blind_index(self, name: str) -> BlindIndex:
         info = f"securemsg/{self.service}/blind-index/{name}"
         return BlindIndex([_hkdf(self._roots[v], info) for v in self.versions])
+
+    def mac(self, purpose: str) -> Mac:
+        """Tags under the purpose key "securemsg/<service>/mac/<purpose>"; the same object
+        for repeated calls."""
+        if purpose not in self._macs:
+            info = f"securemsg/{self.service}/mac/{purpose}"
+            keys = {v: _hkdf(root, info) for v, root in self._roots.items()}
+            self._macs[purpose] = Mac(f"{self.service}.{purpose}", keys, self.primary_version)
+        return self._macs[purpose]
 
     def chain_keys(self) -> dict[int, bytes]:
         """The audit chain key of every loaded version (links record their version)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import sqlite3
@@ -253,11 +255,45 @@ def test_a_page_token_from_another_query_is_invalid_argument(audit_only: Stack) 
     assert "page_token" in details(error.value)
 
 
+def _forged_v1_token(sequence: int) -> str:
+    # What anyone could build from the old, unsigned format: version, sequence and an
+    # unkeyed digest of the filters (an operator listing with no filters here).
+    digest = hashlib.sha256(b"||None|None").hexdigest()[:16]
+    return base64.urlsafe_b64encode(f"v1.{sequence}.{digest}".encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("sequence", [2**63, 2**62 + 1, 4, 0])
+def test_a_forged_page_token_is_invalid_argument(audit_only: Stack, sequence: int) -> None:
+    append(audit_only, events(5))
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListAuditEvents(
+                pb.ListAuditEventsRequest(page_token=_forged_v1_token(sequence)), timeout=10
+            )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in details(error.value)
+
+
+def test_a_page_token_edited_to_point_elsewhere_is_invalid_argument(audit_only: Stack) -> None:
+    append(audit_only, events(5))
+    with audit_only.channel("audit", cert="operator") as channel:
+        stub = pb_grpc.AuditServiceStub(channel)
+        token = stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=2)).next_page_token
+        raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        raw[7] ^= 0x01  # the last byte of the sequence it carries
+        edited = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=2, page_token=edited))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"event_id": "has spaces"}, "events[0].event_id"),
         ({"action": "Bad-Action"}, "events[0].action"),
+        ({"action": "made_up_action"}, "events[0].action must be one of the documented"),
         ({"source": "session"}, "events[0].source must be 'identity'"),
         ({"user_id": "X"}, "events[0].user_id must be"),
     ],

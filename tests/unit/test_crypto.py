@@ -95,3 +95,49 @@ def test_key_check_value_distinguishes_keys() -> None:
     wrong = crypto.derive_root_key("wrong key material", salt, 100_000)
     assert crypto.key_check_value(right) == crypto.key_check_value(right)
     assert crypto.key_check_value(right) != crypto.key_check_value(wrong)
+
+
+ROWS = KEYS.mac("row/users")
+
+
+def test_a_mac_tag_authenticates_exactly_its_values() -> None:
+    tag = ROWS.tag(b"index", b"verify key", 7, None, 1.5)
+    ROWS.check(tag, b"index", b"verify key", 7, None, 1.5)
+    assert len(tag) == crypto.MAC_TAG_BYTES
+    for changed in (
+        (b"index", b"other key", 7, None, 1.5),
+        (b"index", b"verify key", 8, None, 1.5),
+        (b"index", b"verify key", 7, 0.0, 1.5),
+        (b"index", b"verify key", 7, None),
+        (b"index", b"verify keyy", 7, None, 1.5),
+    ):
+        with pytest.raises(IntegrityError) as error:
+            ROWS.check(tag, *changed)
+        assert error.value.detail.startswith("identity.row/users: authentication tag")
+
+
+def test_mac_values_of_different_types_never_stand_in_for_each_other() -> None:
+    assert not ROWS.valid(ROWS.tag(1), "1")
+    assert not ROWS.valid(ROWS.tag(1), 1.0)
+    assert not ROWS.valid(ROWS.tag(b"ab", b"c"), b"a", b"bc")
+
+
+def test_a_tag_from_another_purpose_key_or_master_key_is_refused() -> None:
+    tag = ROWS.tag(b"row")
+    assert not KEYS.mac("row/sessions").valid(tag, b"row")
+    assert not keyring("another master secret").mac("row/users").valid(tag, b"row")
+    assert not ROWS.valid(None, b"row")
+    assert not ROWS.valid(tag[:-1], b"row")
+
+
+def test_tags_of_an_old_key_version_verify_during_rotation_and_new_ones_use_the_primary() -> None:
+    old_root = crypto.derive_root_key("correct horse battery staple", b"\x00" * 16, 100_000)
+    new_root = crypto.derive_root_key("a brand new master secret", b"\x01" * 16, 100_000)
+    old = crypto.Keyring("identity", [crypto.KeyVersion(1, old_root)], primary=1).mac("p")
+    both = crypto.Keyring(
+        "identity", [crypto.KeyVersion(1, old_root), crypto.KeyVersion(2, new_root)], primary=2
+    ).mac("p")
+    old_tag = old.tag(b"v")
+    both.check(old_tag, b"v")
+    assert crypto.Mac.version_of(old_tag) == 1
+    assert crypto.Mac.version_of(both.tag(b"v")) == 2
