@@ -37,7 +37,7 @@ def main() -> int:
         f"-I{well_known}",
         f"--python_out={OUT}",
         f"--grpc_python_out={OUT}",
-        *([f"--mypy_out={OUT}", f"--mypy_grpc_out={OUT}"] if stubs else []),
+        *([f"--mypy_out=quiet:{OUT}", f"--mypy_grpc_out=quiet:{OUT}"] if stubs else []),
         *files,
     ]
     if protoc.main(args) != 0:

@@ -36,7 +36,9 @@ def download_backup(
         pb.BackupDatabaseRequest(), timeout=timeout
     )
     try:
-        with partial.open("wb") as handle:
+        # Owner-only, like the database it copies (the snapshot is as encrypted as that).
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
             for message in stream:
                 if message.chunk:
                     handle.write(message.chunk)

@@ -25,8 +25,12 @@ def restore_backup(backup: Path, data_dir: Path, service: str, master_key: str) 
     if target.exists():
         raise FileExistsError(f"{target} exists; restore into an empty data directory")
     partial = data_dir / f".{service}.db.restoring"
-    shutil.copyfile(backup, partial)
-    with partial.open("rb+") as handle:
-        os.fsync(handle.fileno())
+    partial.unlink(missing_ok=True)
+    # Readable by the owner only, like the database the service itself creates.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out, backup.open("rb") as source:
+        shutil.copyfileobj(source, out)
+        out.flush()
+        os.fsync(out.fileno())
     partial.rename(target)
     return target

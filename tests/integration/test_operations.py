@@ -57,7 +57,9 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
 
     key = stack.layout.key_file("identity").read_text()
     restored_dir = tmp_path / "restored"
-    restore_backup(backup, restored_dir, "identity", key)
+    restored_file = restore_backup(backup, restored_dir, "identity", key)
+    # Both copies are the owner's only, like the database itself.
+    assert [f.stat().st_mode & 0o777 for f in (backup, restored_file)] == [0o600, 0o600]
 
     # A fresh identity process on the restored file, with the same key, serves the data.
     live = stack["identity"]
