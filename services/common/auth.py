@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,16 +112,23 @@ async def authenticate_for(
 class RemoteTokenValidator:
     """Validates tokens with the session service over (mutual TLS) gRPC.
 
-    Successful answers are cached for `cache_seconds`: that is how long a token revoked
-    at the session service may still be accepted here (the documented bound; 0 turns
-    the cache off). Failures are never cached, so a new token works at once.
+    Successful answers are cached for `cache_seconds` counted from when the question was
+    asked, not from when the answer arrived: that is how long a token revoked at the
+    session service may still be accepted here (the documented bound, whatever the
+    answer's delay; 0 turns the cache off). Failures are never cached, so a new token
+    works at once.
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, *, cache_seconds: float = 0.0, max_entries: int = 100_000
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        cache_seconds: float = 0.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = session_grpc.SessionInternalServiceStub(channel)
-        self._cache = TtlCache[AuthenticatedUser](cache_seconds, max_entries)
+        self._cache = TtlCache[AuthenticatedUser](cache_seconds, max_entries, clock)
 
     async def validate(self, token: str) -> AuthenticatedUser:
         return await self.check(token)
@@ -133,8 +141,9 @@ class RemoteTokenValidator:
         cached = None if fresh else self._cache.get(key)
         if cached is not None:
             return cached
+        asked = self._cache.now()
         user = await self._ask(token, accept_restricted)
-        self._cache.put(key, user)
+        self._cache.put(key, user, since=asked)
         return user
 
     async def _ask(self, token: str, accept_restricted: bool) -> AuthenticatedUser:

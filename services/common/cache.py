@@ -34,10 +34,22 @@ class TtlCache(Generic[V]):
             return None
         return value
 
-    def put(self, key: Hashable, value: V) -> None:
+    def now(self) -> float:
+        """The cache's clock: read it before asking, and pass it to `put` as `since`."""
+        return self._clock()
+
+    def put(self, key: Hashable, value: V, *, since: float | None = None) -> None:
+        """Caches `value` for `ttl` seconds from `since` (default: now).
+
+        An answer fetched from another service is only as fresh as the moment it was
+        asked for: pass that moment, so a slow answer is not trusted for longer.
+        """
         if self._ttl <= 0:
             return
-        self._entries[key] = (self._clock() + self._ttl, value)
+        expires = (self._clock() if since is None else since) + self._ttl
+        if expires <= self._clock():
+            return
+        self._entries[key] = (expires, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)

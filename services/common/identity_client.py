@@ -125,6 +125,7 @@ class RemoteIdentityDirectory:
         """Whether the user exists and is not deactivated."""
         if self._active.get(user_id):
             return True
+        asked = self._active.now()
         reply = await peer_client.call(
             self._stub.GetUserStatus,
             pb.GetUserStatusRequest(user_id=user_id),
@@ -132,7 +133,7 @@ class RemoteIdentityDirectory:
             idempotent=True,
         )
         if reply.active:
-            self._active.put(user_id, True)
+            self._active.put(user_id, True, since=asked)
         return reply.active
 
 

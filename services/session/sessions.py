@@ -121,12 +121,17 @@ class Sessions:
             raise Unauthenticated(_REFUSED)
         now = self._clock()
         record = self._store.by_token(hash_token(token), now)
-        if record is None:
+        if record is None or now >= self._deadline(record):
             raise Unauthenticated(_REFUSED)
         return self._slide(record, now)
 
+    def _deadline(self, record: SessionRecord) -> float:
+        """The absolute end of a session: its own, or sooner if the lifetime was lowered
+        since it began (the stored idle deadline alone would let it live on)."""
+        return min(record.absolute_deadline, record.create_time + self.policy.max_lifetime)
+
     def _slide(self, record: SessionRecord, now: float, *, force: bool = False) -> SessionRecord:
-        new_expiry = min(now + self.policy.idle_timeout, record.absolute_deadline)
+        new_expiry = min(now + self.policy.idle_timeout, self._deadline(record))
         if not force and new_expiry - record.expire_time < self.policy.touch_granularity:
             return record
         try:

@@ -24,3 +24,16 @@ def test_a_zero_ttl_caches_nothing(clock: FakeClock) -> None:
     cache = TtlCache[int](0.0, 3, clock)
     cache.put("k", 1)
     assert cache.get("k") is None
+
+
+def test_an_entry_counts_from_when_it_was_asked_for(clock: FakeClock) -> None:
+    cache = TtlCache[str](2.0, 10, clock)
+    asked = cache.now()
+    clock.advance(1.5)  # a slow answer
+    cache.put("k", "v", since=asked)
+    clock.advance(0.6)
+    assert cache.get("k") is None
+    asked = cache.now()
+    clock.advance(2.5)  # slower than the ttl: never cached at all
+    cache.put("k", "v", since=asked)
+    assert cache.get("k") is None

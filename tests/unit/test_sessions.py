@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.audit_events import AuditRecord
 from services.common.errors import InvalidArgument, NotFound, Unauthenticated
+from services.session.model import SessionRecord
 from services.session.sessions import SessionPolicy, Sessions, hash_token
 from tests.fakes.session import MemorySessionStore
 from tests.unit.conftest import FakeClock
@@ -44,6 +46,40 @@ def test_idle_sessions_expire(sessions: Sessions, clock: FakeClock) -> None:
     clock.advance(1799)
     sessions.validate(token)
     clock.advance(1801)
+    with pytest.raises(Unauthenticated):
+        sessions.validate(token)
+
+
+def test_a_lowered_lifetime_ends_older_sessions_at_once(
+    store: MemorySessionStore, sessions: Sessions, clock: FakeClock
+) -> None:
+    # The absolute deadline is enforced on validation itself, not only through the idle
+    # deadline it caps: restarting with a shorter SESSION_MAX_LIFETIME must take effect.
+    token, _ = sessions.create("alice", "ip", "ua")
+    shorter = Sessions(store, SessionPolicy(idle_timeout=1800, max_lifetime=3600), clock)
+    for _ in range(2):
+        clock.advance(1500)
+        assert sessions.validate(token).expire_time == clock.now + 1800  # the old policy
+    clock.advance(601)  # past the new lifetime, before any stored deadline
+    with pytest.raises(Unauthenticated):
+        shorter.validate(token)
+
+
+class RacingStore(MemorySessionStore):
+    """A logout lands between the token lookup and the sliding of its deadline."""
+
+    def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
+        record = super().by_token(token_hash, now)
+        if record is not None:
+            self.delete(record.user_id, record.session_id, AuditRecord("user_logout"))
+        return record
+
+
+def test_a_session_removed_while_it_is_validated_is_refused(clock: FakeClock) -> None:
+    store = RacingStore()
+    sessions = Sessions(store, SessionPolicy(idle_timeout=1800, max_lifetime=12 * 3600), clock)
+    token, _ = sessions.create("alice", "ip", "ua")
+    clock.advance(600)  # far enough for validation to slide (write) the deadline
     with pytest.raises(Unauthenticated):
         sessions.validate(token)
 
