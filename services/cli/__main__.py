@@ -1,17 +1,22 @@
 """Command-line tool: `python -m services.cli <command>` (run with --help for the list).
 
 User state lives under --home (default var/cli): `<user>.keys.json` holds the private
-keys, `<user>.token` the current session token, both readable only by you.
+keys, `<user>.token` the current session token, `<user>.peers.json` the public keys of
+the peers you have seen (pinned the first time; a change is refused until you run
+`bundle <you> <peer> --trust-new-keys`), all readable only by you.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from tqdm import tqdm
 from services.client import backups, sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
+from services.protocol.signing import fingerprint
 
 PERSISTENT = ("identity", "session", "audit")
 # A rate limit that lifts within this long is waited out (once) rather than reported.
@@ -73,6 +79,81 @@ class Home:
     def forget_token(self, user_id: str) -> None:
         (self.root / f"{user_id}.token").unlink(missing_ok=True)
 
+    def _peers_path(self, user_id: str) -> Path:
+        return self.root / f"{user_id}.peers.json"
+
+    def _peers(self, user_id: str) -> dict[str, dict[str, str]]:
+        path = self._peers_path(user_id)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def pinned(self, user_id: str, peer: str) -> PeerKeys | None:
+        """The identity and verify keys `user_id` pinned for `peer`, if any."""
+        entry = self._peers(user_id).get(peer)
+        if entry is None:
+            return None
+        return PeerKeys(_unb64(entry["identity_key"]), _unb64(entry["verify_key"]))
+
+    def pin(self, user_id: str, peer: str, keys: PeerKeys) -> None:
+        peers = self._peers(user_id)
+        peers[peer] = {"identity_key": _b64(keys.identity_key), "verify_key": _b64(keys.verify_key)}
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self._peers_path(user_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(peers, handle, indent=1, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    identity_key: bytes
+    verify_key: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.identity_key, self.verify_key)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _served_keys(client: UserClient, token: str, peer: str) -> PeerKeys:
+    """The peer's keys as identity serves them, checked against the served fingerprint."""
+    bundle = client.bundle(token, peer)
+    keys = PeerKeys(bundle.identity_key, bundle.verify_key)
+    if keys.fingerprint != bundle.fingerprint:
+        raise ValueError(f"the bundle of {peer} does not match its own fingerprint; not trusted")
+    return keys
+
+
+def _peer_keys(client: UserClient, home: Home, me: str, token: str, peer: str) -> PeerKeys:
+    """The keys pinned for `peer`; the first time, fetched (one bundle) and pinned.
+
+    Later sends reuse the pin instead of fetching a bundle per message, which would use
+    up the peer's one-time prekeys.
+    """
+    pinned = home.pinned(me, peer)
+    if pinned is None:
+        pinned = _served_keys(client, token, peer)
+        home.pin(me, peer, pinned)
+    return pinned
+
+
+def _open(
+    client: UserClient, home: Home, me: str, token: str, keys: UserKeys, message: Any
+) -> bytes | None:
+    """The text of a message, or None if it cannot be decrypted or its signature is not
+    the (pinned) sender's. Never raises: one bad message must not block the inbox."""
+    try:
+        sender = _peer_keys(client, home, me, token, message.sender_id)
+    except (grpc.RpcError, ValueError):
+        return None
+    return sealing.open_sealed(keys.identity, message.body, message.sender_id, sender.verify_key)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.cli", description=__doc__)
@@ -93,9 +174,14 @@ def _parser() -> argparse.ArgumentParser:
         "user_id"
     )
     commands.add_parser("whoami", help="show your profile").add_argument("user_id")
-    bundle = commands.add_parser("bundle", help="fetch a peer's key bundle")
+    bundle = commands.add_parser("bundle", help="fetch a peer's key bundle and pin its keys")
     bundle.add_argument("user_id", help="you")
     bundle.add_argument("peer")
+    bundle.add_argument(
+        "--trust-new-keys",
+        action="store_true",
+        help="replace the keys pinned for the peer (after checking the fingerprint with them)",
+    )
     refill = commands.add_parser("refill", help="upload fresh one-time prekeys")
     refill.add_argument("user_id")
     refill.add_argument("--count", type=int, default=20)
@@ -180,10 +266,21 @@ def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
             print(f"last login   {last_login}")
         elif command == "bundle":
             bundle = client.bundle(home.token(args.user_id), args.peer)
+            served = PeerKeys(bundle.identity_key, bundle.verify_key)
+            if served.fingerprint != bundle.fingerprint:
+                raise SystemExit(f"the bundle of {args.peer} does not match its fingerprint")
+            pinned = home.pinned(args.user_id, args.peer)
+            if pinned is not None and pinned != served and not args.trust_new_keys:
+                raise SystemExit(
+                    f"the keys of {args.peer} CHANGED: pinned fingerprint {pinned.fingerprint}, "
+                    f"now {served.fingerprint}. Check the new fingerprint with {args.peer}, then "
+                    f"run `bundle {args.user_id} {args.peer} --trust-new-keys`"
+                )
+            home.pin(args.user_id, args.peer, served)
             one_time = (
                 bundle.one_time_prekey.key_id if bundle.HasField("one_time_prekey") else "none"
             )
-            print(f"{bundle.user_id}: fingerprint {bundle.fingerprint}")
+            print(f"{bundle.user_id}: fingerprint {bundle.fingerprint} (pinned)")
             print(f"  signed prekey {bundle.signed_prekey.key_id}, pq prekey "
                   f"{bundle.pq_prekey.key_id}, one-time prekey {one_time}")  # fmt: skip
         elif command == "refill":
@@ -194,8 +291,11 @@ def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
             print(f"{count} one-time prekeys available")
         elif command == "send":
             token = home.token(args.user_id)
-            bundle = client.bundle(token, args.peer)
-            sealed = sealing.seal(bundle.identity_key, args.text.encode("utf-8"))
+            peer = _peer_keys(client, home, args.user_id, token, args.peer)
+            keys = home.keys(args.user_id)
+            sealed = sealing.seal(
+                peer.identity_key, args.user_id, keys.signing, args.text.encode("utf-8")
+            )
             client.send(token, args.peer, sealed)
             print(f"sent {len(sealed)} encrypted bytes to {args.peer}")
         elif command == "inbox":
@@ -203,13 +303,16 @@ def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
             keys = home.keys(args.user_id)
             messages = client.fetch(token)
             for message in messages:
-                _show(message.sender_id, sealing.open_sealed(keys.identity, message.body))
+                _show(message.sender_id, _open(client, home, args.user_id, token, keys, message))
+            # Every fetched message is acknowledged, readable or not: an undecryptable one
+            # would otherwise come back on every fetch until its TTL.
             if messages:
                 client.acknowledge(token, [m.message_id for m in messages])
             if args.follow:
                 print(f"waiting {args.follow:g} s for new messages (Ctrl-C stops)", flush=True)
                 for message in client.follow(token, args.follow):
-                    _show(message.sender_id, sealing.open_sealed(keys.identity, message.body))
+                    plaintext = _open(client, home, args.user_id, token, keys, message)
+                    _show(message.sender_id, plaintext)
                     client.acknowledge(token, [message.message_id])
             elif not messages:
                 print("no messages")
@@ -272,10 +375,14 @@ def _demo(endpoints: Endpoints) -> None:
         print(f"{alice} and {bob} logged in by signing a challenge with their keys")
         bundle = client.bundle(tokens[alice], bob)
         text = f"Hi {bob.split('-')[0]}, this is end-to-end encrypted."
-        client.send(tokens[alice], bob, sealing.seal(bundle.identity_key, text.encode()))
-        print(f"{alice} sealed a message to {bob}'s identity key and sent it via the relay")
+        sealed = sealing.seal(bundle.identity_key, alice, keys[alice].signing, text.encode())
+        client.send(tokens[alice], bob, sealed)
+        print(f"{alice} sealed and signed a message to {bob}'s identity key and sent it")
         for message in client.fetch(tokens[bob]):
-            plaintext = sealing.open_sealed(keys[bob].identity, message.body)
+            sender = keys[message.sender_id].verify_key if message.sender_id in keys else b""
+            plaintext = sealing.open_sealed(
+                keys[bob].identity, message.body, message.sender_id, sender
+            )
             shown = "<cannot decrypt>" if plaintext is None else plaintext.decode()
             print(f"{bob} received from {message.sender_id}: {shown}")
             client.acknowledge(tokens[bob], [message.message_id])
@@ -355,7 +462,10 @@ def _verify(endpoints: Endpoints, cert: Path) -> None:
 
 
 def _show(sender: str, plaintext: bytes | None) -> None:
-    text = "<cannot decrypt>" if plaintext is None else plaintext.decode("utf-8", "replace")
+    if plaintext is None:
+        text = "<cannot decrypt, or not signed by its sender's pinned key: skipped>"
+    else:
+        text = plaintext.decode("utf-8", "replace")
     print(f"{sender}: {text}")
 
 

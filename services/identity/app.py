@@ -81,6 +81,9 @@ async def build(env: Env) -> App:
         limits=IdentityLimits(
             registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
             bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
+            prekeys_per_target_per_hour=env.integer(
+                "ONE_TIME_PREKEYS_PER_TARGET_PER_HOUR", 10, minimum=1
+            ),
         ),
         on_login=factors.refill_password_budget,
     )

@@ -61,10 +61,14 @@ class IdentityLimits:
 
     Bundle fetches consume one-time prekeys, so an unbounded caller could empty
     everyone's pool; registrations are anonymous, so they are bounded per address.
+    Past `prekeys_per_target_per_hour` fetches of one user's bundle by one caller, the
+    bundle still comes (X3DH works without a one-time prekey) but takes none from the
+    pool: draining a pool of 1000 then needs a hundred accounts an hour, not a minute.
     """
 
     registrations_per_minute: int = 60
     bundles_per_minute: int = 600
+    prekeys_per_target_per_hour: int = 10
 
 
 class Identity:
@@ -83,9 +87,12 @@ class Identity:
         self._clock = clock
         # A device-key login also refills the password budget (see factors.py).
         self._on_login = on_login
-        limits = limits or IdentityLimits(2**31, 2**31)
+        limits = limits or IdentityLimits(2**31, 2**31, 2**31)
         self._registrations = SlidingWindowLimiter(limits.registrations_per_minute, 60.0)
         self._bundles = SlidingWindowLimiter(limits.bundles_per_minute, 60.0)
+        self._prekeys_per_target = SlidingWindowLimiter(
+            limits.prekeys_per_target_per_hour, 3600.0, clock=clock
+        )
 
     def register(self, request: Registration, address: str = "") -> User:
         wait = self._registrations.acquire(limit_key(address))
@@ -145,13 +152,14 @@ class Identity:
         if wait is not None:
             raise ResourceExhausted("too many key bundle requests", retry_after=wait)
         user = self.profile(user_id)
+        may_take = self._prekeys_per_target.acquire(f"{caller} {user_id}") is None
         return Bundle(
             user_id=user.user_id,
             identity_key=user.identity_key,
             verify_key=user.verify_key,
             signed_prekey=user.signed_prekey,
             pq_prekey=user.pq_prekey,
-            one_time_prekey=self._store.take_one_time_prekey(user_id),
+            one_time_prekey=self._store.take_one_time_prekey(user_id) if may_take else None,
             fingerprint=keys.fingerprint(user.identity_key, user.verify_key),
         )
 

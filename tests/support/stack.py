@@ -37,6 +37,7 @@ FAST_KDF = {
     # Tests register and fetch far faster than any person; their own tests set limits.
     "REGISTRATIONS_PER_MINUTE": "1000000",
     "KEY_BUNDLES_PER_MINUTE": "1000000",
+    "ONE_TIME_PREKEYS_PER_TARGET_PER_HOUR": "1000000",
     "RECIPIENT_CACHE_SECONDS": "0",
     # Argon2id at its smallest: tests check the rules, not the cost.
     "PASSWORD_HASH_MEMORY_KIB": "1024",

@@ -161,6 +161,23 @@ def test_registrations_per_address_and_bundle_fetches_per_caller_are_limited(
     assert identity.bundle("user1", "alice").one_time_prekey is not None  # others unaffected
 
 
+def test_one_caller_cannot_drain_one_users_one_time_prekeys(clock: FakeClock) -> None:
+    identity = Identity(
+        MemoryIdentityStore(),
+        RecordingRevoker(),
+        clock,
+        IdentityLimits(bundles_per_minute=1000, prekeys_per_target_per_hour=3),
+    )
+    identity.register(registration("victim", UserKeys.generate(20)))
+    served = [identity.bundle("victim", "mallory") for _ in range(10)]
+    # Every fetch gets a bundle; only the first three take a one-time prekey.
+    assert [b.one_time_prekey is not None for b in served] == [True] * 3 + [False] * 7
+    assert identity.prekey_count("victim") == 17
+    assert identity.bundle("victim", "alice").one_time_prekey is not None  # others unaffected
+    clock.advance(3601)
+    assert identity.bundle("victim", "mallory").one_time_prekey is not None
+
+
 async def test_deactivation_marks_the_account_first_then_revokes_its_sessions(
     clock: FakeClock,
 ) -> None:
