@@ -20,7 +20,7 @@ from services.launcher.pki import ensure_pki
 # their deadline; audit events wait in outboxes), so start order does not matter.
 SERVICES = ("identity", "session", "relay", "audit")
 PERSISTENT = ("identity", "session", "audit")
-CERT_NAMES = ("identity", "session", "relay", "audit", "operator")
+OPERATOR_CERT = "operator"  # the only client-only certificate
 ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
 # Whose internal API each service calls.
 CALLS = {
@@ -98,7 +98,7 @@ class StackLayout:
 
     def prepare(self) -> None:
         """Creates TLS material and per-service master keys (0600) that do not exist yet."""
-        ensure_pki(self.tls, CERT_NAMES)
+        ensure_pki(self.tls, SERVICES, (OPERATOR_CERT,))
         self.secrets.mkdir(parents=True, exist_ok=True)
         os.chmod(self.secrets, 0o700)
         for service in PERSISTENT:
