@@ -35,8 +35,10 @@ from securemsg.relay.v1 import relay_admin_service_pb2 as relay_admin_pb
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as relay_admin_grpc
 from securemsg.session.v1 import session_admin_service_pb2 as session_admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as session_admin_grpc
+from securemsg.session.v1 import session_pb2
 from tqdm import tqdm
 
+from services.cli import account
 from services.client import backups, sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
@@ -203,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("cleanup", help="operator: delete expired sessions now")
     rotation = commands.add_parser("rotation", help="operator: follow a key rotation")
     rotation.add_argument("--service", choices=PERSISTENT, required=True)
+    account.add_commands(commands)
     backup = commands.add_parser("backup", help="operator: hot backup of databases")
     backup.add_argument("--service", choices=[*PERSISTENT, "all"], default="all")
     backup.add_argument("--dir", type=Path, default=Path("var/backups"))
@@ -243,7 +246,9 @@ def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
             print(f"{service:8} backed up to {path}")
         return
     with _user_client(endpoints) as client:
-        if command == "register":
+        if command in account.COMMANDS:
+            account.run(args, client, home)
+        elif command == "register":
             if home.keys_path(args.user_id).exists():
                 raise SystemExit(f"{home.keys_path(args.user_id)} exists; refusing to overwrite")
             keys = UserKeys.generate(20)
@@ -251,8 +256,11 @@ def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
             keys.save(home.keys_path(args.user_id))
             print(f"registered {profile.user_id}; fingerprint {profile.fingerprint}")
         elif command == "login":
-            home.save_token(args.user_id, client.login(args.user_id, home.keys(args.user_id)))
+            login = client.login_session(args.user_id, home.keys(args.user_id))
+            home.save_token(args.user_id, login.token)
             print(f"logged in as {args.user_id}")
+            if login.session.scope == session_pb2.SESSION_SCOPE_STEP_UP_REQUIRED:
+                print(f"this account has a second factor: run mfa verify {args.user_id} <code>")
         elif command == "whoami":
             profile = client.profile(home.token(args.user_id))
             print(f"user id      {profile.user_id}")

@@ -159,10 +159,16 @@ class UserClient:
         return self._call(self.identity.RegisterUser, request).profile
 
     def login(self, user_id: str, keys: UserKeys, user_agent: str = "securemsg-cli") -> str:
+        return self.login_session(user_id, keys, user_agent).token
+
+    def login_session(
+        self, user_id: str, keys: UserKeys, user_agent: str = "securemsg-cli"
+    ) -> session_pb.CreateSessionResponse:
+        """Logs in; the reply's session says whether it must step up (its scope)."""
         challenge = self._call(
             self.session.CreateChallenge, session_pb.CreateChallengeRequest(user_id=user_id)
         )
-        reply = self._call(
+        return self._call(
             self.session.CreateSession,
             session_pb.CreateSessionRequest(
                 user_id=user_id,
@@ -171,7 +177,74 @@ class UserClient:
                 user_agent=user_agent,
             ),
         )
-        return reply.token
+
+    # Account security: second factor, recovery codes, password, recovery.
+
+    def step_up(self, token: str, code: str = "", recovery_code: str = "") -> session_pb2.Session:
+        """Proves a TOTP code or a recovery code in the session (see StepUpSession)."""
+        request = session_pb.StepUpSessionRequest(code=code, recovery_code=recovery_code)
+        return self._call(self.session.StepUpSession, request, token).session
+
+    def step_up_with_key(self, token: str, user_id: str, keys: UserKeys) -> session_pb2.Session:
+        """Re-proves the device key (accounts without a second factor)."""
+        challenge = self._call(
+            self.session.CreateChallenge, session_pb.CreateChallengeRequest(user_id=user_id)
+        )
+        request = session_pb.StepUpSessionRequest(
+            challenge_id=challenge.challenge_id,
+            signature=keys.sign_login(user_id, challenge.challenge),
+        )
+        return self._call(self.session.StepUpSession, request, token).session
+
+    def begin_totp(self, token: str) -> identity_pb.BeginTotpEnrollmentResponse:
+        request = identity_pb.BeginTotpEnrollmentRequest()
+        return self._call(self.identity.BeginTotpEnrollment, request, token)
+
+    def activate_totp(self, token: str, code: str) -> list[str]:
+        """Activates the pending TOTP factor; returns the recovery codes (shown once)."""
+        request = identity_pb.ActivateTotpRequest(code=code)
+        return list(self._call(self.identity.ActivateTotp, request, token).recovery_codes)
+
+    def remove_totp(self, token: str, code: str = "", recovery_code: str = "") -> None:
+        request = identity_pb.RemoveTotpRequest(code=code, recovery_code=recovery_code)
+        self._call(self.identity.RemoveTotp, request, token)
+
+    def regenerate_recovery_codes(self, token: str) -> list[str]:
+        request = identity_pb.RegenerateRecoveryCodesRequest()
+        return list(
+            self._call(self.identity.RegenerateRecoveryCodes, request, token).recovery_codes
+        )
+
+    def set_password(self, token: str, password: str) -> None:
+        request = identity_pb.SetPasswordRequest(password=password)
+        self._call(self.identity.SetPassword, request, token)
+
+    def password_session(
+        self, user_id: str, password: str, code: str = "", recovery_code: str = ""
+    ) -> session_pb.CreatePasswordSessionResponse:
+        """A recovery session from the password (and a code, if the account has one)."""
+        request = session_pb.CreatePasswordSessionRequest(
+            user_id=user_id,
+            password=password,
+            second_factor_code=code,
+            recovery_code=recovery_code,
+            user_agent="securemsg-cli recovery",
+        )
+        return self._call(self.session.CreatePasswordSession, request)
+
+    def replace_keys(self, token: str, keys: UserKeys) -> identity_pb.ReplaceAccountKeysResponse:
+        """Replaces the account's keys with `keys` (signed by its new verify key)."""
+        request = identity_pb.ReplaceAccountKeysRequest(
+            identity_key=keys.identity_public,
+            verify_key=keys.verify_key,
+            signed_prekey=keys.signed_prekey_proto(),
+            pq_prekey=keys.pq_prekey_proto(),
+            one_time_prekeys=keys.one_time_protos(),
+        )
+        return self._call(self.identity.ReplaceAccountKeys, request, token)
+
+    def deactivate(self, token: str) -> None:
+        self._call(self.identity.DeactivateAccount, identity_pb.DeactivateAccountRequest(), token)
 
     def profile(self, token: str) -> identity_pb.Profile:
         return self._call(

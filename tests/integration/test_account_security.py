@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
+import shlex
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -24,11 +26,12 @@ from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 from securemsg.session.v1 import session_pb2
 from securemsg.session.v1 import session_service_pb2 as pb
 
+from services.cli.__main__ import _parser, _run
 from services.client.keys import UserKeys
 from services.client.sdk import UserClient
 from tests.support.audit import operator_list
 from tests.support.stack import Stack
-from tests.support.users import bearer, details, new_user, user_client, validate
+from tests.support.users import bearer, details, endpoints, new_user, user_client, validate
 
 PASSWORD = "lantern orbit velvet quarry"
 STEP = 30
@@ -405,3 +408,55 @@ def test_sensitive_calls_need_a_recent_step_up(tmp_path: Path) -> None:
     finally:
         client.close()
         stack.stop()
+
+
+def walkthrough_lines() -> list[str]:
+    """The README's account-security walkthrough, command lines only."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    _, marker, rest = text.partition("<!-- account-security walkthrough")
+    assert marker, "README.md lost its account-security walkthrough"
+    block = rest.partition("```sh\n")[2].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_readme_account_security_walkthrough_runs_as_written(
+    stack: Stack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every command of the walkthrough against the real stack; the sample codes are
+    replaced by real ones (from the secret `mfa enable` printed) and the password is
+    typed by the test."""
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": PASSWORD)
+    home = ["--home", str(tmp_path / "cli")]
+    secret, used_step = "", 0
+    recovery: list[str] = []
+    outputs: list[str] = []
+    for line in walkthrough_lines():
+        words = shlex.split(line, comments=True)[3:]
+        words = [w.replace("carol", "carol-cli") for w in words]
+        for sample in ("123456", "654321"):
+            if sample in words:
+                used_step = max(used_step + 1, int(time.time() // STEP) - 1)
+                if used_step > int(time.time() // STEP) + 1:
+                    time.sleep((used_step - 1) * STEP - time.time() + 0.5)
+                words[words.index(sample)] = pyotp.TOTP(secret).at(used_step * STEP)
+        if "ABCD-EFGH-JKLM-NPQR" in words:
+            words[words.index("ABCD-EFGH-JKLM-NPQR")] = recovery[0]
+        _run(_parser().parse_args([*home, *words]), endpoints(stack))
+        out = capsys.readouterr().out
+        outputs.append(out)
+        if words[:2] == ["mfa", "enable"]:
+            secret = re.search(r"secret +([A-Z2-7]{32})", out).group(1)  # type: ignore[union-attr]
+            assert "otpauth://totp/SecureMsg:carol-cli?secret=" in out
+            assert "█" in out or "▀" in out  # the QR code, drawn in the terminal
+            used_step = int(time.time() // STEP) - 2
+        if words[:2] == ["mfa", "verify"] and "recovery codes" in out:
+            recovery = re.findall(r"^  ([A-Z2-9]{4}(?:-[A-Z2-9]{4}){3})$", out, re.M)
+    joined = "\n".join(outputs)
+    assert "second factor enabled" in joined
+    assert "this account has a second factor: run mfa verify carol-cli" in joined
+    assert "session stepped up: device key and second factor" in joined
+    assert "new keys for carol-cli" in joined
+    assert len(recovery) == 10
