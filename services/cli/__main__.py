@@ -42,9 +42,9 @@ from services.cli import account
 from services.client import backups, sealing
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
+from services.protocol.ports import PERSISTENT
 from services.protocol.signing import fingerprint
 
-PERSISTENT = ("identity", "session", "audit")
 # A rate limit that lifts within this long is waited out (once) rather than reported.
 LIMIT_WAIT_SECONDS = 15.0
 

@@ -15,6 +15,7 @@ from typing import Protocol
 from securemsg.audit.v1 import audit_event_pb2
 
 from services.common import convert
+from services.protocol.ports import SERVICES
 
 USER_REGISTERED = "user_registered"
 USER_DEACTIVATED = "user_deactivated"
@@ -68,7 +69,7 @@ VOCABULARY = frozenset(
     }
 )
 
-SOURCES = frozenset({"identity", "session", "relay", "audit"})
+SOURCES = frozenset(SERVICES)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from securemsg.admin.v1 import database_admin_service_pb2 as pb
 from securemsg.admin.v1 import database_admin_service_pb2_grpc as pb_grpc
 
-from services.common import peers
+from services.common import catalog
 from services.common.errors import FailedPrecondition, IntegrityError
 from services.common.peers import Context
 from services.common.rotation import KeyRotation
@@ -25,7 +25,6 @@ from services.common.sqlite import Database
 
 CHUNK_BYTES = 256 * 1024
 PROGRESS_SECONDS = 0.2
-FULL_NAME = "securemsg.admin.v1.DatabaseAdminService"
 
 
 class DatabaseAdminServicer(pb_grpc.DatabaseAdminServiceServicer):
@@ -94,9 +93,10 @@ def _check_integrity(path: Path) -> None:
 
 
 def binding(service: str, database: Database, rotation: KeyRotation) -> ServiceBinding:
+    api = catalog.database_admin(service)
     return ServiceBinding(
-        FULL_NAME,
+        api.full_name,
         DatabaseAdminServicer(service, database, rotation),
         pb_grpc.add_DatabaseAdminServiceServicer_to_server,
-        allowed_callers=frozenset({peers.OPERATOR}),
+        allowed_callers=api.callers,
     )

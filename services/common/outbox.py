@@ -31,8 +31,8 @@ from securemsg.audit.v1 import audit_ingest_service_pb2_grpc as ingest_grpc
 
 from services.common import metrics, peer_client
 from services.common.audit_events import AuditRecord
-from services.common.channels import open_channel
-from services.common.config import Env, internal_port, tls_from_env
+from services.common.channels import peer_channel
+from services.common.config import Env
 from services.common.crypto import Keyring
 from services.common.errors import ServiceError
 from services.common.rotation import EncryptedTable
@@ -220,10 +220,9 @@ class OutboxShipper:
             "Audit events waiting to be delivered",
             outbox.backlog,
         )
-        address = env.string("AUDIT_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('audit')}")
         return cls(
             outbox,
-            open_channel(address, tls_from_env(env)),
+            peer_channel(env, "audit"),
             idle_seconds=env.number("AUDIT_SHIP_IDLE_SECONDS", 1.0, minimum=0.01),
             max_backoff_seconds=env.number("AUDIT_SHIP_MAX_BACKOFF_SECONDS", 30.0, minimum=0.1),
         )

@@ -1,4 +1,4 @@
-"""Wiring of the identity service: configuration, storage, servicers, access rules."""
+"""Wiring of the identity service: configuration, storage, servicers."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.common import database_admin, peers
+from services.common import catalog
 from services.common.addresses import ClientAddresses
-from services.common.auth import RemoteTokenValidator
-from services.common.channels import open_channel
-from services.common.config import Env, internal_port, tls_from_env
-from services.common.outbox import OutboxShipper, SqliteOutbox
-from services.common.rotation import rotation_from_env
-from services.common.server import App, ServiceBinding
-from services.common.sqlite import open_service_database
+from services.common.config import Env
+from services.common.server import App
+from services.common.wiring import PersistentService, bind
 from services.identity.domain import Identity, IdentityLimits
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.factors import FactorLimits, Factors
@@ -28,28 +24,18 @@ from services.identity.session_client import RemoteSessionRevoker
 from services.identity.store import MIGRATIONS, SqliteIdentityStore
 
 SERVICE = "identity"
-PACKAGE = "securemsg.identity.v1"
 
 
 async def build(env: Env) -> App:
-    opened = open_service_database(
+    service = PersistentService(
         SERVICE,
         env,
         MIGRATIONS,
         synchronous="FULL",  # an acknowledged registration must survive power loss
+        audit_outbox=True,
     )
-    outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
-    shipper = OutboxShipper.from_env(outbox, env)
-    store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
-    factor_store = SqliteFactorStore(opened.database, opened.keyring, outbox)
-    # Rotation is a concern of this SQLite store, not of the store protocol.
-    rotation = rotation_from_env(
-        opened.database,
-        opened.keyring,
-        [*store.rotatables(), factor_store.rotatable(), outbox.rotatable()],
-        outbox,
-        env.number,
-    )
+    store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
+    factor_store = SqliteFactorStore(service.database, service.keyring, service.outbox)
     factors = Factors(
         factor_store,
         store,
@@ -60,7 +46,7 @@ async def build(env: Env) -> App:
                 parallelism=env.integer("PASSWORD_HASH_PARALLELISM", 1, minimum=1),
             )
         ),
-        outbox,
+        service.outbox,
         limits=FactorLimits(
             code_failures_per_account=env.integer(
                 "SECOND_FACTOR_FAILURES_PER_ACCOUNT", 10, minimum=1
@@ -71,13 +57,9 @@ async def build(env: Env) -> App:
             ),
         ),
     )
-    session_channel = open_channel(
-        env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"),
-        tls_from_env(env),
-    )
     identity = Identity(
         store,
-        RemoteSessionRevoker(session_channel),
+        RemoteSessionRevoker(service.channels.to("session")),
         limits=IdentityLimits(
             registrations_per_minute=env.integer("REGISTRATIONS_PER_MINUTE", 60, minimum=1),
             bundles_per_minute=env.integer("KEY_BUNDLES_PER_MINUTE", 600, minimum=1),
@@ -87,40 +69,29 @@ async def build(env: Env) -> App:
         ),
         on_login=factors.refill_password_budget,
     )
-
-    async def close() -> None:
-        await shipper.close()
-        await session_channel.close(grace=None)
-        opened.database.close()
-
-    return App(
-        bindings=[
-            ServiceBinding(
-                f"{PACKAGE}.IdentityService",
+    return service.app(
+        [
+            bind(
+                catalog.IDENTITY,
                 IdentityServicer(
                     identity,
                     factors,
-                    RemoteTokenValidator(
-                        session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
-                    ),
+                    service.channels.token_validator(),
                     ClientAddresses.from_env(env),
                 ),
                 pb_grpc.add_IdentityServiceServicer_to_server,
             ),
-            ServiceBinding(
-                f"{PACKAGE}.IdentityInternalService",
+            bind(
+                catalog.IDENTITY_INTERNAL,
                 IdentityInternalServicer(identity, factors),
                 internal_grpc.add_IdentityInternalServiceServicer_to_server,
-                allowed_callers=frozenset({"session", "relay"}),
             ),
-            ServiceBinding(
-                f"{PACKAGE}.IdentityAdminService",
-                IdentityAdminServicer(identity, outbox.backlog),
+            bind(
+                catalog.IDENTITY_ADMIN,
+                IdentityAdminServicer(identity, service.outbox.backlog),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
-                allowed_callers=frozenset({peers.OPERATOR}),
             ),
-            database_admin.binding(SERVICE, opened.database, rotation),
         ],
-        background=[rotation.run, shipper.run],
-        on_stop=[close],
+        # Rotation is a concern of these SQLite stores, not of the store protocols.
+        rotatable=[*store.rotatables(), factor_store.rotatable()],
     )

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from services.common import catalog
 from services.common.errors import StartupError
 from services.launcher.diagnose import explain
 from services.launcher.health import check, wait_serving
@@ -33,7 +34,7 @@ from services.launcher.topology import (
 from services.launcher.walkthrough import try_it_lines
 
 LAYOUT = StackLayout(Path("var"))
-HEALTH_NAMES = {name: f"securemsg.{name}.v1.{name.capitalize()}Service" for name in SERVICES}
+HEALTH_NAMES = {name: catalog.public_api(name).full_name for name in SERVICES}
 PORTS = default_ports()
 
 

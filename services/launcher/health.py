@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import catalog
+
 
 def check(address: str, service: str, ca_file: Path | None, timeout: float = 1.0) -> str:
     """The health status name of `service` at `address`, or the gRPC error code name."""
@@ -54,7 +56,7 @@ def main() -> int:
     ca = os.environ.get("TLS_CA_FILE")
     status = check(
         f"localhost:{port}",
-        f"securemsg.{service}.v1.{service.capitalize()}Service",
+        catalog.public_api(service).full_name,
         Path(ca) if ca else None,
     )
     print(status)

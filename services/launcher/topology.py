@@ -13,22 +13,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import catalog
+from services.common.channels import address_variable
 from services.common.config import DEFAULT_PORTS, internal_port, metrics_port
+from services.common.peers import OPERATOR
 from services.launcher.pki import ensure_pki
+from services.protocol.ports import PERSISTENT as PERSISTENT
+from services.protocol.ports import SERVICES as SERVICES
 
 # Each service tolerates the others being briefly absent (calls wait for readiness within
 # their deadline; audit events wait in outboxes), so start order does not matter.
-SERVICES = ("identity", "session", "relay", "audit")
-PERSISTENT = ("identity", "session", "audit")
-OPERATOR_CERT = "operator"  # the only client-only certificate
-ADDRESS_VARIABLES = {name: f"{name.upper()}_INTERNAL_ADDRESS" for name in DEFAULT_PORTS}
-# Whose internal API each service calls.
-CALLS = {
-    "identity": ("session", "audit"),
-    "session": ("identity", "audit"),
-    "relay": ("identity", "session", "audit"),
-    "audit": ("session",),
-}
+OPERATOR_CERT = OPERATOR  # the only client-only certificate
+ADDRESS_VARIABLES = {name: address_variable(name) for name in DEFAULT_PORTS}
+# Whose internal API each service calls: where the catalog's allow-lists let it in.
+CALLS = {name: catalog.peers_of(name) for name in SERVICES}
 
 
 def default_ports() -> dict[str, tuple[int, int, int]]:

@@ -12,22 +12,20 @@ from collections.abc import Callable
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
-from services.common import metrics, peers
+from services.common import catalog, metrics
 from services.common.addresses import ClientAddresses
-from services.common.auth import RemoteTokenValidator
-from services.common.channels import open_channel
-from services.common.config import Env, ServerConfig, internal_port, tls_from_env
+from services.common.config import Env, ServerConfig
 from services.common.errors import StartupError
 from services.common.identity_client import RemoteIdentityDirectory
 from services.common.outbox import MemoryOutbox, OutboxShipper
-from services.common.server import App, ServiceBinding
+from services.common.server import App
+from services.common.wiring import Channels, bind
 from services.relay.domain import Relay
 from services.relay.model import RelayLimits
 from services.relay.queues import MessageQueues
 from services.relay.servicer import RelayAdminServicer, RelayServicer
 
 SERVICE = "relay"
-PACKAGE = "securemsg.relay.v1"
 logger = logging.getLogger(__name__)
 
 
@@ -79,17 +77,11 @@ async def build(env: Env) -> App:
         "RELAY_MAX_TOTAL_BYTES: past it the relay refuses every send",
         lambda: float(limits.max_total_bytes),
     )
-    tls = tls_from_env(env)
-    session_channel = open_channel(
-        env.string("SESSION_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('session')}"), tls
-    )
-    identity_channel = open_channel(
-        env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"), tls
-    )
+    channels = Channels(env)
     relay = Relay(
         queues,
         RemoteIdentityDirectory(
-            identity_channel,
+            channels.to("identity"),
             active_cache_seconds=env.number("RECIPIENT_CACHE_SECONDS", 10.0),
         ),
         revalidate_seconds=env.number("RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1),
@@ -109,27 +101,19 @@ async def build(env: Env) -> App:
 
     async def close() -> None:
         await shipper.close()
-        await session_channel.close(grace=None)
-        await identity_channel.close(grace=None)
+        await channels.close()
 
     return App(
         bindings=[
-            ServiceBinding(
-                f"{PACKAGE}.RelayService",
-                RelayServicer(
-                    relay,
-                    RemoteTokenValidator(
-                        session_channel, cache_seconds=env.number("TOKEN_CACHE_SECONDS", 2.0)
-                    ),
-                    ClientAddresses.from_env(env),
-                ),
+            bind(
+                catalog.RELAY,
+                RelayServicer(relay, channels.token_validator(), ClientAddresses.from_env(env)),
                 pb_grpc.add_RelayServiceServicer_to_server,
             ),
-            ServiceBinding(
-                f"{PACKAGE}.RelayAdminService",
+            bind(
+                catalog.RELAY_ADMIN,
                 RelayAdminServicer(relay, outbox.backlog, lambda: outbox.dropped),
                 admin_grpc.add_RelayAdminServiceServicer_to_server,
-                allowed_callers=frozenset({peers.OPERATOR}),
             ),
         ],
         background=[sweep_forever, shipper.run],

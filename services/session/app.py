@@ -9,15 +9,12 @@ from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
 from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
-from services.common import database_admin, peers
+from services.common import catalog
 from services.common.addresses import ClientAddresses
-from services.common.channels import open_channel
-from services.common.config import Env, internal_port, tls_from_env
+from services.common.config import Env
 from services.common.identity_client import RemoteIdentityDirectory
-from services.common.outbox import OutboxShipper, SqliteOutbox
-from services.common.rotation import rotation_from_env
-from services.common.server import App, ServiceBinding
-from services.common.sqlite import open_service_database
+from services.common.server import App
+from services.common.wiring import PersistentService, bind
 from services.session.login import ChallengeBook, Login, LoginLimits
 from services.session.recovery import PasswordLimits, PasswordLogin
 from services.session.servicer import (
@@ -29,18 +26,18 @@ from services.session.sessions import SessionPolicy, Sessions
 from services.session.store import MIGRATIONS, SqliteSessionStore
 
 SERVICE = "session"
-PACKAGE = "securemsg.session.v1"
 logger = logging.getLogger(__name__)
 
 
 async def build(env: Env) -> App:
-    opened = open_service_database(
+    service = PersistentService(
         SERVICE,
         env,
         MIGRATIONS,
         # A session lost to power failure costs a re-login, not data: NORMAL still
         # survives a process crash (the WAL is in the OS cache) and saves an fsync per login.
         synchronous="NORMAL",
+        audit_outbox=True,
     )
     policy = SessionPolicy(
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
@@ -48,22 +45,8 @@ async def build(env: Env) -> App:
         step_up_max_age=env.number("STEP_UP_MAX_AGE_SECONDS", 600.0, minimum=1.0),
         recovery_lifetime=env.number("RECOVERY_SESSION_SECONDS", 900.0, minimum=1.0),
     )
-    outbox = SqliteOutbox(opened.database, opened.keyring, SERVICE)
-    shipper = OutboxShipper.from_env(outbox, env)
-    store = SqliteSessionStore(opened.database, opened.keyring, outbox)
+    store = SqliteSessionStore(service.database, service.keyring, service.outbox)
     sessions = Sessions(store, policy)
-    # Rotation is a concern of this SQLite store, not of the store protocol.
-    rotation = rotation_from_env(
-        opened.database,
-        opened.keyring,
-        [*store.rotatables(), outbox.rotatable()],
-        outbox,
-        env.number,
-    )
-    identity_channel = open_channel(
-        env.string("IDENTITY_INTERNAL_ADDRESS", f"127.0.0.1:{internal_port('identity')}"),
-        tls_from_env(env),
-    )
     limits = LoginLimits(
         failures_per_account_address=env.integer(
             "LOGIN_MAX_FAILURES_PER_ACCOUNT_ADDRESS", 10, minimum=1
@@ -81,8 +64,8 @@ async def build(env: Env) -> App:
         # What the per-minute rate lets one address hold anyway; under pressure less.
         per_group=max(1, int(limits.challenges_per_address_per_minute * challenge_ttl / 60)),
     )
-    directory = RemoteIdentityDirectory(identity_channel)
-    login = Login(sessions, directory, challenges, limits, outbox)
+    directory = RemoteIdentityDirectory(service.channels.to("identity"))
+    login = Login(sessions, directory, challenges, limits, service.outbox)
     password_login = PasswordLogin(
         sessions,
         directory,
@@ -93,7 +76,7 @@ async def build(env: Env) -> App:
             failures_per_address=env.integer("PASSWORD_LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1),
             window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
         ),
-        outbox,
+        service.outbox,
     )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
 
@@ -111,33 +94,28 @@ async def build(env: Env) -> App:
             except Exception:
                 logger.exception("session cleanup failed; will retry")
 
-    async def close() -> None:
+    async def cleanup_at_shutdown() -> None:
         await cleanup_once("shutdown")
-        await shipper.close()
-        await identity_channel.close(grace=None)
-        opened.database.close()
 
-    return App(
-        bindings=[
-            ServiceBinding(
-                f"{PACKAGE}.SessionService",
+    return service.app(
+        [
+            bind(
+                catalog.SESSION,
                 SessionServicer(sessions, login, password_login, ClientAddresses.from_env(env)),
                 pb_grpc.add_SessionServiceServicer_to_server,
             ),
-            ServiceBinding(
-                f"{PACKAGE}.SessionInternalService",
+            bind(
+                catalog.SESSION_INTERNAL,
                 SessionInternalServicer(sessions),
                 internal_grpc.add_SessionInternalServiceServicer_to_server,
-                allowed_callers=frozenset({"identity", "relay", "audit"}),
             ),
-            ServiceBinding(
-                f"{PACKAGE}.SessionAdminService",
-                SessionAdminServicer(sessions, login, outbox.backlog),
+            bind(
+                catalog.SESSION_ADMIN,
+                SessionAdminServicer(sessions, login, service.outbox.backlog),
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
-                allowed_callers=frozenset({"identity", peers.OPERATOR}),
             ),
-            database_admin.binding(SERVICE, opened.database, rotation),
         ],
-        background=[rotation.run, cleanup_forever, shipper.run],
-        on_stop=[close],
+        rotatable=store.rotatables(),  # rotation is this store's concern, not the protocol's
+        background=[cleanup_forever],
+        on_stop=[cleanup_at_shutdown],
     )

@@ -7,44 +7,19 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
-from securemsg.admin.v1 import database_admin_service_pb2
-from securemsg.audit.v1 import audit_admin_service_pb2, audit_ingest_service_pb2, audit_service_pb2
-from securemsg.identity.v1 import (
-    identity_admin_service_pb2,
-    identity_internal_service_pb2,
-    identity_service_pb2,
-)
-from securemsg.relay.v1 import relay_admin_service_pb2, relay_service_pb2
-from securemsg.session.v1 import (
-    session_admin_service_pb2,
-    session_internal_service_pb2,
-    session_service_pb2,
-)
 
-# proto service -> (host, certificate names allowed; None means the public API)
-POLICY: dict[Any, tuple[str, frozenset[str] | None]] = {
-    identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]: ("identity", None),
-    identity_internal_service_pb2.DESCRIPTOR.services_by_name["IdentityInternalService"]: (
-        "identity", frozenset({"session", "relay"})),
-    identity_admin_service_pb2.DESCRIPTOR.services_by_name["IdentityAdminService"]: (
-        "identity", frozenset({"operator"})),
-    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]: ("session", None),
-    session_internal_service_pb2.DESCRIPTOR.services_by_name["SessionInternalService"]: (
-        "session", frozenset({"identity", "relay", "audit"})),
-    session_admin_service_pb2.DESCRIPTOR.services_by_name["SessionAdminService"]: (
-        "session", frozenset({"identity", "operator"})),
-    relay_service_pb2.DESCRIPTOR.services_by_name["RelayService"]: ("relay", None),
-    relay_admin_service_pb2.DESCRIPTOR.services_by_name["RelayAdminService"]: (
-        "relay", frozenset({"operator"})),
-    audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"]: ("audit", None),
-    audit_ingest_service_pb2.DESCRIPTOR.services_by_name["AuditIngestService"]: (
-        "audit", frozenset({"identity", "session", "relay"})),
-    audit_admin_service_pb2.DESCRIPTOR.services_by_name["AuditAdminService"]: (
-        "audit", frozenset({"operator"})),
-}  # fmt: skip
-DATABASE_ADMIN = database_admin_service_pb2.DESCRIPTOR.services_by_name["DatabaseAdminService"]
-for host in ("identity", "session", "audit"):
-    POLICY[(DATABASE_ADMIN, host)] = (host, frozenset({"operator"}))
+from services.common import catalog
+
+# proto service (with its host where several serve it) -> (host, certificate names
+# allowed; None means the public API). From the catalog, where the deployment states it
+# once; tests/unit/test_catalog.py holds the catalog to docs/ARCHITECTURE.md's table.
+POLICY: dict[Any, tuple[str, frozenset[str] | None]] = {}
+for api in catalog.APIS:
+    hosted_by_many = api.descriptor.name == "DatabaseAdminService"
+    POLICY[(api.descriptor, api.host) if hosted_by_many else api.descriptor] = (
+        api.host,
+        api.callers,
+    )
 
 
 def empty_request(method: MethodDescriptor) -> Any:
