@@ -17,6 +17,7 @@ from securemsg.identity.v1 import keys_pb2
 from services.client.keys import UserKeys
 from services.client.sdk import UserClient
 from services.identity.keys import fingerprint
+from tests.support.files import snapshot
 from tests.support.stack import Stack
 from tests.support.users import bearer, details, new_user, registration, user_client
 
@@ -97,11 +98,12 @@ def test_data_survives_a_restart(stack: Stack, client: UserClient) -> None:
 
 
 def test_wrong_key_refuses_to_start_and_leaves_the_file_unchanged(stack: Stack) -> None:
-    new_user(user_client(stack), "someone")
+    client = user_client(stack)
+    keys = new_user(client, "someone")
     identity = stack["identity"]
-    identity.stop()
-    db = stack.db_path("identity")
-    before = db.read_bytes()
+    identity.kill()  # the last writes still in the -wal, its index in the -shm
+    before = snapshot(stack.layout.data)
+    assert {"identity.db-wal", "identity.db-shm"} <= set(before)
 
     wrong = type(identity)(
         "identity",
@@ -113,7 +115,9 @@ def test_wrong_key_refuses_to_start_and_leaves_the_file_unchanged(stack: Stack) 
 
     assert code == 2
     assert "DB_ENCRYPTION_KEY does not unlock identity.db" in output
-    assert db.read_bytes() == before
+    assert snapshot(stack.layout.data) == before  # database, -wal, -shm, lock: untouched
+    identity.start()  # and the right key still finds everything
+    assert client.profile(client.login("someone", keys)).user_id == "someone"
 
 
 def test_the_database_file_holds_no_user_id_alias_or_metadata(stack: Stack) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from services.client.backups import download_backup
 from services.client.sdk import UserClient
 from services.common.errors import StartupError
 from services.launcher.restore import restore_backup
+from tests.support.files import snapshot
 from tests.support.stack import ServiceProcess, Stack
 from tests.support.users import new_user, user_client
 
@@ -106,10 +109,12 @@ def test_backups_need_the_operator_certificate(tmp_path: Path) -> None:
 
 
 def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
-    stack = Stack(tmp_path, ("identity",))
+    stack = Stack(tmp_path, ("identity", "session"))
     stack.start()
     try:
         first = stack["identity"]
+        client = user_client(stack)
+        keys = new_user(client, "before-the-second")
         second = ServiceProcess(
             "identity",
             {
@@ -121,9 +126,29 @@ def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path)
             tmp_path / "second.log",
             first.ca_file,
         )
-        code, output = second.run_to_exit()
+        # The first instance and its neighbour hold still, so that any change to the
+        # files (database, -wal, -shm, lock) would be the second one's doing.
+        paused = [stack[name].pid for name in ("identity", "session")]
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            before = snapshot(stack.layout.data)
+            assert "identity.db-wal" in before
+            code, output = second.run_to_exit()
+            after = snapshot(stack.layout.data)
+        finally:
+            for pid in paused:
+                os.kill(pid, signal.SIGCONT)
         assert code == 2
         assert "in use by another process" in output
+        assert after == before
+        # The first instance serves on.
+        assert first.process is not None
+        assert first.process.poll() is None
+        token = client.login("before-the-second", keys)
+        assert client.profile(token).alias == "Alias of before-the-second"
+        later = new_user(client, "after-the-second")
+        assert client.profile(client.login("after-the-second", later)).user_id == "after-the-second"
     finally:
         stack.stop()
 

@@ -120,9 +120,15 @@ def lock_exclusively(path: Path) -> int:
     return fd
 
 
-def connect(path: Path, *, read_only: bool = False, immutable: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, read_only: bool = False, immutable: bool = False, shm_read_only: bool = False
+) -> sqlite3.Connection:
+    """`shm_read_only` reads a WAL without writing its -shm index (SQLite then rebuilds the
+    index in private memory): for looking at a file that is not ours yet."""
     if read_only:
         flags = "mode=ro&immutable=1" if immutable else "mode=ro"
+        if shm_read_only and not immutable:
+            flags += "&readonly_shm=1"
         conn = sqlite3.connect(
             f"file:{path}?{flags}", uri=True, isolation_level=None, check_same_thread=False
         )

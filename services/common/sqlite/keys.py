@@ -94,11 +94,12 @@ def precheck_existing(
     """Refuses, having written nothing, a file that is damaged, from a newer release, or
     that the keys do not unlock. `latest` is the service's newest schema version."""
     # A clean shutdown leaves no -wal file: read the main file immutably, creating nothing.
-    # After a crash the WAL holds committed data, so read through it (the -shm exists).
+    # After a crash the WAL holds committed data, so read through it, leaving the -shm
+    # index as it is (a refused start must not even rebuild that).
     wal = Path(f"{path}-wal")
     immutable = not (wal.exists() and wal.stat().st_size > 0)
     try:
-        conn = connect(path, read_only=True, immutable=immutable)
+        conn = connect(path, read_only=True, immutable=immutable, shm_read_only=True)
         try:
             schema_version = conn.execute("PRAGMA user_version").fetchone()[0]
             health = conn.execute("PRAGMA quick_check").fetchone()[0]
