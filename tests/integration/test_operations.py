@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from securemsg.identity.v1 import identity_internal_service_pb2 as internal_pb
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as identity_internal_grpc
 
 from services.client.backups import download_backup
+from services.client.keys import UserKeys
 from services.client.sdk import UserClient
 from services.common.errors import StartupError
 from services.launcher.restore import restore_backup
@@ -23,7 +27,7 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
     stack = Stack(tmp_path / "live")
     stack.start()
     stop = threading.Event()
-    written: list[str] = []
+    written: list[tuple[str, UserKeys]] = []  # in the order they were acknowledged
     errors: list[BaseException] = []
 
     def keep_registering() -> None:
@@ -31,27 +35,30 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
         n = 0
         while not stop.is_set():
             try:
-                new_user(client, f"load{n}", one_time=1)
-                written.append(f"load{n}")
+                user_id = f"load{n}"
+                keys = new_user(client, user_id, one_time=1, alias=f"Alias {n}")
+                written.append((user_id, keys))
             except BaseException as exc:  # recorded and asserted below
                 errors.append(exc)
             n += 1
         client.close()
 
     try:
-        client = user_client(stack)
-        keys = new_user(client, "before", alias="Before Backup")
         writer = threading.Thread(target=keep_registering)
         writer.start()
+        while len(written) < 20 and writer.is_alive():  # the load is on before the backup
+            time.sleep(0.05)
+        acknowledged_before = len(written)
         progress: list[tuple[int, int]] = []
         with stack.channel("identity", cert="operator") as channel:
             backup = download_backup(
                 channel, tmp_path / "backups", lambda d, t: progress.append((d, t))
             )
+        acknowledged_after = len(written)
         stop.set()
         writer.join()
         assert errors == []
-        assert written, "the writer made progress during the backup"
+        assert acknowledged_after > acknowledged_before, "no write went on during the backup"
         assert progress
         assert backup.name.startswith("identity-")
     finally:
@@ -75,8 +82,23 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
     stack.services["identity"] = restored
     stack.start()
     try:
+        with stack.channel("identity", cert="session") as channel:
+            status = identity_internal_grpc.IdentityInternalServiceStub(channel).GetUserStatus
+            present = [
+                status(internal_pb.GetUserStatusRequest(user_id=user_id), timeout=10).exists
+                for user_id, _ in written
+            ]
+        # A consistent snapshot: every write acknowledged before the backup began, then a
+        # gapless run of the ones made while it was taken, then none.
+        count = present.count(True)
+        assert present == [True] * count + [False] * (len(present) - count)
+        assert acknowledged_before <= count <= acknowledged_after
         client = user_client(stack)
-        assert client.profile(client.login("before", keys)).alias == "Before Backup"
+        for n, (user_id, keys) in enumerate(written[:count]):  # each row, read back whole
+            profile = client.profile(client.login(user_id, keys))
+            assert (profile.user_id, profile.alias) == (user_id, f"Alias {n}")
+            assert profile.metadata == {"device": "test-phone"}
+        client.close()
     finally:
         stack.stop()
 
