@@ -24,9 +24,12 @@ from tests.support.stack import Stack
 from tests.support.users import bearer, new_user, user_client
 
 DOCUMENTED_BOUND = 2.0
-# Scheduling slack on a loaded machine: a default a little off either way, or a minute,
-# still falls outside [bound - 1.0, bound + 0.6].
-EARLY, LATE = 1.0, 0.6
+# Each service makes its cache entry while answering the first call, so the entry's age
+# is bounded by that call's start and end; calls are judged by when they were issued
+# (still accepted) or answered (refused), so a slow machine cannot fail a correct
+# service. The slack only covers clock granularity; a default of a minute, or of 1 s,
+# falls far outside it.
+SLACK = 0.3
 CACHING = ("identity", "relay", "audit")
 
 
@@ -61,10 +64,11 @@ def test_a_revoked_token_passes_nowhere_longer_than_the_default_cache_bound(
                 audit_pb.ListAuditEventsRequest(), metadata=metadata, timeout=5
             ),
         }
-        cached_at = {}
+        made_between: dict[str, tuple[float, float]] = {}  # the cache entry's making
         for name, call in calls.items():
-            cached_at[name] = time.monotonic()  # the entry is made during this call
+            started = time.monotonic()
             call()
+            made_between[name] = (started, time.monotonic())
         client.session.DeleteSession(session_pb.DeleteSessionRequest(), metadata=metadata)
 
         refused_after: dict[str, float] = {}
@@ -72,18 +76,22 @@ def test_a_revoked_token_passes_nowhere_longer_than_the_default_cache_bound(
             for name, call in calls.items():
                 if name in refused_after:
                     continue
+                issued = time.monotonic()
                 code = status(call)
-                if code != "OK":
-                    assert code == "UNAUTHENTICATED", name
-                    refused_after[name] = time.monotonic() - cached_at[name]
+                earliest, latest = made_between[name]
+                if code == "OK":
+                    age = issued - latest
+                    assert age <= DOCUMENTED_BOUND + SLACK, (
+                        f"{name} still accepts a revoked token {age:.2f} s after caching it"
+                    )
                     continue
-                age = time.monotonic() - cached_at[name]
-                assert age <= DOCUMENTED_BOUND + LATE, f"{name} still accepts it after {age:.1f} s"
+                assert code == "UNAUTHENTICATED", name
+                refused_after[name] = time.monotonic() - earliest
             time.sleep(0.05)
         for name, after in refused_after.items():
-            # Passing for a while is the documented cache; refusing at once would mean the
+            # Passing for a while is the documented cache; refusing sooner would mean the
             # default is not what the README says.
-            assert after >= DOCUMENTED_BOUND - EARLY, f"{name} refused after only {after:.2f} s"
+            assert after >= DOCUMENTED_BOUND - SLACK, f"{name} refused after only {after:.2f} s"
     finally:
         for channel in channels.values():
             channel.close()
