@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 
@@ -13,6 +14,10 @@ BODY = bytes(256)
 
 
 def overhead_per_message(count: int = 100_000, recipients: int = 1000) -> float:
+    return asyncio.run(_overhead_per_message(count, recipients))
+
+
+async def _overhead_per_message(count: int, recipients: int) -> float:
     limits = RelayLimits(
         max_queue_messages=count, max_queue_bytes=2**40, max_total_bytes=2**40,
         sends_per_minute=2**31,
@@ -25,8 +30,8 @@ def overhead_per_message(count: int = 100_000, recipients: int = 1000) -> float:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i in range(count):
-        ttl = queues.admit(senders[i % 100], f"user{i % recipients}", BODY, None)
-        queues.send(senders[i % 100], f"user{i % recipients}", BODY, ttl)
+        ttl = await queues.admit(senders[i % 100], f"user{i % recipients}", BODY, None)
+        await queues.send(senders[i % 100], f"user{i % recipients}", BODY, ttl)
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import redis as redis_support
 from tests.support.postgres import PostgresServer, running_server
+from tests.support.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +18,15 @@ def postgres() -> Iterator[PostgresServer]:
     second) and deleted at the end; or TEST_POSTGRES_URL's server. Tests take their own
     database and role from it (`postgres.service_database(name)`)."""
     with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private Redis for the whole run, hardened as in production (no persistence,
+    service ACL users without admin or dangerous commands), started on first use and
+    deleted at the end; or TEST_REDIS_URL's server. Tests keep apart by key prefix."""
+    with redis_support.running_server() as server:
         yield server
 
 

@@ -1,6 +1,8 @@
 """Wiring of the relay: limits from the environment, queues, expiry sweeper.
 
-The relay has no database and opens no file: a restart empties every queue, by design.
+The relay has no database and opens no file. Queues live in this process's memory (a
+restart empties them, by design) or, with `REDIS_URL`, in a Redis without persistence
+shared by every relay replica (a restart of Redis empties them).
 """
 
 from __future__ import annotations
@@ -12,25 +14,27 @@ from collections.abc import Callable
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 
-from services.common import catalog, metrics
+from services.common import catalog, metrics, shared_state
 from services.common.addresses import ClientAddresses
 from services.common.config import Env, ServerConfig
-from services.common.errors import StartupError
+from services.common.errors import ServiceError, StartupError
 from services.common.identity_client import RemoteIdentityDirectory
 from services.common.outbox import MemoryOutbox, OutboxShipper
 from services.common.server import App
 from services.common.wiring import Channels, bind
 from services.relay.domain import Relay
-from services.relay.model import RelayLimits
+from services.relay.model import QueueStore, RelayLimits
 from services.relay.queues import MessageQueues
+from services.relay.redis_queues import RedisQueues
+from services.relay.sealing import KEY_VARIABLE, RelaySeal
 from services.relay.servicer import RelayAdminServicer, RelayServicer
 
 SERVICE = "relay"
 logger = logging.getLogger(__name__)
 
 
-def _stat_reader(queues: MessageQueues, field: str) -> Callable[[], float]:
-    return lambda: float(getattr(queues.stats(), field))
+def _stat_reader(queues: QueueStore, field: str) -> Callable[[], float]:
+    return lambda: float(getattr(queues.last_stats(), field))
 
 
 def limits_from_env(env: Env) -> RelayLimits:
@@ -63,7 +67,7 @@ async def build(env: Env) -> App:
         )
     outbox = MemoryOutbox(SERVICE)
     shipper = OutboxShipper.from_env(outbox, env)
-    queues = MessageQueues(limits, outbox)
+    queues = await queues_from_env(env, limits, outbox)
     for field, text in (
         ("queued_messages", "Messages waiting in the relay"),
         ("queued_bytes", "Body bytes waiting in the relay"),
@@ -92,7 +96,11 @@ async def build(env: Env) -> App:
     async def sweep_forever() -> None:
         while True:
             await asyncio.sleep(sweep_interval)
-            expired = queues.expire()
+            try:
+                expired = await queues.expire()
+                await queues.stats()  # keeps the gauges current
+            except ServiceError:
+                continue  # Redis unreachable: logged where it failed; next round retries
             if expired:
                 logger.info("expired messages dropped", extra={"fields": {"count": expired}})
 
@@ -101,6 +109,7 @@ async def build(env: Env) -> App:
 
     async def close() -> None:
         await shipper.close()
+        await queues.close()
         await channels.close()
 
     return App(
@@ -119,4 +128,18 @@ async def build(env: Env) -> App:
         background=[sweep_forever, shipper.run],
         on_draining=[end_streams],
         on_stop=[close],
+    )
+
+
+async def queues_from_env(env: Env, limits: RelayLimits, outbox: MemoryOutbox) -> QueueStore:
+    """Redis when REDIS_URL (or _FILE) is set, with RELAY_STORE_KEY; memory otherwise."""
+    url = shared_state.url_from_env(env)
+    if url is None:
+        return MessageQueues(limits, outbox)
+    seal = RelaySeal(env.secret(KEY_VARIABLE) or "")
+    client = shared_state.connect(url)
+    await shared_state.check_reachable(client)
+    logger.info("message queues in redis, shared by every relay replica")
+    return RedisQueues(
+        client, limits, outbox, seal, prefix=env.string("REDIS_KEY_PREFIX", "relay:")
     )

@@ -5,6 +5,7 @@ module imports none of them.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +23,7 @@ class RelayLimits:
     max_queue_bytes: int = 8 * 1024 * 1024
     max_total_bytes: int = 256 * 1024 * 1024
     sends_per_minute: int = 600
-    # What one sender may have waiting in all queues together (see MessageQueues.send).
+    # What one sender may have waiting in all queues together (see services.relay.queues).
     max_sender_messages: int = 1000
     max_sender_bytes: int = 16 * 1024 * 1024
     # Lifetime cap while the recipient has not connected to this relay since it started.
@@ -32,9 +33,14 @@ class RelayLimits:
     max_streams: int = 2000
 
 
+# How long a send's `client_message_id` is remembered (or the message's TTL if shorter):
+# a retry within it returns the first send's message instead of queueing another.
+IDEMPOTENCY_SECONDS = 600.0
+
+
 class Message:
     __slots__ = ("body", "expire_time", "message_id", "promised_expire_time", "send_time",
-                 "sender_id")  # fmt: skip
+                 "sender_id", "seq")  # fmt: skip
 
     def __init__(
         self,
@@ -44,8 +50,12 @@ class Message:
         send_time: float,
         expire: float,
         promised_expire: float | None = None,
+        seq: int = 0,
     ) -> None:
         self.message_id = message_id
+        # Position in the recipient's queue, increasing with each send: a live stream
+        # remembers the highest it delivered (its cursor) and reads only what follows.
+        self.seq = seq
         self.sender_id = sender_id
         self.body = body
         self.send_time = send_time
@@ -70,6 +80,79 @@ class RelayStats:
     charged_bytes: int  # what counts against max_total_bytes: bodies plus per-message overhead
     recipients: int
     subscribers: int
+
+
+class QueueStore(Protocol):
+    """Recipients' queues: in this process's memory (services.relay.queues) or in Redis
+    shared by every relay replica (services.relay.redis_queues). Both keep the same
+    rules; the relay domain sees only this."""
+
+    limits: RelayLimits
+    closing: asyncio.Event  # set when the relay begins to shut down: streams end
+
+    async def admit(
+        self, sender_id: str, recipient_id: str, body: bytes, requested_ttl: float | None
+    ) -> float:
+        """Checks a send's shape and the sender's rate before the recipient is looked up;
+        returns the TTL to use. Counts against the sender's rate."""
+        ...
+
+    async def send(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        body: bytes,
+        ttl: float,
+        client_message_id: str = "",
+    ) -> Message:
+        """Queues an admitted message if every cap allows (ResourceExhausted otherwise),
+        and wakes the recipient's live streams. A repeated `client_message_id` from the
+        same sender to the same recipient returns the first message, queued once."""
+        ...
+
+    async def connected(self, recipient_id: str) -> None:
+        """The recipient fetched, subscribed or acknowledged (see `unseen_recipient_ttl`)."""
+        ...
+
+    async def pending(
+        self,
+        recipient_id: str,
+        limit: int | None = None,
+        max_bytes: int | None = None,
+        after: int = 0,
+    ) -> list[Message]:
+        """Unexpired messages with `seq` above `after`, oldest first; nothing removed.
+        At most `limit` of them, whose costs add up to at most `max_bytes` (but always
+        the first one)."""
+        ...
+
+    async def acknowledge(self, recipient_id: str, message_ids: list[str]) -> int:
+        """Deletes the named messages; returns how many existed (each counts once, however
+        many replicas are asked at the same time)."""
+        ...
+
+    async def expire(self) -> int:
+        """Deletes every expired message; returns how many."""
+        ...
+
+    async def watch(self, recipient_id: str) -> asyncio.Event:
+        """An event set whenever a message arrives for the recipient, from any replica.
+        When this returns, no arrival can be missed: read the queue after it."""
+        ...
+
+    def unwatch(self, recipient_id: str, wakeup: asyncio.Event) -> None: ...
+
+    def announce(self, action: str, user_id: str, details: dict[str, str]) -> None:
+        """Leaves a security audit event, at most one per kind and key a minute."""
+        ...
+
+    async def stats(self) -> RelayStats: ...
+
+    def last_stats(self) -> RelayStats:
+        """The latest statistics known without waiting (for metrics gauges)."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class RecipientDirectory(Protocol):

@@ -28,7 +28,13 @@ from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.ratelimit import SlidingWindowLimiter
-from services.relay.model import MESSAGE_OVERHEAD_BYTES, Message, RelayLimits, RelayStats
+from services.relay.model import (
+    IDEMPOTENCY_SECONDS,
+    MESSAGE_OVERHEAD_BYTES,
+    Message,
+    RelayLimits,
+    RelayStats,
+)
 
 # How many recipients the relay remembers as having connected (least recent forgotten;
 # a forgotten one only gets the shorter unseen lifetime for new messages).
@@ -46,16 +52,19 @@ class _Load:
 
 
 class _Mailbox:
-    __slots__ = ("cost", "messages", "recipient", "wakeups")
+    __slots__ = ("cost", "last_seq", "messages", "recipient", "wakeups")
 
     def __init__(self, recipient: str) -> None:
         self.recipient = recipient  # one string per recipient, shared by the expiry heap
         self.messages: OrderedDict[str, Message] = OrderedDict()
         self.cost = 0
+        self.last_seq = 0  # a mailbox outlives every stream reading it, so seqs only grow
         self.wakeups: set[asyncio.Event] = set()
 
 
 class MessageQueues:
+    """The in-process `QueueStore` (services.relay.model): one relay, memory only."""
+
     def __init__(
         self,
         limits: RelayLimits,
@@ -77,18 +86,13 @@ class MessageQueues:
         self._senders = SlidingWindowLimiter(limits.sends_per_minute, 60.0)
         self._loads: dict[str, _Load] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
+        # (sender, recipient, client_message_id) -> first message, for idempotent sends;
+        # forgotten after IDEMPOTENCY_SECONDS (or the message's TTL) by `expire`.
+        self._sent: dict[tuple[str, str, str], Message] = {}
+        self._sent_expiry: list[tuple[float, tuple[str, str, str]]] = []
         self.closing = asyncio.Event()
 
-    def ttl(self, requested: float | None) -> float:
-        if requested is None:
-            return self.limits.default_ttl
-        if requested <= 0 or requested > self.limits.max_ttl:
-            raise InvalidArgument(
-                f"ttl must be more than 0 and at most {int(self.limits.max_ttl)} seconds"
-            )
-        return requested
-
-    def admit(
+    async def admit(
         self, sender_id: str, recipient_id: str, body: bytes, requested_ttl: float | None
     ) -> float:
         """Checks a send before the recipient is looked up; returns the TTL to use.
@@ -96,14 +100,7 @@ class MessageQueues:
         Counts against the sender's rate limit, so floods are stopped before they cost
         an identity lookup.
         """
-        validation.user_id(recipient_id, "recipient_id")
-        if not body:
-            raise InvalidArgument("body is required: the end-to-end encrypted message")
-        if len(body) > self.limits.max_body_bytes:
-            raise ResourceExhausted(
-                f"body is {len(body)} bytes; the limit is {self.limits.max_body_bytes}"
-            )
-        ttl = self.ttl(requested_ttl)
+        ttl = check_send(self.limits, recipient_id, body, requested_ttl)
         wait = self._senders.acquire(sender_id)
         if wait is not None:
             self.announce(audit_events.RATE_LIMIT_EXCEEDED, sender_id, {"limit": "relay_sends"})
@@ -117,49 +114,54 @@ class MessageQueues:
 
     def sender_allowance(self) -> int:
         """Bytes one sender may have waiting now (shrinks once the relay is half full)."""
-        half = self.limits.max_total_bytes / 2
-        free = self.limits.max_total_bytes - self._total_cost
-        if free >= half:
-            return self.limits.max_sender_bytes
-        floor = self.limits.max_body_bytes + MESSAGE_OVERHEAD_BYTES
-        return max(floor, int(self.limits.max_sender_bytes * free / half))
+        return sender_allowance(self.limits, self._total_cost)
 
-    def send(self, sender_id: str, recipient_id: str, body: bytes, ttl: float) -> Message:
+    async def send(
+        self,
+        sender_id: str,
+        recipient_id: str,
+        body: bytes,
+        ttl: float,
+        client_message_id: str = "",
+    ) -> Message:
         """Queues an admitted message for an active recipient, if there is room."""
+        idempotency = (sender_id, recipient_id, client_message_id)
+        if client_message_id and idempotency in self._sent:
+            return self._sent[idempotency]
         box = self._boxes.get(recipient_id)
         cost = len(body) + MESSAGE_OVERHEAD_BYTES
-        if box is not None and (
-            len(box.messages) >= self.limits.max_queue_messages
-            or box.cost + cost > self.limits.max_queue_bytes
-        ):
-            self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "recipient_queue"})
-            raise ResourceExhausted(
-                "the recipient's queue is full; try again after they read their messages"
-            )
+        queued, queue_cost = (len(box.messages), box.cost) if box is not None else (0, 0)
         load = self._loads.get(sender_id)
-        if load is not None and (
-            load.messages >= self.limits.max_sender_messages
-            or load.cost + cost > self.sender_allowance()
-        ):
-            self.announce(audit_events.CAPACITY_EXCEEDED, sender_id, {"scope": "sender"})
-            raise ResourceExhausted(
-                "you have too many undelivered messages waiting at the relay; try again when "
-                "your recipients have read some",
-                retry_after=60,
-            )
-        if self._total_cost + cost > self.limits.max_total_bytes:
-            self.announce(audit_events.CAPACITY_EXCEEDED, "", {"scope": "relay_total"})
-            raise ResourceExhausted("the relay is at capacity; try again later", retry_after=30)
+        refusal = over_caps(
+            self.limits,
+            queue=(queued, queue_cost),
+            sender=(load.messages, load.cost) if load is not None else (0, 0),
+            total_cost=self._total_cost,
+            cost=cost,
+        )
+        if refusal is not None:
+            raise self.refuse(refusal, sender_id)
         now = self._clock()
         expire = now + ttl
         if recipient_id not in self._seen:
             expire = min(expire, now + self.limits.unseen_recipient_ttl)
-        # 96 random bits: ids only name messages inside one recipient's own queue.
-        message = Message(
-            secrets.token_urlsafe(12), sender_id, bytearray(body), now, expire, now + ttl
-        )
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
+        box.last_seq += 1
+        # 96 random bits: ids only name messages inside one recipient's own queue.
+        message = Message(
+            secrets.token_urlsafe(12),
+            sender_id,
+            bytearray(body),
+            now,
+            expire,
+            now + ttl,
+            box.last_seq,
+        )
+        if client_message_id:
+            self._sent[idempotency] = message
+            forget_at = now + min(ttl, IDEMPOTENCY_SECONDS)
+            heapq.heappush(self._sent_expiry, (forget_at, idempotency))
         box.messages[message.message_id] = message
         if len(box.messages) == 1:
             self._recipients += 1
@@ -176,7 +178,17 @@ class MessageQueues:
             wakeup.set()
         return message
 
-    def connected(self, recipient_id: str) -> None:
+    def refuse(self, scope: str, sender_id: str) -> ResourceExhausted:
+        """The refusal for a full `scope` (see `over_caps`), announced to audit."""
+        self.announce(
+            audit_events.CAPACITY_EXCEEDED, sender_id if scope == "sender" else "", {"scope": scope}
+        )
+        return capacity_error(scope)
+
+    async def connected(self, recipient_id: str) -> None:
+        self._connected(recipient_id)
+
+    def _connected(self, recipient_id: str) -> None:
         """The recipient fetched, subscribed or acknowledged: from now on (while remembered)
         their messages live as long as their senders were granted."""
         if recipient_id in self._seen:
@@ -193,13 +205,25 @@ class MessageQueues:
                     self._expiry, (message.expire_time, message.message_id, recipient_id)
                 )
 
-    def pending(
-        self, recipient_id: str, limit: int | None = None, max_bytes: int | None = None
+    async def pending(
+        self,
+        recipient_id: str,
+        limit: int | None = None,
+        max_bytes: int | None = None,
+        after: int = 0,
     ) -> list[Message]:
-        """Unexpired messages for a recipient, oldest first; nothing is removed.
+        return self.pending_now(recipient_id, limit, max_bytes, after)
 
-        At most `limit` messages whose bodies add up to at most `max_bytes` (but always
-        the first one), so a batch fits in one gRPC message.
+    def pending_now(
+        self,
+        recipient_id: str,
+        limit: int | None = None,
+        max_bytes: int | None = None,
+        after: int = 0,
+    ) -> list[Message]:
+        """Unexpired messages for a recipient after `after`, oldest first; nothing is
+        removed. At most `limit` messages whose bodies add up to at most `max_bytes` (but
+        always the first one), so a batch fits in one gRPC message.
         """
         box = self._boxes.get(recipient_id)
         if box is None:
@@ -208,7 +232,7 @@ class MessageQueues:
         batch: list[Message] = []
         size = 0
         for message in box.messages.values():
-            if message.expire_time <= now:
+            if message.expire_time <= now or message.seq <= after:
                 continue
             size += message.cost
             if (limit is not None and len(batch) >= limit) or (
@@ -218,7 +242,7 @@ class MessageQueues:
             batch.append(message)
         return batch
 
-    def acknowledge(self, recipient_id: str, message_ids: list[str]) -> int:
+    async def acknowledge(self, recipient_id: str, message_ids: list[str]) -> int:
         box = self._boxes.get(recipient_id)
         if box is None:
             return 0
@@ -249,9 +273,11 @@ class MessageQueues:
         if not box.messages and not box.wakeups:
             del self._boxes[recipient_id]
 
-    def expire(self) -> int:
+    async def expire(self) -> int:
         """Deletes every expired message; returns how many."""
         now = self._clock()
+        while self._sent_expiry and self._sent_expiry[0][0] <= now:
+            self._sent.pop(heapq.heappop(self._sent_expiry)[1], None)
         removed = 0
         while self._expiry and self._expiry[0][0] <= now:
             _, message_id, recipient_id = heapq.heappop(self._expiry)
@@ -274,7 +300,7 @@ class MessageQueues:
             heapq.heapify(self._expiry)
         return removed
 
-    def watch(self, recipient_id: str) -> asyncio.Event:
+    async def watch(self, recipient_id: str) -> asyncio.Event:
         """An event set whenever a message arrives for the recipient.
 
         Each open stream costs memory whatever it carries, so they are capped per user and
@@ -299,7 +325,7 @@ class MessageQueues:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.wakeups.add(wakeup)
         self._subscribers += 1
-        self.connected(recipient_id)
+        self._connected(recipient_id)
         return wakeup
 
     def unwatch(self, recipient_id: str, wakeup: asyncio.Event) -> None:
@@ -310,7 +336,13 @@ class MessageQueues:
                 self._subscribers -= 1
             self._drop_if_empty(recipient_id, box)
 
-    def stats(self) -> RelayStats:
+    async def stats(self) -> RelayStats:
+        return self.last_stats()
+
+    async def close(self) -> None:
+        return None
+
+    def last_stats(self) -> RelayStats:
         return RelayStats(
             queued_messages=self._total_messages,
             queued_bytes=self._total_body_bytes,
@@ -318,3 +350,71 @@ class MessageQueues:
             recipients=self._recipients,
             subscribers=self._subscribers,
         )
+
+
+def check_send(
+    limits: RelayLimits, recipient_id: str, body: bytes, requested_ttl: float | None
+) -> float:
+    """A send's shape: recipient id, body size and TTL; returns the TTL to use."""
+    validation.user_id(recipient_id, "recipient_id")
+    if not body:
+        raise InvalidArgument("body is required: the end-to-end encrypted message")
+    if len(body) > limits.max_body_bytes:
+        raise ResourceExhausted(f"body is {len(body)} bytes; the limit is {limits.max_body_bytes}")
+    if requested_ttl is None:
+        return limits.default_ttl
+    if requested_ttl <= 0 or requested_ttl > limits.max_ttl:
+        raise InvalidArgument(f"ttl must be more than 0 and at most {int(limits.max_ttl)} seconds")
+    return requested_ttl
+
+
+def sender_allowance(limits: RelayLimits, total_cost: int) -> int:
+    """Bytes one sender may have waiting when the relay holds `total_cost`: the full cap
+    until half full, then shrinking with the free space (never below one message)."""
+    half = limits.max_total_bytes / 2
+    free = limits.max_total_bytes - total_cost
+    if free >= half:
+        return limits.max_sender_bytes
+    floor = limits.max_body_bytes + MESSAGE_OVERHEAD_BYTES
+    return max(floor, int(limits.max_sender_bytes * free / half))
+
+
+def over_caps(
+    limits: RelayLimits,
+    *,
+    queue: tuple[int, int],
+    sender: tuple[int, int],
+    total_cost: int,
+    cost: int,
+) -> str | None:
+    """Which cap one more message of `cost` would break, checked in this order: the
+    recipient's queue, the sender's share, the relay's total; None if it fits.
+
+    `queue` and `sender` are (messages, cost) already waiting. The Redis store runs the
+    same rules inside its send script (services/relay/lua/send.lua)."""
+    messages, queue_cost = queue
+    if messages >= limits.max_queue_messages or queue_cost + cost > limits.max_queue_bytes:
+        return "recipient_queue"
+    sent, sender_cost = sender
+    if sent and (
+        sent >= limits.max_sender_messages
+        or sender_cost + cost > sender_allowance(limits, total_cost)
+    ):
+        return "sender"
+    if total_cost + cost > limits.max_total_bytes:
+        return "relay_total"
+    return None
+
+
+def capacity_error(scope: str) -> ResourceExhausted:
+    if scope == "recipient_queue":
+        return ResourceExhausted(
+            "the recipient's queue is full; try again after they read their messages"
+        )
+    if scope == "sender":
+        return ResourceExhausted(
+            "you have too many undelivered messages waiting at the relay; try again when "
+            "your recipients have read some",
+            retry_after=60,
+        )
+    return ResourceExhausted("the relay is at capacity; try again later", retry_after=30)

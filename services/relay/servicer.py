@@ -61,7 +61,7 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         asked = request.ttl
         requested = asked.seconds + asked.nanos / 1e9 if request.HasField("ttl") else None
         message = await self._relay.send(
-            sender.user_id, request.recipient_id, request.body, requested
+            sender.user_id, request.recipient_id, request.body, requested, request.client_message_id
         )
         return pb.SendMessageResponse(
             message_id=message.message_id, expire_time=convert.timestamp(message.expire_time)
@@ -71,14 +71,14 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         self, request: pb.FetchMessagesRequest, context: Context
     ) -> pb.FetchMessagesResponse:
         caller = await self._tokens.check(context)
-        messages = self._relay.fetch(caller.user_id, request.max_messages)
+        messages = await self._relay.fetch(caller.user_id, request.max_messages)
         return pb.FetchMessagesResponse(messages=[_envelope(m) for m in messages])
 
     async def AcknowledgeMessages(
         self, request: pb.AcknowledgeMessagesRequest, context: Context
     ) -> pb.AcknowledgeMessagesResponse:
         caller = await self._tokens.check(context)
-        count = self._relay.acknowledge(caller.user_id, list(request.message_ids))
+        count = await self._relay.acknowledge(caller.user_id, list(request.message_ids))
         return pb.AcknowledgeMessagesResponse(acknowledged_count=count)
 
     async def SubscribeMessages(
@@ -103,7 +103,7 @@ class RelayAdminServicer(admin_grpc.RelayAdminServiceServicer):
     async def GetRelayStats(
         self, request: admin_pb.GetRelayStatsRequest, context: Context
     ) -> admin_pb.GetRelayStatsResponse:
-        stats = self._relay.stats()
+        stats = await self._relay.stats()
         return admin_pb.GetRelayStatsResponse(
             queued_messages=stats.queued_messages,
             queued_bytes=stats.queued_bytes,

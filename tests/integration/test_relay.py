@@ -20,6 +20,7 @@ from securemsg.relay.v1 import relay_service_pb2_grpc as pb_grpc
 from securemsg.session.v1 import session_service_pb2 as session_pb
 
 from services.client.sdk import UserClient
+from tests.support.redis import relay_env
 from tests.support.stack import Stack
 from tests.support.users import bearer, details, new_user, user_client
 
@@ -29,17 +30,27 @@ FAST = {
 }
 
 
-def start(tmp_path: Path, **relay_env: str) -> Stack:
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Where the relay keeps its queues: its own memory, or the test run's Redis."""
+    if request.param == "memory":
+        return {}
+    return relay_env(request.getfixturevalue("redis_server"))
+
+
+def start(tmp_path: Path, backend: dict[str, str], **relay_env: str) -> Stack:
     stack = Stack(
-        tmp_path, ("identity", "session", "relay"), extra_env={"relay": {**FAST, **relay_env}}
+        tmp_path,
+        ("identity", "session", "relay"),
+        extra_env={"relay": {**FAST, **backend, **relay_env}},
     )
     stack.start()
     return stack
 
 
 @pytest.fixture
-def relay_stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = start(tmp_path)
+def relay_stack(tmp_path: Path, backend: dict[str, str]) -> Iterator[Stack]:
+    stack = start(tmp_path, backend)
     yield stack
     stack.stop()
 
@@ -243,10 +254,13 @@ def test_bad_fetch_and_ack_requests_are_invalid_argument(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path) -> None:
+def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(
+    tmp_path: Path, backend: dict[str, str]
+) -> None:
     cap = 4 * 1024 * 1024
     stack = start(
         tmp_path,
+        backend,
         RELAY_MAX_TOTAL_BYTES=str(cap),
         RELAY_MAX_QUEUE_BYTES=str(cap),
         RELAY_MAX_QUEUE_MESSAGES="100000",
@@ -284,11 +298,15 @@ def test_flooding_a_recipient_is_refused_and_memory_stays_bounded(tmp_path: Path
         stack.stop()
 
 
-def test_an_abuser_is_capped_while_an_honest_user_still_sends(tmp_path: Path) -> None:
+def test_an_abuser_is_capped_while_an_honest_user_still_sends(
+    tmp_path: Path, backend: dict[str, str]
+) -> None:
     # The review's fill: several accounts sending large bodies to recipients they
     # registered themselves and never read. Room for 9 such messages in all, 2 per
     # sender, and fewer once the relay is half full.
-    stack = start(tmp_path, RELAY_MAX_TOTAL_BYTES="600000", RELAY_MAX_SENDER_BYTES="140000")
+    stack = start(
+        tmp_path, backend, RELAY_MAX_TOTAL_BYTES="600000", RELAY_MAX_SENDER_BYTES="140000"
+    )
     try:
         client = user_client(stack)
         body = os.urandom(64 * 1024)
@@ -312,8 +330,10 @@ def test_an_abuser_is_capped_while_an_honest_user_still_sends(tmp_path: Path) ->
         stack.stop()
 
 
-def test_subscriptions_are_capped_per_user_and_in_all(tmp_path: Path) -> None:
-    stack = start(tmp_path, RELAY_MAX_STREAMS_PER_USER="2", RELAY_MAX_STREAMS="3")
+def test_subscriptions_are_capped_per_user_and_in_all(
+    tmp_path: Path, backend: dict[str, str]
+) -> None:
+    stack = start(tmp_path, backend, RELAY_MAX_STREAMS_PER_USER="2", RELAY_MAX_STREAMS="3")
     try:
         client = user_client(stack)
         bob, carol, dave = (Person(stack, client, name) for name in ("bob", "carol", "dave"))
@@ -359,8 +379,10 @@ def test_subscriptions_are_capped_per_user_and_in_all(tmp_path: Path) -> None:
         stack.stop()
 
 
-def test_a_sender_over_its_rate_limit_is_told_when_to_retry(tmp_path: Path) -> None:
-    stack = start(tmp_path, RELAY_SENDS_PER_MINUTE="5")
+def test_a_sender_over_its_rate_limit_is_told_when_to_retry(
+    tmp_path: Path, backend: dict[str, str]
+) -> None:
+    stack = start(tmp_path, backend, RELAY_SENDS_PER_MINUTE="5")
     try:
         client = user_client(stack)
         alice, _ = Person(stack, client, "alice"), Person(stack, client, "bob")
@@ -375,9 +397,26 @@ def test_a_sender_over_its_rate_limit_is_told_when_to_retry(tmp_path: Path) -> N
 
 
 def test_a_restart_empties_every_queue(
-    relay_stack: Stack, people: tuple[Person, Person, UserClient]
+    relay_stack: Stack, people: tuple[Person, Person, UserClient], backend: dict[str, str]
+) -> None:
+    """In memory a restart drops the queues; on Redis (shared by replicas) they stay, and
+    a restart of Redis, which keeps nothing on disk, drops them."""
+    alice, bob, _ = people
+    sent = alice.send("bob", b"gone after restart").message_id
+    relay_stack["relay"].restart()
+    assert [m.message_id for m in bob.fetch()] == ([sent] if backend else [])
+
+
+def test_a_retried_send_with_its_client_message_id_is_queued_once(
+    people: tuple[Person, Person, UserClient],
 ) -> None:
     alice, bob, _ = people
-    alice.send("bob", b"gone after restart")
-    relay_stack["relay"].restart()
-    assert bob.fetch() == []
+    request = pb.SendMessageRequest(recipient_id="bob", body=b"once", client_message_id="m-1")
+    first = alice.relay.SendMessage(request, metadata=bearer(alice.token), timeout=10)
+    retry = alice.relay.SendMessage(request, metadata=bearer(alice.token), timeout=10)
+    assert (retry.message_id, retry.expire_time) == (first.message_id, first.expire_time)
+    assert [m.message_id for m in bob.fetch()] == [first.message_id]
+    request.client_message_id = "\n" * 3
+    with pytest.raises(grpc.RpcError) as refused:
+        alice.relay.SendMessage(request, metadata=bearer(alice.token), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

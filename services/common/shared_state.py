@@ -1,0 +1,154 @@
+"""Redis for the state every replica of a service must share (relay queues, login
+challenges, rate limits): connecting, errors, and limits exact across replicas.
+
+A service uses Redis when `REDIS_URL` (or `REDIS_URL_FILE`, a secret: the URL carries
+the service's ACL password) is set; without it, state stays in the process's memory as
+before. The ACL user must not have `@admin` or `@dangerous` (see
+services/launcher/redis_server.py); nothing here needs them.
+
+Times come from Redis (`TIME` inside each script), never from the replica's own clock:
+replicas' clocks differ, and a limit must not depend on which replica a call reaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.common.config import Env
+from services.common.errors import ResourceExhausted, StartupError, Unavailable
+
+logger = logging.getLogger(__name__)
+
+URL_VARIABLE = "REDIS_URL"
+# Every command waits at most this long: a call that cannot reach Redis fails with
+# UNAVAILABLE within its deadline instead of hanging.
+SOCKET_TIMEOUT_SECONDS = 3.0
+MAX_CONNECTIONS = 32
+
+
+def url_from_env(env: Env) -> str | None:
+    return env.secret(URL_VARIABLE, required=False)
+
+
+def connect(url: str, **options: object) -> redis.Redis:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise StartupError(f"{URL_VARIABLE} must be a redis://, rediss:// or unix:// URL")
+    # A blocking pool: under a burst, calls wait (within the timeout) for one of
+    # MAX_CONNECTIONS connections instead of failing at once.
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        health_check_interval=15,
+        **options,
+    )
+    return redis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+async def check_reachable(client: redis.Redis) -> None:
+    """At start: the service refuses to start, saying why, if Redis is unusable."""
+    try:
+        await client.ping()
+    except NoPermissionError:
+        raise StartupError(
+            f"the {URL_VARIABLE} user may not run PING: give it `+@all -@admin -@dangerous`"
+        ) from None
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StartupError(f"cannot reach Redis at {URL_VARIABLE}: {exc}") from None
+    except ResponseError as exc:  # WRONGPASS, NOAUTH
+        raise StartupError(f"Redis refused the {URL_VARIABLE} credentials: {exc}") from None
+
+
+@contextlib.contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Redis failures as the errors a caller can act on: UNAVAILABLE while Redis cannot
+    be reached, RESOURCE_EXHAUSTED when it is out of memory (noeviction refuses writes
+    rather than dropping data). `what` names the state, for the message."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        logger.warning("redis unreachable", extra={"fields": {"state": what}})
+        raise Unavailable(f"the {what} store is unreachable; try again shortly") from None
+    except ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            logger.error("redis out of memory", extra={"fields": {"state": what}})
+            raise ResourceExhausted(
+                f"the {what} store is full; try again later", retry_after=30
+            ) from None
+        raise
+
+
+class KeyNames:
+    """Redis key names that are HMACs of what they are about (blind indexes): a user
+    id or an address never appears in Redis, yet every replica with the same key finds
+    the same entry."""
+
+    def __init__(self, key: bytes, prefix: str) -> None:
+        self._key = key
+        self.prefix = prefix
+
+    def tag(self, kind: str, *values: str) -> str:
+        message = "\x00".join((kind, *values)).encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
+
+
+_WINDOW_SCRIPT = (Path(__file__).parent / "lua" / "window.lua").read_text()
+
+
+class SharedWindowLimiter:
+    """At most `limit` events per key in any `window` seconds, counted in Redis, so
+    every replica sees every other's events (the N+1st is refused wherever it lands).
+
+    The same operations as services.common.ratelimit.SlidingWindowLimiter, awaited.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        names: KeyNames,
+        name: str,
+        limit: int,
+        window: float,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self._names = names
+        self._name = name
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._script = client.register_script(_WINDOW_SCRIPT)
+
+    async def _run(self, key: str, mode: str) -> float | None:
+        redis_key = f"{self._names.prefix}rl:{self._name}:{self._names.tag(self._name, key)}"
+        now = "" if self._clock is None else str(int(self._clock() * 1000))
+        with mapped_errors("rate limit"):
+            wait = await self._script(
+                keys=[redis_key], args=[self.limit, int(self.window * 1000), now, mode]
+            )
+        return None if int(wait) < 0 else int(wait) / 1000
+
+    async def retry_after(self, key: str) -> float | None:
+        return await self._run(key, "check")
+
+    async def hit(self, key: str) -> None:
+        await self._run(key, "hit")
+
+    async def acquire(self, key: str) -> float | None:
+        return await self._run(key, "acquire")
+
+    async def reset(self, key: str) -> None:
+        await self._run(key, "reset")
