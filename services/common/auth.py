@@ -35,6 +35,9 @@ _REFUSED = "session token is invalid, expired or revoked; log in again"
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED: lambda: Unauthenticated(_REFUSED),
     grpc.StatusCode.INVALID_ARGUMENT: lambda: Unauthenticated(_REFUSED),
+    # The token's session row failed its integrity check at the session service (which
+    # logs and counts it): whatever the token is, it cannot be trusted.
+    grpc.StatusCode.DATA_LOSS: lambda: Unauthenticated(_REFUSED),
     grpc.StatusCode.PERMISSION_DENIED: lambda: PermissionDenied(RESTRICTED),
 }
 

@@ -62,9 +62,16 @@ def _hkdf(root_key: bytes, info: str) -> bytes:
     ).derive(root_key)
 
 
-def key_check_value(root_key: bytes) -> bytes:
-    """A value stored beside the salt that shows, at start, whether the key is right."""
-    return hmac.digest(_hkdf(root_key, "securemsg/key-check/v1"), b"key check", "sha256")
+def key_check_value(root_key: bytes, *, rows_sealed: bool = False) -> bytes:
+    """A value stored beside the salt that shows, at start, whether the key is right.
+
+    `rows_sealed` gives the variant stored once every row carries a MAC: only the master
+    key can turn one variant into the other, so whoever can write the file but lacks the
+    key cannot make a sealed database look like one from before row MACs (and have its
+    rows trusted and sealed again as they are).
+    """
+    message = b"key check|rows sealed v1" if rows_sealed else b"key check"
+    return hmac.digest(_hkdf(root_key, "securemsg/key-check/v1"), message, "sha256")
 
 
 def _encode_parts(*parts: bytes) -> bytes:
@@ -169,17 +176,24 @@ _MAC_HEADER = struct.Struct(">I")  # key version
 MAC_TAG_BYTES = _MAC_HEADER.size + 32
 
 
+_LENGTH = struct.Struct(">I")
+_INT = struct.Struct(">q")
+_FLOAT = struct.Struct(">d")
+
+
 def _mac_value(value: MacValue) -> bytes:
-    # A type byte first, so that 1, 1.0, "1" and b"1" never authenticate for each other.
-    if value is None:
-        return b"n"
+    # Length-prefixed, with a type byte first, so that no two tuples encode alike and 1,
+    # 1.0, "1" and b"1" never authenticate for each other. (A hot path: plain code.)
     if isinstance(value, bytes):
-        return b"b" + value
+        return _LENGTH.pack(len(value) + 1) + b"b" + value
+    if value is None:
+        return b"\x00\x00\x00\x01n"
     if isinstance(value, str):
-        return b"s" + value.encode("utf-8")
+        data = value.encode("utf-8")
+        return _LENGTH.pack(len(data) + 1) + b"s" + data
     if isinstance(value, bool | int):
-        return b"i" + struct.pack(">q", int(value))
-    return b"f" + struct.pack(">d", value)
+        return b"\x00\x00\x00\x09i" + _INT.pack(int(value))
+    return b"\x00\x00\x00\x09f" + _FLOAT.pack(value)
 
 
 class Mac:
@@ -195,10 +209,10 @@ class Mac:
         self._label = label
         self._keys = dict(keys)
         self._primary = primary
-        self._context = label.encode()
+        self._prefix = _encode_parts(b"securemsg/mac/v1", label.encode())
 
     def _digest(self, version: int, values: tuple[MacValue, ...]) -> bytes:
-        data = _encode_parts(b"securemsg/mac/v1", self._context, *map(_mac_value, values))
+        data = self._prefix + b"".join([_mac_value(value) for value in values])
         return hmac.digest(self._keys[version], data, "sha256")
 
     def tag(self, *values: MacValue) -> bytes:

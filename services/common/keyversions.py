@@ -33,7 +33,23 @@ class Derivations:
         return self._cache[key]
 
     def unlocks(self, salt: bytes, iterations: int, check: bytes) -> bool:
-        return hmac.compare_digest(crypto.key_check_value(self.root(salt, iterations)), check)
+        """Whether this key matches the version's check value (either variant)."""
+        root = self.root(salt, iterations)
+        return hmac.compare_digest(crypto.key_check_value(root), check) or hmac.compare_digest(
+            crypto.key_check_value(root, rows_sealed=True), check
+        )
+
+
+def rows_sealed(rows: Sequence[KeyRow], loaded: dict[int, crypto.KeyVersion]) -> bool:
+    """Whether a loaded version's check value says the database's rows carry MACs."""
+    by_version = {version: check for version, _, _, check in rows}
+    return any(
+        hmac.compare_digest(
+            crypto.key_check_value(key.root_key, rows_sealed=True), by_version[version]
+        )
+        for version, key in loaded.items()
+        if version in by_version
+    )
 
 
 def plan_unlock(

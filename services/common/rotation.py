@@ -16,13 +16,13 @@ import asyncio
 import logging
 import sqlite3
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common import audit_events
 from services.common.audit_events import AuditRecord, AuditSink
-from services.common.crypto import BlindIndex, FieldCipher, Keyring
+from services.common.crypto import BlindIndex, FieldCipher, Keyring, Mac, MacValue
 from services.common.sqlite import Database, retire_versions
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,29 @@ class Reindex:
     source_column: str
 
 
+# A row as SQLite returns it, or as a dict about to be written.
+RowLike = Mapping[str, Any] | sqlite3.Row
+
+
+@dataclass(frozen=True)
+class RowMac:
+    """A column holding each row's MAC, and the row values it authenticates."""
+
+    column: str
+    mac: Mac
+    values: Callable[[RowLike], tuple[MacValue, ...]]
+
+
 @dataclass(frozen=True)
 class EncryptedTable:
     """Generic rotation of one table whose encrypted columns share a row key.
 
     `row_key_column` holds each row's key for associated data; when it is also the
-    reindexed column (identity's users), fields move to the new row key with it.
+    reindexed column (identity's users), fields move to the new row key with it. With a
+    `row_mac`, each row's MAC is checked before anything is rewritten (a rotation stops
+    at a tampered row rather than laundering it) and made again under the primary key.
+    A table without encrypted fields rotates only its MACs. `key_columns` name one row
+    (default: the id column), for tables whose id column is shared by several rows.
     """
 
     db: Database
@@ -66,8 +83,14 @@ class EncryptedTable:
     row_key_column: str
     fields: Sequence[tuple[str, FieldCipher]]
     reindex: Reindex | None = None
+    row_mac: RowMac | None = None
+    key_columns: Sequence[str] = ()
 
     def _stale(self) -> tuple[str, bytes]:
+        if not self.fields:
+            assert self.row_mac is not None, "a table with nothing to rotate"
+            version = struct.pack(">I", self.row_mac.mac.primary_version)
+            return f"substr({self.row_mac.column}, 1, 4) != ?", version
         column, cipher = self.fields[0]
         return f"substr({column}, 2, 4) != ?", struct.pack(">I", cipher.primary_version)
 
@@ -85,9 +108,12 @@ class EncryptedTable:
         return int(last), len(rows)
 
     def _rotate_row(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
+        current = {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
+        if self.row_mac is not None:
+            self.row_mac.mac.check(current[self.row_mac.column], *self.row_mac.values(current))
         old_key = _as_bytes(row[self.row_key_column])
         new_key = old_key
-        updates: dict[str, object] = {}
+        updates: dict[str, Any] = {}
         if self.reindex is not None:
             source = dict(self.fields)[self.reindex.source_column]
             plaintext = source.decrypt_text(row[self.reindex.source_column], old_key)
@@ -97,10 +123,15 @@ class EncryptedTable:
         for column, cipher in self.fields:
             if row[column] is not None:
                 updates[column] = cipher.reencrypt(row[column], old_key, new_key)
+        if self.row_mac is not None:
+            merged = {**current, **updates}
+            updates[self.row_mac.column] = self.row_mac.mac.tag(*self.row_mac.values(merged))
+        keys = list(self.key_columns) or [self.id_column]
         assignments = ", ".join(f"{column} = ?" for column in updates)
+        where = " AND ".join(f"{column} = ?" for column in keys)
         conn.execute(
-            f"UPDATE {self.table} SET {assignments} WHERE {self.id_column} = ?",  # noqa: S608
-            (*updates.values(), row[self.id_column]),
+            f"UPDATE {self.table} SET {assignments} WHERE {where}",  # noqa: S608
+            (*updates.values(), *(row[column] for column in keys)),
         )
 
     def remaining(self) -> int:

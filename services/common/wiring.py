@@ -19,7 +19,7 @@ from services.common.outbox import OutboxShipper, SqliteOutbox
 from services.common.rotation import Rotatable, rotation_from_env
 from services.common.schema import Migration
 from services.common.server import App, ServiceBinding
-from services.common.sqlite import Database, Synchronous, open_service_database
+from services.common.sqlite import Database, RowSealing, Synchronous, open_service_database
 
 Job = Callable[[], Coroutine[Any, Any, None]]
 Hook = Callable[[], Awaitable[None]]
@@ -68,10 +68,11 @@ class PersistentService:
         *,
         synchronous: Synchronous,
         audit_outbox: bool,
+        sealing: RowSealing | None = None,
     ) -> None:
         self.name = name
         self.env = env
-        opened = open_service_database(name, env, migrations, synchronous)
+        opened = open_service_database(name, env, migrations, synchronous, sealing)
         self.database: Database = opened.database
         self.keyring: Keyring = opened.keyring
         self.channels = Channels(env)

@@ -23,7 +23,7 @@ from services.session.servicer import (
     SessionServicer,
 )
 from services.session.sessions import SessionPolicy, Sessions
-from services.session.store import MIGRATIONS, SqliteSessionStore
+from services.session.store import MIGRATIONS, SEALING, SqliteSessionStore
 
 SERVICE = "session"
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ async def build(env: Env) -> App:
         # survives a process crash (the WAL is in the OS cache) and saves an fsync per login.
         synchronous="NORMAL",
         audit_outbox=True,
+        sealing=SEALING,
     )
     policy = SessionPolicy(
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),

@@ -2,8 +2,15 @@
 
 What a stolen file shows: a SHA-256 of each token (useless to log in: tokens are 256-bit
 random), a blind index of the user id (rows of one user can be grouped, not named), a
-random session id and the time each session expires if unused. User id, IP address, user
-agent, login time and absolute deadline are ciphertext bound to their row.
+random session id and, rounded up to the minute, when each session expires if unused.
+User id, IP address, user agent, login time, absolute and exact idle deadlines and the
+assurance level are ciphertext bound to their row.
+
+Every row carries a MAC (purpose key `mac/row/sessions`) over all its columns: a token
+hash, deadline, blind index or ciphertext edited, swapped in from another row or set to
+NULL makes the row fail with IntegrityError (DATA_LOSS) wherever it is read, and writes
+check a row's MAC before changing it, so nothing tampered is ever sealed again. What a
+MAC cannot show is a whole row deleted, or put back from an older copy of the file.
 
 Token hashes are unkeyed on purpose: a keyed hash would change with key rotation and
 could not be recomputed, since the tokens themselves are never stored.
@@ -11,15 +18,19 @@ could not be recomputed, since the tokens themselves are never stored.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import struct
+from typing import Any
 
 from services.common.audit_events import AuditRecord
-from services.common.crypto import Keyring
+from services.common.crypto import Keyring, MacValue
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
-from services.common.rotation import EncryptedTable, Reindex, Rotatable
-from services.common.sqlite import Database, Migration, any_of
+from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
+from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
+
+ROW_MACS_SINCE = 4
 
 MIGRATIONS = [
     Migration(
@@ -43,9 +54,34 @@ MIGRATIONS = [
     Migration(2, OUTBOX_TABLE),
     # Level, scope and step-up time, encrypted; NULL for sessions from before.
     Migration(3, "ALTER TABLE sessions ADD COLUMN assurance_ct BLOB;"),
+    # Row MACs; existing rows are sealed once, at the upgrade (see SEALING).
+    Migration(ROW_MACS_SINCE, "ALTER TABLE sessions ADD COLUMN row_mac BLOB;"),
 ]
 
-_TIMES = struct.Struct(">dd")  # login time, absolute deadline
+_TIMES = struct.Struct(">ddd")  # login time, absolute deadline, idle deadline
+_LEGACY_TIMES = struct.Struct(">dd")  # before row MACs: no idle deadline inside
+# The plaintext expiry (for cleanup and a first filter) is rounded up to this, so that it
+# is not the exact login time plus the idle timeout, which would link a row to its
+# user_login event in audit.db. The exact deadline is in times_ct.
+EXPIRY_STEP = 60.0
+
+
+def _coarse(expire_time: float) -> float:
+    return math.ceil(expire_time / EXPIRY_STEP) * EXPIRY_STEP
+
+
+def _mac_values(row: RowLike) -> tuple[MacValue, ...]:
+    return (
+        row["session_id"],
+        row["token_hash"],
+        row["user_index"],
+        row["expire_time"],
+        row["user_id_ct"],
+        row["ip_ct"],
+        row["user_agent_ct"],
+        row["times_ct"],
+        row["assurance_ct"],
+    )
 
 
 def _pack_assurance(value: Assurance) -> bytes:
@@ -56,6 +92,34 @@ def _pack_assurance(value: Assurance) -> bytes:
 def _unpack_assurance(raw: bytes) -> Assurance:
     level, scope, step_up = raw.decode().split("|")
     return Assurance(level, scope, float(step_up) if step_up else None)
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
+
+
+def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
+    """Rows from before row MACs: the exact idle deadline moves into times_ct, the
+    plaintext one is rounded up, and each row gets its MAC."""
+    times = keyring.field("sessions", "times")
+    mac = keyring.mac("row/sessions")
+    rows = conn.execute("SELECT * FROM sessions WHERE row_mac IS NULL").fetchall()
+    for legacy in rows:
+        row = _row(legacy)
+        row_key = row["session_id"].encode()
+        create_time, deadline = _LEGACY_TIMES.unpack(times.decrypt(row["times_ct"], row_key))
+        row["times_ct"] = times.encrypt(
+            _TIMES.pack(create_time, deadline, row["expire_time"]), row_key
+        )
+        row["expire_time"] = _coarse(row["expire_time"])
+        conn.execute(
+            "UPDATE sessions SET times_ct = ?, expire_time = ?, row_mac = ? WHERE id = ?",
+            (row["times_ct"], row["expire_time"], mac.tag(*_mac_values(row)), row["id"]),
+        )
+    return len(rows)
+
+
+SEALING = RowSealing(ROW_MACS_SINCE, _seal_legacy)
 
 
 class SqliteSessionStore:
@@ -73,6 +137,7 @@ class SqliteSessionStore:
         self._user_agent = keyring.field("sessions", "user_agent")
         self._times = keyring.field("sessions", "times")
         self._assurance = keyring.field("sessions", "assurance")
+        self._mac = keyring.mac("row/sessions")
 
     def rotatables(self) -> list[Rotatable]:
         """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
@@ -89,35 +154,45 @@ class SqliteSessionStore:
                 ("assurance_ct", self._assurance),
             ],
             Reindex("user_index", self._index, "user_id_ct"),
+            RowMac("row_mac", self._mac, _mac_values),
         )
         return [sessions]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
         row_key = record.session_id.encode()
+        times = _TIMES.pack(record.create_time, record.absolute_deadline, record.expire_time)
+        row: dict[str, Any] = {
+            "session_id": record.session_id,
+            "token_hash": token_hash,
+            "user_index": self._index(record.user_id),
+            "user_id_ct": self._user_id.encrypt_text(record.user_id, row_key),
+            "ip_ct": self._ip.encrypt_text(record.ip_address, row_key),
+            "user_agent_ct": self._user_agent.encrypt_text(record.user_agent, row_key),
+            "times_ct": self._times.encrypt(times, row_key),
+            "expire_time": _coarse(record.expire_time),
+            "assurance_ct": self._assurance.encrypt(_pack_assurance(record.assurance), row_key),
+        }
+        row["row_mac"] = self._mac.tag(*_mac_values(row))
         with self._db.write() as conn:
             conn.execute(
                 """INSERT INTO sessions (session_id, token_hash, user_index, user_id_ct, ip_ct,
-                       user_agent_ct, times_ct, expire_time, assurance_ct)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    record.session_id,
-                    token_hash,
-                    self._index(record.user_id),
-                    self._user_id.encrypt_text(record.user_id, row_key),
-                    self._ip.encrypt_text(record.ip_address, row_key),
-                    self._user_agent.encrypt_text(record.user_agent, row_key),
-                    self._times.encrypt(
-                        _TIMES.pack(record.create_time, record.absolute_deadline), row_key
-                    ),
-                    record.expire_time,
-                    self._assurance.encrypt(_pack_assurance(record.assurance), row_key),
-                ),
+                       user_agent_ct, times_ct, expire_time, assurance_ct, row_mac)
+                   VALUES (:session_id, :token_hash, :user_index, :user_id_ct, :ip_ct,
+                       :user_agent_ct, :times_ct, :expire_time, :assurance_ct, :row_mac)""",
+                row,
             )
             self._outbox.add(conn, audit)
 
+    def _checked(self, row: sqlite3.Row) -> sqlite3.Row:
+        """The row, if its MAC binds all its columns together; IntegrityError otherwise."""
+        self._mac.check(row["row_mac"], *_mac_values(row))
+        return row
+
     def _decode(self, row: sqlite3.Row) -> SessionRecord:
         row_key = row["session_id"].encode()
-        create_time, deadline = _TIMES.unpack(self._times.decrypt(row["times_ct"], row_key))
+        create_time, deadline, expire_time = _TIMES.unpack(
+            self._times.decrypt(row["times_ct"], row_key)
+        )
         sealed = row["assurance_ct"]
         return SessionRecord(
             session_id=row["session_id"],
@@ -126,7 +201,7 @@ class SqliteSessionStore:
             user_agent=self._user_agent.decrypt_text(row["user_agent_ct"], row_key),
             create_time=create_time,
             absolute_deadline=deadline,
-            expire_time=row["expire_time"],
+            expire_time=expire_time,
             assurance=(
                 Assurance()
                 if sealed is None
@@ -140,28 +215,48 @@ class SqliteSessionStore:
                 "SELECT * FROM sessions WHERE token_hash = ? AND expire_time > ?",
                 (token_hash, now),
             ).fetchone()
-        return None if row is None else self._decode(row)
+        if row is None:
+            return None
+        record = self._decode(self._checked(row))
+        return record if record.expire_time > now else None
+
+    def _current(self, conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
+        """A row about to change, once its MAC has been checked (NoSuchSession if gone)."""
+        row = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise NoSuchSession
+        return _row(self._checked(row))
+
+    def _rewrite(
+        self, conn: sqlite3.Connection, current: dict[str, Any], change: dict[str, Any]
+    ) -> None:
+        """Writes `change` into a checked row and seals the row again."""
+        row = {**current, **change}
+        row["row_mac"] = self._mac.tag(*_mac_values(row))
+        assignments = ", ".join(f"{column} = :{column}" for column in (*change, "row_mac"))
+        conn.execute(
+            f"UPDATE sessions SET {assignments} WHERE id = :id",  # noqa: S608 - fixed names
+            row,
+        )
 
     def set_expiry(self, session_id: str, expire_time: float) -> None:
+        row_key = session_id.encode()
         with self._db.write() as conn:
-            cursor = conn.execute(
-                "UPDATE sessions SET expire_time = ? WHERE session_id = ?",
-                (expire_time, session_id),
+            current = self._current(conn, session_id)
+            create_time, deadline, _ = _TIMES.unpack(
+                self._times.decrypt(current["times_ct"], row_key)
             )
-            if cursor.rowcount != 1:
-                raise NoSuchSession
+            times = _TIMES.pack(create_time, deadline, expire_time)
+            change = {
+                "times_ct": self._times.encrypt(times, row_key),
+                "expire_time": _coarse(expire_time),
+            }
+            self._rewrite(conn, current, change)
 
     def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
+        sealed = self._assurance.encrypt(_pack_assurance(assurance), session_id.encode())
         with self._db.write() as conn:
-            cursor = conn.execute(
-                "UPDATE sessions SET assurance_ct = ? WHERE session_id = ?",
-                (
-                    self._assurance.encrypt(_pack_assurance(assurance), session_id.encode()),
-                    session_id,
-                ),
-            )
-            if cursor.rowcount != 1:
-                raise NoSuchSession
+            self._rewrite(conn, self._current(conn, session_id), {"assurance_ct": sealed})
             self._outbox.add(conn, audit)
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
@@ -171,8 +266,9 @@ class SqliteSessionStore:
                 (*self._index.candidates(user_id), now),
             ).fetchall()
         # Login times are encrypted, so the order is made here rather than in SQL.
-        records = [self._decode(row) for row in rows]
-        return sorted(records, key=lambda r: (r.create_time, r.session_id), reverse=True)
+        records = [self._decode(self._checked(row)) for row in rows]
+        live = [r for r in records if r.expire_time > now]
+        return sorted(live, key=lambda r: (r.create_time, r.session_id), reverse=True)
 
     def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> None:
         with self._db.write() as conn:
@@ -197,15 +293,35 @@ class SqliteSessionStore:
                 self._outbox.add(conn, event)
             return count
 
+    def _lapsed(self, conn: sqlite3.Connection, now: float) -> list[int]:
+        """Rows whose exact idle deadline has passed while their rounded-up plaintext one
+        has not (at most a minute's worth)."""
+        rows = conn.execute(
+            "SELECT id, session_id, times_ct FROM sessions"
+            " WHERE expire_time > ? AND expire_time <= ?",
+            (now, now + EXPIRY_STEP),
+        ).fetchall()
+        return [
+            int(row["id"])
+            for row in rows
+            if _TIMES.unpack(self._times.decrypt(row["times_ct"], row["session_id"].encode()))[2]
+            <= now
+        ]
+
     def delete_expired(self, now: float) -> int:
         with self._db.write() as conn:
-            return conn.execute("DELETE FROM sessions WHERE expire_time <= ?", (now,)).rowcount
+            lapsed = self._lapsed(conn, now)
+            count = conn.execute("DELETE FROM sessions WHERE expire_time <= ?", (now,)).rowcount
+            conn.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in lapsed])
+            return int(count) + len(lapsed)
 
     def counts(self, now: float) -> tuple[int, int]:
         """(active sessions, distinct users with one)."""
         with self._db.read() as conn:
+            lapsed = self._lapsed(conn, now)
             row = conn.execute(
-                "SELECT COUNT(*), COUNT(DISTINCT user_index) FROM sessions WHERE expire_time > ?",
-                (now,),
+                "SELECT COUNT(*), COUNT(DISTINCT user_index) FROM sessions"  # noqa: S608
+                f" WHERE expire_time > ? AND id NOT IN {any_of(lapsed)}",
+                (now, *lapsed),
             ).fetchone()
         return int(row[0]), int(row[1])

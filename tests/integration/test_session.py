@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -417,3 +420,73 @@ def test_token_cache_bound_a_revoked_token_passes_elsewhere_for_at_most_that_lon
         client.close()
     finally:
         stack.stop()
+
+
+def _edit_session_db(stack: Stack, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """What someone with write access to session.db but no master key can do."""
+    stack["session"].stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("session"))) as db, db:
+        for sql, params in statements:
+            db.execute(sql, params)
+    stack["session"].start()
+
+
+def _status(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_a_token_hash_and_deadline_forged_in_the_file_never_validate(
+    stack: Stack, client: UserClient
+) -> None:
+    # The review's attack: a token of one's choosing, hashed into a victim's row, with an
+    # expiry far in the future.
+    token = client.login("victim", new_user(client, "victim"))
+    forged = "F" * 43
+    decade = time.time() + 10 * 365 * 86400
+    _edit_session_db(
+        stack,
+        (
+            "UPDATE sessions SET token_hash = ?, expire_time = ?",
+            (hashlib.sha256(forged.encode()).digest(), decade),
+        ),
+    )
+    assert _status(lambda: validate(stack, forged)) == grpc.StatusCode.DATA_LOSS
+    assert _status(lambda: client.profile(forged)) == grpc.StatusCode.UNAUTHENTICATED
+    assert _status(lambda: client.profile(token)) == grpc.StatusCode.UNAUTHENTICATED
+    assert "integrity" in stack["session"].log()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE sessions SET expire_time = expire_time + 315360000",  # live ten years more
+        "UPDATE sessions SET row_mac = NULL",
+        "UPDATE sessions SET assurance_ct = NULL",  # back to the default level
+        "UPDATE sessions SET user_index = zeroblob(32)",  # out of reach of revocation
+    ],
+)
+def test_any_column_of_a_session_row_edited_in_the_file_is_an_integrity_error(
+    stack: Stack, client: UserClient, edit: str
+) -> None:
+    token = client.login("victim", new_user(client, "victim"))
+    _edit_session_db(stack, (edit, ()))
+    assert _status(lambda: validate(stack, token)) == grpc.StatusCode.DATA_LOSS
+
+
+def test_a_session_file_rewound_to_before_row_macs_refuses_to_start(
+    stack: Stack, client: UserClient
+) -> None:
+    client.login("victim", new_user(client, "victim"))
+    session = stack["session"]
+    session.stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("session"))) as db, db:
+        db.execute("UPDATE sessions SET expire_time = expire_time + 315360000")
+        db.execute("ALTER TABLE sessions DROP COLUMN row_mac")
+        db.execute("PRAGMA user_version = 3")
+    code, output = session.run_to_exit()
+    assert code == 2
+    assert "rewound" in output

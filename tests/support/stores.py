@@ -19,13 +19,14 @@ from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
 from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
-from services.common.sqlite import Migration, OpenedDatabase, open_database
+from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_database
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.model import FactorStore, IdentityStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SqliteIdentityStore
 from services.session.model import SessionStore
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
+from services.session.store import SEALING as SESSION_SEALING
 from services.session.store import SqliteSessionStore
 from tests.fakes.audit import MemoryAuditStore
 from tests.fakes.identity import MemoryFactorStore, MemoryIdentityStore
@@ -100,7 +101,9 @@ class SqliteBackend:
         self._root = place.root
         self._cleanup = place.cleanup
 
-    def _open(self, service: str, migrations: list[Migration]) -> OpenedDatabase:
+    def _open(
+        self, service: str, migrations: list[Migration], sealing: RowSealing | None = None
+    ) -> OpenedDatabase:
         opened = open_database(
             self._root / f"{service}.db",
             service=service,
@@ -108,6 +111,7 @@ class SqliteBackend:
             kdf_iterations=1_000,  # the contract is about storage, not key stretching
             migrations=migrations,
             synchronous="NORMAL",
+            sealing=sealing,
         )
         self._cleanup.callback(opened.database.close)
         return opened
@@ -131,7 +135,7 @@ class SqliteBackend:
         )
 
     def session(self) -> Harness[SessionStore]:
-        opened = self._open("session", SESSION_MIGRATIONS)
+        opened = self._open("session", SESSION_MIGRATIONS, SESSION_SEALING)
         outbox = self._outbox(opened, "session")
         store = SqliteSessionStore(opened.database, opened.keyring, outbox)
         return Harness(store, lambda: _outbox_events(outbox))

@@ -6,12 +6,18 @@ unlocked keyring)."""
 from services.common.schema import Migration
 from services.common.sqlite.database import Database, Synchronous, any_of
 from services.common.sqlite.keys import check_unlocks, retire_versions
-from services.common.sqlite.open import OpenedDatabase, open_database, open_service_database
+from services.common.sqlite.open import (
+    OpenedDatabase,
+    RowSealing,
+    open_database,
+    open_service_database,
+)
 
 __all__ = [
     "Database",
     "Migration",
     "OpenedDatabase",
+    "RowSealing",
     "Synchronous",
     "any_of",
     "check_unlocks",

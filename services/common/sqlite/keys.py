@@ -12,11 +12,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.common import crypto
 from services.common.errors import StartupError
-from services.common.keyversions import Derivations, KeyRow, plan_unlock
+from services.common.keyversions import Derivations, KeyRow, plan_unlock, rows_sealed
 from services.common.schema import Migration
 from services.common.sqlite.database import Database, connect, migrate, table_exists
 
@@ -150,33 +151,50 @@ def check_unlocks(path: Path, master_key: str) -> None:
             raise StartupError(f"{path.name} has no key metadata; it is not a SecureMsg database")
 
 
+@dataclass(frozen=True)
+class Unlocked:
+    versions: list[crypto.KeyVersion]
+    primary: int
+    # Whether the check values say every row carries a MAC (see crypto.key_check_value).
+    rows_sealed: bool
+
+
 def unlock(
     conn: sqlite3.Connection,
     primary: Derivations,
     olds: Sequence[Derivations],
     iterations: int,
-) -> tuple[list[crypto.KeyVersion], int]:
-    """(every version unlocked, the primary version), inside the caller's open write
+) -> Unlocked:
+    """Every version unlocked and the primary one, inside the caller's open write
     transaction; a primary key new to the database is recorded as the next version."""
     rows = _key_rows(conn)
     if not rows:
-        return [_add_version(conn, primary, iterations, 1)], 1
+        return Unlocked([_add_version(conn, primary, iterations, 1, sealed=False)], 1, False)
     known, loaded = plan_unlock("the database", rows, _retired(conn), primary, olds)
+    sealed = rows_sealed(rows, loaded)
     if known is None:  # a new primary key: record it as the next version
-        known = _add_version(conn, primary, iterations, rows[-1][0] + 1)
+        known = _add_version(conn, primary, iterations, rows[-1][0] + 1, sealed=sealed)
         loaded[known.version] = known
-    return list(loaded.values()), known.version
+    return Unlocked(list(loaded.values()), known.version, sealed)
+
+
+def seal_versions(conn: sqlite3.Connection, versions: Sequence[crypto.KeyVersion]) -> None:
+    """Records, in every loaded version's check value, that all rows now carry MACs."""
+    conn.executemany(
+        "UPDATE key_versions SET check_value = ? WHERE version = ?",
+        [(crypto.key_check_value(v.root_key, rows_sealed=True), v.version) for v in versions],
+    )
 
 
 def _add_version(
-    conn: sqlite3.Connection, derived: Derivations, iterations: int, version: int
+    conn: sqlite3.Connection, derived: Derivations, iterations: int, version: int, *, sealed: bool
 ) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
     conn.execute(
         "INSERT INTO key_versions (version, salt, iterations, check_value, create_time)"
         " VALUES (?, ?, ?, ?, ?)",
-        (version, salt, iterations, crypto.key_check_value(root), time.time()),
+        (version, salt, iterations, crypto.key_check_value(root, rows_sealed=sealed), time.time()),
     )
     return crypto.KeyVersion(version, root)
 

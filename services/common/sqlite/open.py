@@ -7,13 +7,16 @@ migrations and a new key version happen in one transaction.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common import crypto
 from services.common.config import DatabaseConfig, Env
+from services.common.errors import StartupError
 from services.common.keyversions import Derivations
 from services.common.schema import Migration, check_numbering
 from services.common.sqlite.database import (
@@ -23,13 +26,35 @@ from services.common.sqlite.database import (
     lock_exclusively,
     migrate,
 )
-from services.common.sqlite.keys import migrate_base, precheck_existing, unlock
+from services.common.sqlite.keys import (
+    Unlocked,
+    migrate_base,
+    precheck_existing,
+    seal_versions,
+    unlock,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class OpenedDatabase:
     database: Database
     keyring: crypto.Keyring
+
+
+@dataclass(frozen=True)
+class RowSealing:
+    """How a service's rows come to carry MACs (see crypto.Mac, crypto.key_check_value).
+
+    `since` is the service migration that added the MAC columns. `seal_legacy` MACs, in
+    the open transaction, every row written before it (and moves any other data the same
+    upgrade moves); it runs once: afterwards the key-check values record that rows are
+    sealed, and a row without a MAC is an integrity failure, never one to seal again.
+    """
+
+    since: int
+    seal_legacy: Callable[[sqlite3.Connection, crypto.Keyring], int]
 
 
 def open_database(
@@ -42,6 +67,7 @@ def open_database(
     synchronous: Synchronous,
     old_keys: Sequence[str] = (),
     max_bytes: int = 0,
+    sealing: RowSealing | None = None,
 ) -> OpenedDatabase:
     """Opens (or creates) a service's database and unlocks its keyring.
 
@@ -75,9 +101,13 @@ def open_database(
         conn.execute("BEGIN IMMEDIATE")
         try:
             migrate_base(conn)
-            migrate(conn, migrations, conn.execute("PRAGMA user_version").fetchone()[0])
+            before = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            migrate(conn, migrations, before)
             conn.execute(f"PRAGMA user_version={migrations[-1].version}")
-            versions, primary = unlock(conn, derived, olds, kdf_iterations)
+            unlocked = unlock(conn, derived, olds, kdf_iterations)
+            keyring = crypto.Keyring(service, unlocked.versions, primary=unlocked.primary)
+            if sealing is not None:
+                _seal(path, conn, keyring, unlocked, before, sealing)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -86,12 +116,40 @@ def open_database(
         conn.close()
         os.close(lock_fd)
         raise
-    keyring = crypto.Keyring(service, versions, primary=primary)
     return OpenedDatabase(Database(conn, path, lock_fd), keyring)
 
 
+def _seal(
+    path: Path,
+    conn: sqlite3.Connection,
+    keyring: crypto.Keyring,
+    unlocked: Unlocked,
+    before: int,
+    sealing: RowSealing,
+) -> None:
+    if unlocked.rows_sealed:
+        if before < sealing.since:
+            raise StartupError(
+                f"{path.name} records that its rows carry MACs, but its schema (version "
+                f"{before}) is from before them: someone who can write the file rewound it. "
+                "Restore it from a backup; the file was not modified"
+            )
+        return
+    count = sealing.seal_legacy(conn, keyring)
+    seal_versions(conn, unlocked.versions)
+    if count:
+        logger.warning(
+            "rows from before row MACs sealed as they are (once, at the upgrade)",
+            extra={"fields": {"rows": count}},
+        )
+
+
 def open_service_database(
-    service: str, env: Env, migrations: Sequence[Migration], synchronous: Synchronous
+    service: str,
+    env: Env,
+    migrations: Sequence[Migration],
+    synchronous: Synchronous,
+    sealing: RowSealing | None = None,
 ) -> OpenedDatabase:
     """open_database with DB_PATH, DB_ENCRYPTION_KEY(_FILE), DB_ENCRYPTION_OLD_KEYS(_FILE)."""
     config = DatabaseConfig.from_env(service, env)
@@ -104,4 +162,5 @@ def open_service_database(
         synchronous=synchronous,
         old_keys=config.old_keys,
         max_bytes=config.max_bytes,
+        sealing=sealing,
     )
