@@ -111,7 +111,7 @@ class EncryptedTable:
         current = {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
         if self.row_mac is not None:
             self.row_mac.mac.check(current[self.row_mac.column], *self.row_mac.values(current))
-        old_key = _as_bytes(row[self.row_key_column])
+        old_key = _as_bytes(row[self.row_key_column]) if self.fields else b""
         new_key = old_key
         updates: dict[str, Any] = {}
         if self.reindex is not None:

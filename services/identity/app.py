@@ -21,7 +21,7 @@ from services.identity.servicer import (
     IdentityServicer,
 )
 from services.identity.session_client import RemoteSessionRevoker
-from services.identity.store import MIGRATIONS, SqliteIdentityStore
+from services.identity.store import MIGRATIONS, SEALING, SqliteIdentityStore
 
 SERVICE = "identity"
 
@@ -33,6 +33,7 @@ async def build(env: Env) -> App:
         MIGRATIONS,
         synchronous="FULL",  # an acknowledged registration must survive power loss
         audit_outbox=True,
+        sealing=SEALING,
     )
     store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
     factor_store = SqliteFactorStore(service.database, service.keyring, service.outbox)

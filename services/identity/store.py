@@ -1,20 +1,32 @@
 """Identity storage: users and one-time prekeys in an encrypted SQLite file.
 
-What a stolen file shows: public keys, key ids, creation/login/deactivation times and how
-many prekeys each row has. User ids, aliases and metadata exist only as ChaCha20-Poly1305
-ciphertext bound to their row; rows are found through a blind index (HMAC of the user id).
+What a stolen file shows: public keys, key ids, whether each account is active and how
+many prekeys each row has. User ids, aliases, metadata and the creation, last-login and
+deactivation times exist only as ChaCha20-Poly1305 ciphertext bound to their row (the
+times would otherwise equal audit events' times and tie each row to its user's events
+in audit.db); rows are found through a blind index (HMAC of the user id).
+
+Every users row carries a MAC (purpose key `mac/row/users`) over all its columns, and
+every one-time prekey one (`mac/row/one_time_prekeys`) over its owner's row id, key id
+and key: a verify key copied from another account, a prekey swapped in, an account
+reactivated or any edited column makes the row fail with IntegrityError (DATA_LOSS)
+wherever it is read, and writes check a row before changing it. Not covered: a whole row
+deleted, or put back from an older copy of the file.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import struct
+from typing import Any
 
 from services.common.audit_events import AuditRecord
-from services.common.crypto import Keyring
+from services.common.crypto import Keyring, MacValue
+from services.common.errors import IntegrityError
 from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
-from services.common.rotation import EncryptedTable, Reindex, Rotatable
-from services.common.sqlite import Database, Migration, any_of
+from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
+from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityCounts,
@@ -30,6 +42,8 @@ from services.identity.model import (
 # Authentication factors (services/identity/factor_store.py): secrets sealed per row,
 # recovery codes as HMACs under a sealed per-user key, the last accepted TOTP step and
 # the password budget in the clear (needed for atomic conditional updates).
+ROW_MACS_SINCE = 4
+
 FACTOR_TABLES = """
 CREATE TABLE factors (
     user_row              INTEGER PRIMARY KEY REFERENCES users (id) ON DELETE CASCADE,
@@ -87,15 +101,98 @@ MIGRATIONS = [
     ),
     Migration(2, OUTBOX_TABLE),
     Migration(3, FACTOR_TABLES),  # used by services/identity/factor_store.py
+    # Row MACs, and the times sealed (see SEALING, which upgrades older rows once). From
+    # then on create_time holds 0, last_login_time NULL, and deactivate_time only says
+    # whether the account is active (NULL) or not (0); the real times are in times_ct.
+    Migration(
+        ROW_MACS_SINCE,
+        """
+        ALTER TABLE users ADD COLUMN times_ct BLOB;
+        ALTER TABLE users ADD COLUMN row_mac BLOB;
+        ALTER TABLE one_time_prekeys ADD COLUMN row_mac BLOB;
+        """,
+    ),
 ]
 
+_TIMES = struct.Struct(">ddd")  # creation, last login, deactivation; -1 for none
+_NONE = -1.0
+_DEACTIVATED = 0.0  # what deactivate_time holds once an account is closed
 
 _USER_COLUMNS = """
     id, user_index, user_id_ct, alias_ct, metadata_ct, identity_key, verify_key,
     signed_prekey_id, signed_prekey, signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
-    create_time, last_login_time, deactivate_time,
-    (SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = users.id) AS prekeys
+    create_time, last_login_time, deactivate_time, times_ct, row_mac
 """
+
+
+def _user_values(row: RowLike) -> tuple[MacValue, ...]:
+    return (
+        row["id"],
+        row["user_index"],
+        row["user_id_ct"],
+        row["alias_ct"],
+        row["metadata_ct"],
+        row["identity_key"],
+        row["verify_key"],
+        row["signed_prekey_id"],
+        row["signed_prekey"],
+        row["signed_prekey_sig"],
+        row["pq_prekey_id"],
+        row["pq_prekey"],
+        row["pq_prekey_sig"],
+        row["create_time"],
+        row["last_login_time"],
+        row["deactivate_time"],
+        row["times_ct"],
+    )
+
+
+def _prekey_values(row: RowLike) -> tuple[MacValue, ...]:
+    return (row["user_row"], row["key_id"], row["public_key"])
+
+
+def _or_none(value: float) -> float | None:
+    return None if value == _NONE else value
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
+
+
+def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
+    """Rows from before row MACs: times move into times_ct (the plaintext columns keep
+    only whether the account is active), then each row and prekey gets its MAC."""
+    times = keyring.field("users", "times")
+    users = keyring.mac("row/users")
+    prekeys = keyring.mac("row/one_time_prekeys")
+    rows = conn.execute("SELECT * FROM users WHERE row_mac IS NULL").fetchall()
+    for legacy in rows:
+        row = _row(legacy)
+        sealed = _TIMES.pack(
+            row["create_time"],
+            _NONE if row["last_login_time"] is None else row["last_login_time"],
+            _NONE if row["deactivate_time"] is None else row["deactivate_time"],
+        )
+        row["times_ct"] = times.encrypt(sealed, row["user_index"])
+        row["create_time"], row["last_login_time"] = 0.0, None
+        if row["deactivate_time"] is not None:
+            row["deactivate_time"] = _DEACTIVATED
+        row["row_mac"] = users.tag(*_user_values(row))
+        conn.execute(
+            """UPDATE users SET times_ct = :times_ct, create_time = :create_time,
+                   last_login_time = :last_login_time, deactivate_time = :deactivate_time,
+                   row_mac = :row_mac WHERE id = :id""",
+            row,
+        )
+    keys = conn.execute("SELECT * FROM one_time_prekeys WHERE row_mac IS NULL").fetchall()
+    conn.executemany(
+        "UPDATE one_time_prekeys SET row_mac = ? WHERE user_row = ? AND key_id = ?",
+        [(prekeys.tag(*_prekey_values(k)), k["user_row"], k["key_id"]) for k in keys],
+    )
+    return len(rows) + len(keys)
+
+
+SEALING = RowSealing(ROW_MACS_SINCE, _seal_legacy)
 
 
 class SqliteIdentityStore:
@@ -111,55 +208,9 @@ class SqliteIdentityStore:
         self._user_id = keyring.field("users", "user_id")
         self._alias = keyring.field("users", "alias")
         self._metadata = keyring.field("users", "metadata")
-
-    def add_user(self, user: NewUser, audit: AuditRecord) -> None:
-        index = self._index(user.user_id)
-        metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
-        candidates = self._index.candidates(user.user_id)
-        with self._db.write() as conn:
-            taken = conn.execute(
-                f"SELECT 1 FROM users WHERE user_index IN {any_of(candidates)}",  # noqa: S608
-                candidates,
-            ).fetchone()
-            if taken:
-                raise UserIdTaken
-            try:
-                cursor = conn.execute(
-                    """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct,
-                           identity_key, verify_key, signed_prekey_id, signed_prekey,
-                           signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig, create_time)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        index,
-                        self._user_id.encrypt_text(user.user_id, index),
-                        self._alias.encrypt_text(user.alias, index),
-                        self._metadata.encrypt_text(metadata, index),
-                        user.identity_key,
-                        user.verify_key,
-                        user.signed_prekey.key_id,
-                        user.signed_prekey.public_key,
-                        user.signed_prekey.signature,
-                        user.pq_prekey.key_id,
-                        user.pq_prekey.public_key,
-                        user.pq_prekey.signature,
-                        user.create_time,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise UserIdTaken from None
-            conn.executemany(
-                "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
-                [(cursor.lastrowid, k.key_id, k.public_key) for k in user.one_time_prekeys],
-            )
-            self._outbox.add(conn, audit)
-
-    def get_user(self, user_id: str) -> User | None:
-        with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users WHERE {self._user_match}",  # noqa: S608
-                self._index.candidates(user_id),
-            ).fetchone()
-        return None if row is None else self._decode(row)
+        self._times = keyring.field("users", "times")
+        self._user_mac = keyring.mac("row/users")
+        self._prekey_mac = keyring.mac("row/one_time_prekeys")
 
     def rotatables(self) -> list[Rotatable]:
         """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
@@ -172,31 +223,174 @@ class SqliteIdentityStore:
                 ("user_id_ct", self._user_id),
                 ("alias_ct", self._alias),
                 ("metadata_ct", self._metadata),
+                ("times_ct", self._times),
             ],
             Reindex("user_index", self._index, "user_id_ct"),
+            RowMac("row_mac", self._user_mac, _user_values),
         )
-        return [users]
+        prekeys = EncryptedTable(
+            self._db,
+            "one_time_prekeys",
+            "user_row",
+            "user_row",
+            [],
+            row_mac=RowMac("row_mac", self._prekey_mac, _prekey_values),
+            key_columns=("user_row", "key_id"),
+        )
+        return [users, prekeys]
+
+    # Reading rows: every row's MAC is checked before anything in it is used.
+
+    def _checked(self, row: sqlite3.Row | None) -> dict[str, Any] | None:
+        if row is None:
+            return None
+        values = _row(row)
+        self._user_mac.check(values["row_mac"], *_user_values(values))
+        return values
+
+    def _find(
+        self, conn: sqlite3.Connection, user_id: str, *, active: bool
+    ) -> dict[str, Any] | None:
+        query = f"SELECT {_USER_COLUMNS} FROM users WHERE {self._user_match}"  # noqa: S608
+        if active:
+            query += " AND deactivate_time IS NULL"
+        return self._checked(conn.execute(query, self._index.candidates(user_id)).fetchone())
+
+    def _active_row(self, conn: sqlite3.Connection, user_id: str) -> dict[str, Any]:
+        row = self._find(conn, user_id, active=True)
+        if row is None:
+            raise NoSuchUser
+        return row
+
+    def _rewrite(
+        self, conn: sqlite3.Connection, current: dict[str, Any], change: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Writes `change` into a checked row and seals the row again."""
+        row = {**current, **change}
+        row["row_mac"] = self._user_mac.tag(*_user_values(row))
+        assignments = ", ".join(f"{column} = :{column}" for column in (*change, "row_mac"))
+        conn.execute(f"UPDATE users SET {assignments} WHERE id = :id", row)  # noqa: S608
+        return row
+
+    def _times_of(self, row: dict[str, Any]) -> tuple[float, float | None, float | None]:
+        created, last_login, deactivated = _TIMES.unpack(
+            self._times.decrypt(row["times_ct"], row["user_index"])
+        )
+        return created, _or_none(last_login), _or_none(deactivated)
+
+    def _seal_times(
+        self, row: dict[str, Any], created: float, last: float | None, closed: float | None
+    ) -> bytes:
+        packed = _TIMES.pack(
+            created, _NONE if last is None else last, _NONE if closed is None else closed
+        )
+        return self._times.encrypt(packed, row["user_index"])
+
+    def _insert_prekeys(
+        self, conn: sqlite3.Connection, user_row: int, keys: list[OneTimePrekey]
+    ) -> None:
+        rows = [
+            {"user_row": user_row, "key_id": k.key_id, "public_key": k.public_key} for k in keys
+        ]
+        try:
+            conn.executemany(
+                """INSERT INTO one_time_prekeys (user_row, key_id, public_key, row_mac)
+                   VALUES (?, ?, ?, ?)""",
+                [
+                    (r["user_row"], r["key_id"], r["public_key"],
+                     self._prekey_mac.tag(*_prekey_values(r)))
+                    for r in rows
+                ],
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise PrekeyIdsInUse from None
+
+    def add_user(self, user: NewUser, audit: AuditRecord) -> None:
+        index = self._index(user.user_id)
+        metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
+        candidates = self._index.candidates(user.user_id)
+        row: dict[str, Any] = {
+            "user_index": index,
+            "user_id_ct": self._user_id.encrypt_text(user.user_id, index),
+            "alias_ct": self._alias.encrypt_text(user.alias, index),
+            "metadata_ct": self._metadata.encrypt_text(metadata, index),
+            "identity_key": user.identity_key,
+            "verify_key": user.verify_key,
+            "signed_prekey_id": user.signed_prekey.key_id,
+            "signed_prekey": user.signed_prekey.public_key,
+            "signed_prekey_sig": user.signed_prekey.signature,
+            "pq_prekey_id": user.pq_prekey.key_id,
+            "pq_prekey": user.pq_prekey.public_key,
+            "pq_prekey_sig": user.pq_prekey.signature,
+            "create_time": 0.0,
+            "last_login_time": None,
+            "deactivate_time": None,
+        }
+        row["times_ct"] = self._seal_times(row, user.create_time, None, None)
+        with self._db.write() as conn:
+            taken = conn.execute(
+                f"SELECT 1 FROM users WHERE user_index IN {any_of(candidates)}",  # noqa: S608
+                candidates,
+            ).fetchone()
+            if taken:
+                raise UserIdTaken
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct,
+                           identity_key, verify_key, signed_prekey_id, signed_prekey,
+                           signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
+                           create_time, last_login_time, deactivate_time, times_ct)
+                       VALUES (:user_index, :user_id_ct, :alias_ct, :metadata_ct,
+                           :identity_key, :verify_key, :signed_prekey_id, :signed_prekey,
+                           :signed_prekey_sig, :pq_prekey_id, :pq_prekey, :pq_prekey_sig,
+                           :create_time, :last_login_time, :deactivate_time, :times_ct)""",
+                    row,
+                )
+            except sqlite3.IntegrityError:
+                raise UserIdTaken from None
+            # The MAC covers the row id, known only once the row is in.
+            row["id"] = cursor.lastrowid
+            conn.execute(
+                "UPDATE users SET row_mac = ? WHERE id = ?",
+                (self._user_mac.tag(*_user_values(row)), row["id"]),
+            )
+            self._insert_prekeys(conn, int(row["id"]), user.one_time_prekeys)
+            self._outbox.add(conn, audit)
+
+    def get_user(self, user_id: str) -> User | None:
+        with self._db.read() as conn:
+            row = self._find(conn, user_id, active=False)
+            if row is None:
+                return None
+            prekeys = conn.execute(
+                "SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = ?", (row["id"],)
+            ).fetchone()[0]
+        return self._decode(row, int(prekeys))
 
     def get_verify_key(self, user_id: str) -> bytes | None:
-        """An active user's verify key, without decrypting anything (the login hot path)."""
+        """An active user's verify key, once its row's MAC holds (the login hot path).
+
+        An unknown user costs the same: another row is read and its MAC checked (and
+        ignored), so that the login's timing does not tell the two apart.
+        """
         with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                f"SELECT verify_key FROM users WHERE {self._user_match}"  # noqa: S608
-                " AND deactivate_time IS NULL",
-                self._index.candidates(user_id),
-            ).fetchone()
-        return None if row is None else bytes(row[0])
+            row = self._find(conn, user_id, active=True)
+            if row is None:
+                decoy = conn.execute(f"SELECT {_USER_COLUMNS} FROM users LIMIT 1").fetchone()  # noqa: S608
+                if decoy is not None:
+                    values = _row(decoy)
+                    self._user_mac.valid(values["row_mac"], *_user_values(values))
+                return None
+        return bytes(row["verify_key"])
 
     def is_active(self, user_id: str) -> bool | None:
         with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                f"SELECT deactivate_time IS NULL FROM users WHERE {self._user_match}",  # noqa: S608
-                self._index.candidates(user_id),
-            ).fetchone()
-        return None if row is None else bool(row[0])
+            row = self._find(conn, user_id, active=False)
+        return None if row is None else row["deactivate_time"] is None
 
-    def _decode(self, row: sqlite3.Row) -> User:
+    def _decode(self, row: dict[str, Any], prekeys: int) -> User:
         index = row["user_index"]
+        created, last_login, deactivated = self._times_of(row)
         return User(
             user_id=self._user_id.decrypt_text(row["user_id_ct"], index),
             alias=self._alias.decrypt_text(row["alias_ct"], index),
@@ -207,132 +401,109 @@ class SqliteIdentityStore:
                 row["signed_prekey_id"], row["signed_prekey"], row["signed_prekey_sig"]
             ),
             pq_prekey=SignedKey(row["pq_prekey_id"], row["pq_prekey"], row["pq_prekey_sig"]),
-            create_time=row["create_time"],
-            last_login_time=row["last_login_time"],
-            deactivate_time=row["deactivate_time"],
-            one_time_prekey_count=row["prekeys"],
+            create_time=created,
+            last_login_time=last_login,
+            deactivate_time=deactivated,
+            one_time_prekey_count=prekeys,
         )
-
-    def _active_row(self, conn: sqlite3.Connection, user_id: str) -> int:
-        row = conn.execute(
-            f"SELECT id FROM users WHERE {self._user_match} AND deactivate_time IS NULL",  # noqa: S608
-            self._index.candidates(user_id),
-        ).fetchone()
-        if row is None:
-            raise NoSuchUser
-        return int(row[0])
 
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None:
         # One statement inside the single-writer transaction: two fetches can never
-        # receive the same key.
+        # receive the same key. A key whose MAC fails rolls the deletion back.
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
+            user_row = self._active_row(conn, user_id)["id"]
             row = conn.execute(
                 """DELETE FROM one_time_prekeys
                    WHERE user_row = ?1 AND key_id =
                        (SELECT MIN(key_id) FROM one_time_prekeys WHERE user_row = ?1)
-                   RETURNING key_id, public_key""",
+                   RETURNING user_row, key_id, public_key, row_mac""",
                 (user_row,),
             ).fetchone()
-        return None if row is None else OneTimePrekey(row[0], row[1])
+            if row is not None:
+                self._prekey_mac.check(row["row_mac"], *_prekey_values(row))
+        return None if row is None else OneTimePrekey(row["key_id"], row["public_key"])
 
     def add_one_time_prekeys(
         self, user_id: str, keys: list[OneTimePrekey], cap: int, audit: AuditRecord
     ) -> int:
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
+            user_row = int(self._active_row(conn, user_id)["id"])
             current = conn.execute(
                 "SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = ?", (user_row,)
             ).fetchone()[0]
             if current + len(keys) > cap:
                 raise PoolFull(current, cap)
-            try:
-                conn.executemany(
-                    "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
-                    [(user_row, k.key_id, k.public_key) for k in keys],
-                )
-            except sqlite3.IntegrityError:
-                raise PrekeyIdsInUse from None
+            self._insert_prekeys(conn, user_row, keys)
             self._outbox.add(conn, audit)
             return int(current) + len(keys)
 
     def set_prekeys(
         self, user_id: str, signed: SignedKey, pq: SignedKey | None, audit: AuditRecord
     ) -> None:
+        change: dict[str, Any] = {
+            "signed_prekey_id": signed.key_id,
+            "signed_prekey": signed.public_key,
+            "signed_prekey_sig": signed.signature,
+        }
+        if pq is not None:
+            change |= {
+                "pq_prekey_id": pq.key_id,
+                "pq_prekey": pq.public_key,
+                "pq_prekey_sig": pq.signature,
+            }
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
-            conn.execute(
-                """UPDATE users SET signed_prekey_id = ?, signed_prekey = ?, signed_prekey_sig = ?
-                   WHERE id = ?""",
-                (signed.key_id, signed.public_key, signed.signature, user_row),
-            )
-            if pq is not None:
-                conn.execute(
-                    """UPDATE users SET pq_prekey_id = ?, pq_prekey = ?, pq_prekey_sig = ?
-                       WHERE id = ?""",
-                    (pq.key_id, pq.public_key, pq.signature, user_row),
-                )
+            self._rewrite(conn, self._active_row(conn, user_id), change)
             self._outbox.add(conn, audit)
 
     def record_login(self, user_id: str, when: float) -> None:
         with self._db.write() as conn:
-            cursor = conn.execute(
-                "UPDATE users SET last_login_time = MAX(COALESCE(last_login_time, 0), ?)"  # noqa: S608
-                f" WHERE {self._user_match} AND deactivate_time IS NULL",
-                (when, *self._index.candidates(user_id)),
-            )
-            if cursor.rowcount != 1:
-                raise NoSuchUser
+            row = self._active_row(conn, user_id)
+            created, last_login, _ = self._times_of(row)
+            latest = max(last_login or 0.0, when)
+            self._rewrite(conn, row, {"times_ct": self._seal_times(row, created, latest, None)})
 
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float:
         with self._db.write() as conn:
-            row = conn.execute(
-                f"SELECT id, deactivate_time FROM users WHERE {self._user_match}",  # noqa: S608
-                self._index.candidates(user_id),
-            ).fetchone()
+            row = self._find(conn, user_id, active=False)
             if row is None:
                 raise NoSuchUser(active=False)
-            user_row, already = row
-            if already is not None:
-                return float(already)
-            conn.execute("UPDATE users SET deactivate_time = ? WHERE id = ?", (when, user_row))
-            conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,))
+            created, last_login, already = self._times_of(row)
+            if row["deactivate_time"] is not None:
+                if already is None:
+                    raise IntegrityError("identity.users: deactivated without a time")
+                return already
+            self._rewrite(
+                conn,
+                row,
+                {
+                    "deactivate_time": _DEACTIVATED,
+                    "times_ct": self._seal_times(row, created, last_login, when),
+                },
+            )
+            conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (row["id"],))
             # A closed account keeps no secrets (recovery codes go with their row).
-            conn.execute("DELETE FROM factors WHERE user_row = ?", (user_row,))
+            conn.execute("DELETE FROM factors WHERE user_row = ?", (row["id"],))
             self._outbox.add(conn, audit)
             return when
 
     def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
+        change = {
+            "identity_key": keys.identity_key,
+            "verify_key": keys.verify_key,
+            "signed_prekey_id": keys.signed_prekey.key_id,
+            "signed_prekey": keys.signed_prekey.public_key,
+            "signed_prekey_sig": keys.signed_prekey.signature,
+            "pq_prekey_id": keys.pq_prekey.key_id,
+            "pq_prekey": keys.pq_prekey.public_key,
+            "pq_prekey_sig": keys.pq_prekey.signature,
+        }
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
-            conn.execute(
-                """UPDATE users SET identity_key = ?, verify_key = ?, signed_prekey_id = ?,
-                       signed_prekey = ?, signed_prekey_sig = ?, pq_prekey_id = ?,
-                       pq_prekey = ?, pq_prekey_sig = ?
-                   WHERE id = ?""",
-                (
-                    keys.identity_key,
-                    keys.verify_key,
-                    keys.signed_prekey.key_id,
-                    keys.signed_prekey.public_key,
-                    keys.signed_prekey.signature,
-                    keys.pq_prekey.key_id,
-                    keys.pq_prekey.public_key,
-                    keys.pq_prekey.signature,
-                    user_row,
-                ),
-            )
+            row = self._rewrite(conn, self._active_row(conn, user_id), change)
             # The old one-time prekeys belong to the lost device's private keys.
             discarded = conn.execute(
-                "DELETE FROM one_time_prekeys WHERE user_row = ?", (user_row,)
+                "DELETE FROM one_time_prekeys WHERE user_row = ?", (row["id"],)
             ).rowcount
-            try:
-                conn.executemany(
-                    "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
-                    [(user_row, k.key_id, k.public_key) for k in keys.one_time_prekeys],
-                )
-            except sqlite3.IntegrityError:
-                raise PrekeyIdsInUse from None
+            self._insert_prekeys(conn, int(row["id"]), keys.one_time_prekeys)
             self._outbox.add(conn, audit)
             return int(discarded)
 

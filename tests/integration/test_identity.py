@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -143,12 +145,110 @@ def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -
         )
     stack["identity"].start()
 
-    token = client.login("mallory", mallory)  # login reads only the verify key
-    with pytest.raises(grpc.RpcError) as error:
-        client.profile(token)
+    with pytest.raises(grpc.RpcError):  # the row fails its MAC, even for a login
+        client.login("mallory", mallory)
+    with (
+        stack.channel("identity", cert="session") as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        internal_grpc.IdentityInternalServiceStub(channel).GetVerifyKey(
+            internal_pb.GetVerifyKeyRequest(user_id="mallory"), timeout=10
+        )
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
     assert "integrity" in details(error.value)
     assert "Victim" not in details(error.value)
+
+
+def _edit_identity_db(stack: Stack, sql: str, *params: object) -> None:
+    """What someone with write access to identity.db but no master key can do."""
+    stack["identity"].stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db, db:
+        db.execute(sql, params)
+    stack["identity"].start()
+
+
+def test_a_verify_key_copied_into_a_victims_row_does_not_log_the_copier_in(
+    stack: Stack, client: UserClient
+) -> None:
+    # The review's attack: the victim's row is found by their public identity key (anyone
+    # can fetch it), and the attacker's verify key is copied in.
+    victim = new_user(client, "victim")
+    attacker = new_user(client, "attacker")
+    _edit_identity_db(
+        stack,
+        "UPDATE users SET verify_key = (SELECT verify_key FROM users WHERE identity_key = ?)"
+        " WHERE identity_key = ?",
+        attacker.identity_public,
+        victim.identity_public,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        client.login("victim", attacker)  # signed with the attacker's own key
+    assert refused.value.code() != grpc.StatusCode.OK
+    with (
+        stack.channel("identity", cert="session") as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        internal_grpc.IdentityInternalServiceStub(channel).GetVerifyKey(
+            internal_pb.GetVerifyKeyRequest(user_id="victim"), timeout=10
+        )
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS
+    assert client.login("attacker", attacker)  # the untouched row still works
+
+
+@pytest.mark.parametrize(
+    ("edit", "call"),
+    [
+        ("UPDATE users SET deactivate_time = NULL WHERE deactivate_time IS NOT NULL", "status"),
+        ("UPDATE users SET identity_key = zeroblob(32)", "bundle"),
+        ("UPDATE users SET signed_prekey = zeroblob(32)", "bundle"),
+        ("UPDATE users SET pq_prekey_sig = zeroblob(64)", "bundle"),
+        ("UPDATE users SET row_mac = NULL", "bundle"),
+        ("UPDATE one_time_prekeys SET public_key = zeroblob(32)", "bundle"),
+        (  # another account's prekeys, moved to the target
+            "DELETE FROM one_time_prekeys WHERE user_row = 1;"
+            " UPDATE one_time_prekeys SET user_row = 1 WHERE user_row = 3;",
+            "bundle",
+        ),
+    ],
+)
+def test_any_edit_of_a_key_status_or_prekey_in_the_file_is_an_integrity_error(
+    stack: Stack, client: UserClient, edit: str, call: str
+) -> None:
+    target = new_user(client, "target", one_time=3)  # row 1
+    leaving = new_user(client, "leaving", one_time=3)  # row 2
+    new_user(client, "other", one_time=3)  # row 3
+    client.deactivate(client.login("leaving", leaving))
+    caller = client.login("target", target)
+    stack["identity"].stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db, db:
+        db.executescript(edit)
+    stack["identity"].start()
+    with stack.channel("identity", cert="relay") as channel:
+        internal = internal_grpc.IdentityInternalServiceStub(channel)
+        requests: dict[str, Callable[[], object]] = {
+            "status": lambda: internal.GetUserStatus(
+                internal_pb.GetUserStatusRequest(user_id="leaving"), timeout=10
+            ),
+            "bundle": lambda: client.identity.GetKeyBundle(
+                pb.GetKeyBundleRequest(user_id="target"), metadata=bearer(caller), timeout=10
+            ),
+        }
+        with pytest.raises(grpc.RpcError) as error:
+            requests[call]()
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+def test_no_plaintext_column_holds_a_time_that_audit_events_carry(
+    stack: Stack, client: UserClient
+) -> None:
+    keys = new_user(client, "timed")
+    client.deactivate(client.login("timed", keys))
+    stack["identity"].stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db:
+        rows = db.execute(
+            "SELECT create_time, last_login_time, deactivate_time FROM users"
+        ).fetchall()
+    assert rows == [(0.0, None, 0.0)]  # the real times are sealed in times_ct
 
 
 def test_a_forged_signed_prekey_signature_is_invalid_argument(client: UserClient) -> None:

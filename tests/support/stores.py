@@ -23,6 +23,7 @@ from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_d
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.model import FactorStore, IdentityStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
+from services.identity.store import SEALING as IDENTITY_SEALING
 from services.identity.store import SqliteIdentityStore
 from services.session.model import SessionStore
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
@@ -120,13 +121,13 @@ class SqliteBackend:
         return SqliteOutbox(opened.database, opened.keyring, service)
 
     def identity(self) -> Harness[IdentityStore]:
-        opened = self._open("identity", IDENTITY_MIGRATIONS)
+        opened = self._open("identity", IDENTITY_MIGRATIONS, IDENTITY_SEALING)
         outbox = self._outbox(opened, "identity")
         store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
         return Harness(store, lambda: _outbox_events(outbox))
 
     def factors(self) -> FactorHarness:
-        opened = self._open("identity", IDENTITY_MIGRATIONS)
+        opened = self._open("identity", IDENTITY_MIGRATIONS, IDENTITY_SEALING)
         outbox = self._outbox(opened, "identity")
         return FactorHarness(
             SqliteFactorStore(opened.database, opened.keyring, outbox),

@@ -69,7 +69,8 @@ async def test_rotation_reencrypts_everything_while_lookups_keep_working(tmp_pat
     outbox = SqliteOutbox(during.database, during.keyring, "identity")
     tables = [*store.rotatables(), outbox.rotatable()]
     rotation = KeyRotation(during.database, during.keyring, tables, None, batch_size=7)
-    assert rotation.status().rows_remaining == 60  # 30 users + their 30 audit events
+    # 30 users, their 30 one-time prekeys (a MAC each) and 30 audit events
+    assert rotation.status().rows_remaining == 90
     store.rotatables()[0].rotate_batch(0, 10)  # part way: ten users re-encrypted
     assert identity.profile("user03").user_id == "user03"  # rotated row
     assert identity.profile("user25").user_id == "user25"  # not yet rotated

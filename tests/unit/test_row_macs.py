@@ -16,6 +16,9 @@ from services.common.errors import IntegrityError, StartupError
 from services.common.outbox import SqliteOutbox
 from services.common.rotation import KeyRotation
 from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_database
+from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
+from services.identity.store import SEALING as IDENTITY_SEALING
+from services.identity.store import SqliteIdentityStore
 from services.session.model import SessionRecord
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
 from services.session.store import SEALING as SESSION_SEALING
@@ -145,3 +148,85 @@ def test_key_rotation_stops_at_a_tampered_row_instead_of_sealing_it(tmp_path: Pa
     with pytest.raises(IntegrityError):  # still refused: nothing was laundered
         store.by_token(TOKEN_HASH, 1000.0)
     opened.database.close()
+
+
+def identity_db(
+    path: Path, migrations: list[Migration], sealing: RowSealing | None
+) -> OpenedDatabase:
+    return open_database(
+        path,
+        service="identity",
+        master_key=OLD,
+        kdf_iterations=100_000,
+        migrations=migrations,
+        synchronous="NORMAL",
+        sealing=sealing,
+    )
+
+
+def add_legacy_user(opened: OpenedDatabase, user_id: str, prekeys: int) -> None:
+    """A users row and its prekeys as the release before row MACs wrote them."""
+    index = opened.keyring.blind_index("users.user_id")(user_id)
+
+    def seal(column: str, text: str) -> bytes:
+        return opened.keyring.field("users", column).encrypt_text(text, index)
+
+    with opened.database.write() as conn:
+        row = conn.execute(
+            """INSERT INTO users (user_index, user_id_ct, alias_ct, metadata_ct, identity_key,
+                   verify_key, signed_prekey_id, signed_prekey, signed_prekey_sig,
+                   pq_prekey_id, pq_prekey, pq_prekey_sig, create_time, last_login_time)
+               VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, 1, ?, ?, 1000.0, 2000.0)""",
+            (
+                index, seal("user_id", user_id), seal("alias", "Legacy"), seal("metadata", "{}"),
+                b"i" * 32, b"v" * 32, b"s" * 32, b"g" * 64, b"p" * 1184, b"q" * 64,
+            ),
+        )  # fmt: skip
+        conn.executemany(
+            "INSERT INTO one_time_prekeys (user_row, key_id, public_key) VALUES (?, ?, ?)",
+            [(row.lastrowid, n, bytes([n]) * 32) for n in range(1, prekeys + 1)],
+        )
+
+
+def identity_store(opened: OpenedDatabase) -> SqliteIdentityStore:
+    outbox = SqliteOutbox(opened.database, opened.keyring, "identity")
+    return SqliteIdentityStore(opened.database, opened.keyring, outbox)
+
+
+def test_identity_rows_from_before_are_sealed_and_their_times_moved_out_of_the_clear(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "identity.db"
+    legacy = identity_db(path, IDENTITY_MIGRATIONS[:3], None)
+    add_legacy_user(legacy, "alice", 2)
+    add_legacy_user(legacy, "bob", 2)
+    legacy.database.close()
+
+    upgraded = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING)
+    store = identity_store(upgraded)
+    alice = store.get_user("alice")
+    assert alice is not None
+    assert (alice.create_time, alice.last_login_time, alice.deactivate_time) == (
+        1000.0,
+        2000.0,
+        None,
+    )
+    assert store.get_verify_key("alice") == b"v" * 32
+    assert store.take_one_time_prekey("alice") is not None
+    with upgraded.database.read() as conn:
+        clear = conn.execute("SELECT create_time, last_login_time FROM users").fetchall()
+    assert [tuple(row) for row in clear] == [(0.0, None), (0.0, None)]
+    upgraded.database.close()
+
+    # One of bob's prekeys is moved to alice (next in line), and bob's row MAC nulled.
+    edit(path, "UPDATE one_time_prekeys SET user_row = 1 WHERE user_row = 2 AND key_id = 1")
+    edit(path, "UPDATE users SET row_mac = NULL WHERE id = 2")
+    again = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING)
+    store = identity_store(again)
+    with pytest.raises(IntegrityError):
+        store.take_one_time_prekey("alice")
+    with pytest.raises(IntegrityError):
+        store.get_verify_key("bob")
+    with again.database.read() as conn:  # the refused fetch consumed nothing
+        assert conn.execute("SELECT COUNT(*) FROM one_time_prekeys").fetchone()[0] == 3
+    again.database.close()
