@@ -10,6 +10,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Protocol
 
 
 class SlidingWindowLimiter:
@@ -73,3 +74,48 @@ class SlidingWindowLimiter:
     def reset(self, key: str) -> None:
         with self._lock:
             self._events.pop(key, None)
+
+
+class WindowLimit(Protocol):
+    """A sliding-window limit as the rules see it, awaited: this process's memory
+    (`LocalWindowLimit`) or Redis shared by replicas
+    (services.common.shared_state.SharedWindowLimiter)."""
+
+    limit: int
+    window: float
+
+    async def retry_after(self, key: str) -> float | None: ...
+    async def hit(self, key: str) -> None: ...
+    async def acquire(self, key: str) -> float | None: ...
+    async def reset(self, key: str) -> None: ...
+
+
+# Builds a named limit: (name, events allowed, window seconds).
+WindowFactory = Callable[[str, int, float], WindowLimit]
+
+
+class LocalWindowLimit:
+    """`SlidingWindowLimiter` behind the awaited `WindowLimit` interface."""
+
+    def __init__(
+        self, limit: int, window: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._limiter = SlidingWindowLimiter(limit, window, clock=clock)
+        self.limit = limit
+        self.window = window
+
+    async def retry_after(self, key: str) -> float | None:
+        return self._limiter.retry_after(key)
+
+    async def hit(self, key: str) -> None:
+        self._limiter.hit(key)
+
+    async def acquire(self, key: str) -> float | None:
+        return self._limiter.acquire(key)
+
+    async def reset(self, key: str) -> None:
+        self._limiter.reset(key)
+
+
+def local_windows(clock: Callable[[], float] = time.monotonic) -> WindowFactory:
+    return lambda _name, limit, window: LocalWindowLimit(limit, window, clock=clock)

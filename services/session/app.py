@@ -1,22 +1,31 @@
-"""Wiring of the session service: configuration, storage, login, background cleanup."""
+"""Wiring of the session service: configuration, storage, login, background cleanup.
+
+Login challenges and login limits live in this process's memory, or with `REDIS_URL` in
+Redis, shared by every session replica (a challenge issued by one is redeemed by another,
+once; the 11th failure is refused whichever replica sees it).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
 from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_grpc
 from securemsg.session.v1 import session_service_pb2_grpc as pb_grpc
 
-from services.common import catalog
+from services.common import catalog, shared_state
 from services.common.addresses import ClientAddresses
 from services.common.config import Env
+from services.common.crypto import Keyring
 from services.common.identity_client import RemoteIdentityDirectory
+from services.common.ratelimit import WindowFactory, WindowLimit, local_windows
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
-from services.session.login import ChallengeBook, Login, LoginLimits
+from services.session.login import ChallengeBook, Challenges, Login, LoginLimits
 from services.session.recovery import PasswordLimits, PasswordLogin
+from services.session.redis_challenges import RedisChallengeBook
 from services.session.servicer import (
     SessionAdminServicer,
     SessionInternalServicer,
@@ -59,14 +68,16 @@ async def build(env: Env) -> App:
         ),
     )
     challenge_ttl = env.number("CHALLENGE_TTL_SECONDS", 60.0, minimum=1.0)
-    challenges = ChallengeBook(
+    challenges, windows, close_shared = await shared_login_state(
+        env,
+        service.keyring,
         ttl=challenge_ttl,
         capacity=env.integer("LOGIN_MAX_PENDING_CHALLENGES", 100_000, minimum=1),
         # What the per-minute rate lets one address hold anyway; under pressure less.
         per_group=max(1, int(limits.challenges_per_address_per_minute * challenge_ttl / 60)),
     )
     directory = RemoteIdentityDirectory(service.channels.to("identity"))
-    login = Login(sessions, directory, challenges, limits, service.outbox)
+    login = Login(sessions, directory, challenges, limits, service.outbox, windows=windows)
     password_login = PasswordLogin(
         sessions,
         directory,
@@ -78,6 +89,7 @@ async def build(env: Env) -> App:
             window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
         ),
         service.outbox,
+        windows,
     )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
 
@@ -97,6 +109,7 @@ async def build(env: Env) -> App:
 
     async def cleanup_at_shutdown() -> None:
         await cleanup_once("shutdown")
+        await close_shared()
 
     return service.app(
         [
@@ -120,3 +133,36 @@ async def build(env: Env) -> App:
         background=[cleanup_forever],
         on_stop=[cleanup_at_shutdown],
     )
+
+
+async def shared_login_state(
+    env: Env, keyring: Keyring, *, ttl: float, capacity: int, per_group: int
+) -> tuple[Challenges, WindowFactory, Callable[[], Awaitable[None]]]:
+    """The challenge book and the limits' windows: in Redis when REDIS_URL is set, else in
+    memory; and what closes them. Redis keys are HMACs under a key derived from the
+    service's master key (the same on every replica), so Redis holds no user id or
+    address."""
+    url = shared_state.url_from_env(env)
+    if url is None:
+
+        async def nothing() -> None:
+            return None
+
+        return (
+            ChallengeBook(ttl=ttl, capacity=capacity, per_group=per_group),
+            local_windows(),
+            nothing,
+        )
+    client = shared_state.connect(url)
+    await shared_state.check_reachable(client)
+    names = shared_state.KeyNames(
+        keyring.blind_index("shared-state")("redis key names"),
+        env.string("REDIS_KEY_PREFIX", "session:"),
+    )
+
+    def window(name: str, limit: int, seconds: float) -> WindowLimit:
+        return shared_state.SharedWindowLimiter(client, names, name, limit, seconds)
+
+    logger.info("login challenges and limits in redis, shared by every session replica")
+    book = RedisChallengeBook(client, names, ttl, capacity=capacity, per_group=per_group)
+    return book, window, client.aclose

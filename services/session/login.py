@@ -24,7 +24,7 @@ from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from services.common.identity_client import LoginKey
-from services.common.ratelimit import SlidingWindowLimiter
+from services.common.ratelimit import SlidingWindowLimiter, WindowFactory, local_windows
 from services.protocol.signing import ED25519_SIGNATURE_BYTES as SIGNATURE_BYTES
 from services.protocol.signing import login_message
 from services.session.model import SessionRecord
@@ -66,6 +66,19 @@ class IdentityDirectory(Protocol):
         """The second factor proven with the password ("none", "totp", "recovery_code"),
         or raises Unauthenticated, InvalidArgument, ResourceExhausted."""
         ...
+
+
+class Challenges(Protocol):
+    """Outstanding login challenges: this process's memory (`ChallengeBook`) or Redis
+    shared by every replica (services.session.redis_challenges), same rules."""
+
+    async def issue(self, user_id: str, group: str = "") -> Challenge: ...
+
+    async def take(self, challenge_id: str, user_id: str) -> Challenge | None:
+        """The challenge, once: taken whoever asks (even for the wrong user)."""
+        ...
+
+    async def count(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,7 @@ class ChallengeBook:
             return self._per_group
         return max(1, int(self._per_group * free / half))
 
-    def issue(self, user_id: str, group: str = "") -> Challenge:
+    async def issue(self, user_id: str, group: str = "") -> Challenge:
         now = self._clock()
         challenge = Challenge(
             secrets.token_hex(16),
@@ -133,7 +146,7 @@ class ChallengeBook:
             self._by_group[group] = self._by_group.get(group, 0) + 1
         return challenge
 
-    def take(self, challenge_id: str, user_id: str) -> Challenge | None:
+    async def take(self, challenge_id: str, user_id: str) -> Challenge | None:
         with self._lock:
             challenge = self._items.pop(challenge_id, None)
             if challenge is not None:
@@ -160,7 +173,7 @@ class ChallengeBook:
             self._items.popitem(last=False)
             self._release(first)
 
-    def __len__(self) -> int:
+    async def count(self) -> int:
         with self._lock:
             self._purge(self._clock())
             return len(self._items)
@@ -188,48 +201,55 @@ class Login:
         self,
         sessions: Sessions,
         directory: IdentityDirectory,
-        challenges: ChallengeBook,
+        challenges: Challenges,
         limits: LoginLimits,
         audit: AuditSink,
         clock: Callable[[], float] = time.time,
+        windows: WindowFactory | None = None,
     ) -> None:
+        """`windows` makes the limits: in this process's memory by default, or shared
+        by every replica (Redis), so the 11th failure is refused wherever it lands."""
         self._sessions = sessions
         self._directory = directory
         self._challenges = challenges
         self._audit = audit
         self._clock = clock
         # One rate_limit_exceeded event per key and window, not one per refused attempt.
+        # Per replica: a second announcement from another replica is harmless.
         self._announced = SlidingWindowLimiter(1, limits.window_seconds)
-        self._by_pair = SlidingWindowLimiter(
-            limits.failures_per_account_address, limits.window_seconds
+        windows = windows or local_windows()
+        self._by_pair = windows(
+            "login_account_address", limits.failures_per_account_address, limits.window_seconds
         )
-        self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
-        self._challenges_by_address = SlidingWindowLimiter(
-            limits.challenges_per_address_per_minute, 60.0
+        self._by_address = windows(
+            "login_address", limits.failures_per_address, limits.window_seconds
+        )
+        self._challenges_by_address = windows(
+            "login_challenges", limits.challenges_per_address_per_minute, 60.0
         )
 
-    def challenge(self, user_id: str, address: str) -> Challenge:
+    async def challenge(self, user_id: str, address: str) -> Challenge:
         validation.user_id(user_id)
         group = limit_key(address)
-        wait = self._challenges_by_address.acquire(group)
+        wait = await self._challenges_by_address.acquire(group)
         if wait is not None:
             self._announce_limit("login_challenges", group, "")
             raise ResourceExhausted("too many login challenges from your address", retry_after=wait)
-        return self._challenges.issue(user_id, group)
+        return await self._challenges.issue(user_id, group)
 
     def _announce_limit(self, limit: str, group: str, user_id: str) -> None:
         if self._announced.acquire(f"{limit}:{user_id}:{group}") is None:
             details = {"limit": limit, "ip": group}
             self._audit.record(AuditRecord(audit_events.RATE_LIMIT_EXCEEDED, user_id, details))
 
-    def _over_limit(self, user_id: str, group: str) -> ResourceExhausted | None:
+    async def _over_limit(self, user_id: str, group: str) -> ResourceExhausted | None:
         """The refusal due if this (account, group) or this group failed too often."""
         for limiter, key, what, limit, account in (
             (self._by_pair, f"{user_id} {group}", "this account from your address",
              "login_account_address", user_id),
             (self._by_address, group, "your address", "login_address", ""),
         ):  # fmt: skip
-            wait = limiter.retry_after(key)
+            wait = await limiter.retry_after(key)
             if wait is not None:
                 self._announce_limit(limit, group, account)
                 return ResourceExhausted(f"too many failed logins for {what}", retry_after=wait)
@@ -257,8 +277,8 @@ class Login:
         validation.text(user_agent, "user_agent", max_chars=MAX_USER_AGENT_CHARS, required=False)
         group = limit_key(address)
 
-        challenge = self._challenges.take(challenge_id, user_id)
-        refusal = self._over_limit(user_id, group)
+        challenge = await self._challenges.take(challenge_id, user_id)
+        refusal = await self._over_limit(user_id, group)
         if challenge is None and refusal is not None:
             raise refusal  # cannot succeed without a challenge: spend nothing on it
         key = await self._verified_key(user_id, challenge, signature)
@@ -266,14 +286,14 @@ class Login:
         if key is None:
             if refusal is not None:
                 raise refusal  # no event per attempt past a limit: one announcement
-            self._by_address.hit(group)
+            await self._by_address.hit(group)
             if challenge is not None:  # only a real attempt at this account counts for it
-                self._by_pair.hit(f"{user_id} {group}")
+                await self._by_pair.hit(f"{user_id} {group}")
             failure = AuditRecord(audit_events.USER_LOGIN_FAILED, user_id, {"ip": address})
             await asyncio.to_thread(self._audit.record, failure)
             raise Unauthenticated(LOGIN_FAILED)
 
-        self._by_pair.reset(f"{user_id} {group}")
+        await self._by_pair.reset(f"{user_id} {group}")
         # An account with a second factor gets a session that can only step up until a
         # code is proven; otherwise the login already meets what the account requires.
         token, record = await asyncio.to_thread(
@@ -334,11 +354,11 @@ class Login:
                 f"challenge_id and a {SIGNATURE_BYTES}-byte signature"
             )
         group = limit_key(address)
-        refusal = self._over_limit(user_id, group)
+        refusal = await self._over_limit(user_id, group)
         if refusal is not None:
             raise refusal
         key = await self._verified_key(
-            user_id, self._challenges.take(challenge_id, user_id), signature
+            user_id, await self._challenges.take(challenge_id, user_id), signature
         )
         if key is not None and key.second_factor_enabled:
             raise InvalidArgument(
@@ -346,12 +366,12 @@ class Login:
                 "authenticator app (or a recovery code)"
             )
         if key is None:
-            self._by_address.hit(group)
-            self._by_pair.hit(f"{user_id} {group}")
+            await self._by_address.hit(group)
+            await self._by_pair.hit(f"{user_id} {group}")
             failure = AuditRecord(audit_events.USER_LOGIN_FAILED, user_id, {"ip": address})
             await asyncio.to_thread(self._audit.record, failure)
             raise Unauthenticated(STEP_UP_FAILED)
         return await asyncio.to_thread(self._sessions.step_up, record, "device_key")
 
-    def pending_challenges(self) -> int:
-        return len(self._challenges)
+    async def pending_challenges(self) -> int:
+        return await self._challenges.count()

@@ -17,7 +17,7 @@ from services.common import assurance, audit_events, validation
 from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import ResourceExhausted, Unauthenticated
-from services.common.ratelimit import SlidingWindowLimiter
+from services.common.ratelimit import SlidingWindowLimiter, WindowFactory, local_windows
 from services.session.login import IdentityDirectory
 from services.session.model import SessionRecord
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
@@ -37,14 +37,21 @@ class PasswordLogin:
         directory: IdentityDirectory,
         limits: PasswordLimits,
         audit: AuditSink,
+        windows: WindowFactory | None = None,
     ) -> None:
+        """`windows` makes the failure limits: in this process's memory by default, or
+        shared by every replica (Redis)."""
         self._sessions = sessions
         self._directory = directory
         self._audit = audit
-        self._by_pair = SlidingWindowLimiter(
-            limits.failures_per_account_address, limits.window_seconds
+        windows = windows or local_windows()
+        self._by_pair = windows(
+            "password_account_address", limits.failures_per_account_address, limits.window_seconds
         )
-        self._by_address = SlidingWindowLimiter(limits.failures_per_address, limits.window_seconds)
+        self._by_address = windows(
+            "password_address", limits.failures_per_address, limits.window_seconds
+        )
+        # One announcement per key and window, per replica: a duplicate event is harmless.
         self._announced = SlidingWindowLimiter(1, limits.window_seconds)
 
     def _announce(self, limit: str, key: str, user_id: str, address: str) -> None:
@@ -52,7 +59,7 @@ class PasswordLogin:
             details = {"limit": limit, "ip": address}
             self._audit.record(AuditRecord(audit_events.RATE_LIMIT_EXCEEDED, user_id, details))
 
-    def _check_limits(self, user_id: str, address: str) -> None:
+    async def _check_limits(self, user_id: str, address: str) -> None:
         pair = f"{user_id}\x00{address}"
         for limiter, key, what, limit, who in (
             (
@@ -64,7 +71,7 @@ class PasswordLogin:
             ),
             (self._by_address, address, "your address", "password_address", ""),
         ):
-            wait = limiter.retry_after(key)
+            wait = await limiter.retry_after(key)
             if wait is not None:
                 self._announce(limit, key, who, address)
                 raise ResourceExhausted(
@@ -86,12 +93,12 @@ class PasswordLogin:
         validation.user_id(user_id)
         validation.text(user_agent, "user_agent", max_chars=MAX_USER_AGENT_CHARS, required=False)
         group = limit_key(address)  # an IPv4 address, or an IPv6 /64
-        self._check_limits(user_id, group)
+        await self._check_limits(user_id, group)
         try:
             used = await self._directory.verify_password(user_id, password, code, recovery_code)
         except Unauthenticated:
-            self._by_pair.hit(f"{user_id}\x00{group}")
-            self._by_address.hit(group)
+            await self._by_pair.hit(f"{user_id}\x00{group}")
+            await self._by_address.hit(group)
             failure = AuditRecord(
                 audit_events.USER_LOGIN_FAILED, user_id, {"ip": address, "method": "password"}
             )
@@ -100,7 +107,7 @@ class PasswordLogin:
         except ResourceExhausted:
             await asyncio.to_thread(self._announce, "password_account", user_id, user_id, group)
             raise
-        self._by_pair.reset(f"{user_id}\x00{group}")
+        await self._by_pair.reset(f"{user_id}\x00{group}")
         level = assurance.PASSWORD if used == "none" else assurance.PASSWORD_AND_SECOND_FACTOR
         return await asyncio.to_thread(
             lambda: self._sessions.create(

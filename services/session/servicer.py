@@ -77,7 +77,7 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
     async def CreateChallenge(
         self, request: pb.CreateChallengeRequest, context: Context
     ) -> pb.CreateChallengeResponse:
-        challenge = self._login.challenge(request.user_id, self._addresses.of(context))
+        challenge = await self._login.challenge(request.user_id, self._addresses.of(context))
         return pb.CreateChallengeResponse(
             challenge_id=challenge.challenge_id,
             challenge=challenge.nonce,
@@ -215,5 +215,5 @@ class SessionAdminServicer(admin_grpc.SessionAdminServiceServicer):
             audit_outbox_backlog=backlog,
             active_sessions=active,
             users_with_sessions=users,
-            pending_challenges=self._login.pending_challenges(),
+            pending_challenges=await self._login.pending_challenges(),
         )

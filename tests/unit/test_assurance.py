@@ -74,7 +74,7 @@ def user(directory: FakeDirectory, user_id: str, *, second_factor: bool = False)
 
 
 async def sign_in(login: Login, user_id: str, keys: UserKeys) -> SessionRecord:
-    challenge = login.challenge(user_id, "1.2.3.4")
+    challenge = await login.challenge(user_id, "1.2.3.4")
     _, record = await login.sign_in(
         user_id,
         challenge.challenge_id,
@@ -127,7 +127,7 @@ async def test_sensitive_calls_need_a_recent_step_up(
     with pytest.raises(PermissionDenied, match="recent step-up"):
         sessions.require(record, recent_step_up=True)
     # Without a second factor, a fresh device-key signature is the step-up.
-    challenge = login.challenge("bob", "1.2.3.4")
+    challenge = await login.challenge("bob", "1.2.3.4")
     raised = await login.step_up(
         record,
         code="",
@@ -145,7 +145,7 @@ async def test_an_account_with_a_second_factor_cannot_step_up_by_signature(
 ) -> None:
     keys = user(directory, "alice", second_factor=True)
     record = await sign_in(login, "alice", keys)
-    challenge = login.challenge("alice", "1.2.3.4")
+    challenge = await login.challenge("alice", "1.2.3.4")
     with pytest.raises(InvalidArgument, match="has a second factor"):
         await login.step_up(
             record,

@@ -47,7 +47,7 @@ def user(directory: Directory, user_id: str) -> UserKeys:
 
 
 async def sign_in(login: Login, user_id: str, keys: UserKeys, address: str = "1.2.3.4") -> str:
-    challenge = login.challenge(user_id, address)
+    challenge = await login.challenge(user_id, address)
     token, _ = await login.sign_in(
         user_id,
         challenge.challenge_id,
@@ -68,7 +68,7 @@ async def test_a_valid_signature_creates_a_session_and_records_the_login(
 
 async def test_a_challenge_works_once(login: Login, directory: Directory) -> None:
     keys = user(directory, "alice")
-    challenge = login.challenge("alice", "a")
+    challenge = await login.challenge("alice", "a")
     signature = keys.sign_login("alice", challenge.nonce)
     await login.sign_in("alice", challenge.challenge_id, signature, address="a", user_agent="")
     with pytest.raises(Unauthenticated):
@@ -79,7 +79,7 @@ async def test_an_expired_challenge_fails(
     login: Login, directory: Directory, clock: FakeClock
 ) -> None:
     keys = user(directory, "alice")
-    challenge = login.challenge("alice", "a")
+    challenge = await login.challenge("alice", "a")
     clock.advance(61)
     with pytest.raises(Unauthenticated):
         await login.sign_in(
@@ -177,35 +177,35 @@ async def test_ipv6_addresses_of_one_64_share_one_failure_budget(
         await sign_in(login, "user0", stranger, address="2001:db8:1:3::1")
 
 
-def test_ipv6_addresses_of_one_64_share_one_challenge_budget(login: Login) -> None:
+async def test_ipv6_addresses_of_one_64_share_one_challenge_budget(login: Login) -> None:
     for i in range(20):
-        login.challenge("alice", f"2001:db8::{i + 1:x}")
+        await login.challenge("alice", f"2001:db8::{i + 1:x}")
     with pytest.raises(ResourceExhausted, match="too many login challenges"):
-        login.challenge("alice", "2001:db8::ffff:1")
-    login.challenge("alice", "2001:db8:0:1::1")
+        await login.challenge("alice", "2001:db8::ffff:1")
+    await login.challenge("alice", "2001:db8:0:1::1")
 
 
-def issue_until_refused(book: ChallengeBook, group: str) -> int:
+async def issue_until_refused(book: ChallengeBook, group: str) -> int:
     issued = 0
     with pytest.raises(ResourceExhausted, match="unanswered login challenges"):  # noqa: PT012
         while True:
-            book.issue("someone", group)
+            await book.issue("someone", group)
             issued += 1
     return issued
 
 
-def test_a_filling_challenge_book_cuts_back_the_groups_holding_most(clock: FakeClock) -> None:
+async def test_a_filling_challenge_book_cuts_back_the_groups_holding_most(clock: FakeClock) -> None:
     book = ChallengeBook(ttl=60, capacity=100, per_group=40, clock=clock)
     # Up to half full every group may hold 40; beyond, 40 * free / 50, shrinking as it fills.
-    assert issue_until_refused(book, "a") == 40
-    assert issue_until_refused(book, "b") == 27
-    assert issue_until_refused(book, "c") == 15
-    assert len(book) == 82  # the book is not full: someone holding none still gets one
-    honest = book.issue("alice", "d")
-    assert book.take(honest.challenge_id, "alice") == honest
+    assert await issue_until_refused(book, "a") == 40
+    assert await issue_until_refused(book, "b") == 27
+    assert await issue_until_refused(book, "c") == 15
+    assert await book.count() == 82  # the book is not full: someone holding none still gets one
+    honest = await book.issue("alice", "d")
+    assert await book.take(honest.challenge_id, "alice") == honest
     clock.advance(61)  # expired challenges free their groups' allowance
-    assert len(book) == 0
-    assert issue_until_refused(book, "a") == 40
+    assert await book.count() == 0
+    assert await issue_until_refused(book, "a") == 40
 
 
 async def test_malformed_requests_are_invalid_argument(login: Login) -> None:
@@ -215,12 +215,12 @@ async def test_malformed_requests_are_invalid_argument(login: Login) -> None:
         await login.sign_in("alice", "", bytes(64), address="a", user_agent="")
 
 
-def test_challenges_per_address_are_capped(login: Login) -> None:
+async def test_challenges_per_address_are_capped(login: Login) -> None:
     for _ in range(20):
-        login.challenge("alice", "9.9.9.9")
+        await login.challenge("alice", "9.9.9.9")
     with pytest.raises(ResourceExhausted, match="too many login challenges"):
-        login.challenge("alice", "9.9.9.9")
-    login.challenge("alice", "8.8.8.8")
+        await login.challenge("alice", "9.9.9.9")
+    await login.challenge("alice", "8.8.8.8")
 
 
 async def test_failures_and_the_first_refusal_are_audited_once(
