@@ -1,9 +1,10 @@
 """Summarises a `mutmut run` (make mutate): the score per module, then every survivor.
 
 mutmut keeps, beside each mutated module under mutants/, a .meta file with the exit code
-of the tests for each mutant: 1 killed, 0 survived, None not run (no test reached it),
-anything else a timeout or crash (counted as killed: the tests noticed).
-Run `.venv/bin/mutmut show <name>` to see one survivor's change.
+of the tests for each mutant (mutmut.stats.status_by_exit_code): 0 survived, 5 or 33 no
+test reached the mutated function, a failure, timeout or crash killed it. The score
+counts only killed mutants; survivors and untested ones are listed.
+Run `.venv/bin/mutmut show <name>` to see one mutant's change.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 MUTANTS = Path("mutants")
+SURVIVED = {0}
+UNTESTED = {5, 33, None}
+NOT_JUDGED = {2, 34, 35}  # interrupted, skipped, suspicious
 
 
 def main() -> int:
@@ -23,15 +27,17 @@ def main() -> int:
         return 1
     totals: Counter[str] = Counter()
     survivors: list[str] = []
+    untested: list[str] = []
     print(f"{'module':<32} {'mutants':>8} {'killed':>7} {'survived':>9} {'untested':>9} score")
     for meta in metas:
         module = str(meta.relative_to(MUTANTS)).removesuffix(".py.meta").replace("/", ".")
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         counts: Counter[str] = Counter()
         for name, code in sorted(codes.items()):
-            if code is None:
+            if code in UNTESTED:
                 counts["untested"] += 1
-            elif code == 0:
+                untested.append(name)
+            elif code in SURVIVED or code in NOT_JUDGED:
                 counts["survived"] += 1
                 survivors.append(name)
             else:
@@ -49,9 +55,10 @@ def main() -> int:
         f"{'all':<32} {totals['mutants']:>8} {totals['killed']:>7} {totals['survived']:>9}"
         f" {totals['untested']:>9} {score:6.1%}"
     )
-    print(f"\nsurvivors ({len(survivors)}):")
-    for name in survivors:
-        print(f"  {name}")
+    for title, names in (("survivors", survivors), ("untested (no test reaches them)", untested)):
+        print(f"\n{title} ({len(names)}):")
+        for name in names:
+            print(f"  {name}")
     return 0
 
 
