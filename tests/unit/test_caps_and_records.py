@@ -1,16 +1,20 @@
 """What the mutation run found unguarded in the relay's caps and the session records:
 per-recipient byte accounting, the audit events and retry hints of capacity refusals,
-and the address and user agent a session keeps."""
+and the address and user agent a session (and a login) keeps."""
 
 from __future__ import annotations
 
 import pytest
 
+from services.client.keys import UserKeys
 from services.common.errors import ResourceExhausted
 from services.common.outbox import MemoryOutbox
 from services.relay.model import MESSAGE_OVERHEAD_BYTES, RelayLimits
 from services.relay.queues import MessageQueues
+from services.session.login import ChallengeBook, Login, LoginLimits
 from services.session.sessions import SessionPolicy, Sessions
+from tests.fakes.directory import FakeDirectory
+from tests.fakes.outbox import RecordingAuditSink
 from tests.fakes.session import MemorySessionStore
 from tests.unit.conftest import FakeClock
 
@@ -86,3 +90,25 @@ def test_a_session_keeps_the_address_and_user_agent_it_was_created_with(
         record.session_id,
     )
     assert sessions.validate(token).session_id == record.session_id
+
+
+async def test_a_login_records_the_address_and_user_agent_it_came_with(clock: FakeClock) -> None:
+    directory = FakeDirectory()
+    keys = UserKeys.generate(0)
+    directory.keys["alice"] = keys.verify_key
+    sessions = Sessions(MemorySessionStore(), SessionPolicy(), clock)
+    login = Login(
+        sessions,
+        directory,
+        ChallengeBook(ttl=60, clock=clock),
+        LoginLimits(3, 5, 900, challenges_per_address_per_minute=20),
+        RecordingAuditSink(),
+        clock,
+    )
+    challenge = login.challenge("alice", "198.51.100.7")
+    signature = keys.sign_login("alice", challenge.nonce)
+    await login.sign_in(
+        "alice", challenge.challenge_id, signature, address="198.51.100.7", user_agent="UA/2"
+    )
+    (listed,) = sessions.list("alice").sessions
+    assert (listed.ip_address, listed.user_agent) == ("198.51.100.7", "UA/2")
