@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run demo bench soak mutate buf-breaking stop status compose-secrets test pytest lint buf-lint clean
+.PHONY: help setup gen run demo bench soak mutate buf-breaking stop status compose-secrets compose-test compose-clean test pytest lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
@@ -19,6 +19,8 @@ help:
 	@echo "make bench   benchmarks side by side (BENCH_ARGS='--large 1000000' for a million rows)"
 	@echo "make gen     regenerate Python code from protos/"
 	@echo "make compose-secrets  dev keys and certificates for docker-compose.yml"
+	@echo "make compose-test     build the image and run docker-compose.yml with podman (CI runs it)"
+	@echo "make compose-clean    drop the compose test's cached base images and build cache"
 	@echo "make clean   remove the virtualenv, generated code and node_modules (not var/)"
 
 # Virtualenv with pinned dependencies; redone when a requirements file changes.
@@ -85,7 +87,7 @@ lint: setup buf-lint buf-breaking
 	$(BIN)/lint-imports --no-logo --no-cache  # import directions: contracts in pyproject.toml
 
 pytest: setup node_modules/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not compose"
 
 test: lint pytest
 
@@ -99,6 +101,19 @@ mutate: setup $(VENV)/.mutate-installed
 	rm -rf mutants
 	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2)
 	$(BIN)/python scripts/mutation_report.py
+
+# The compose stack for real (1-2 minutes warm, about 6 on a fresh machine): podman builds
+# the Dockerfile and runs docker-compose.yml; see tests/deployment/test_compose_stack.py.
+compose-test: setup
+	$(BIN)/pytest -m compose tests/deployment
+
+# What compose-test keeps between runs: the offline base and Prometheus images, and
+# podman's dangling build layers.
+compose-clean:
+	@export CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf; \
+	images=$$(podman images -q --filter 'reference=localhost/securemsg-test-*'); \
+	if [ -n "$$images" ]; then podman rmi --force $$images; fi; \
+	podman image prune --force >/dev/null
 
 # The long runs: bigger load, more property-based examples; prints the figures.
 soak: setup node_modules/.installed

@@ -15,7 +15,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, endpoints: Endpoints | None = None) -> None:
     """Runs one command; `endpoints` (tests) replaces the default ports on --host."""
     home = Home(args.home)
-    endpoints = endpoints or Endpoints(ca_file=args.ca, host=args.host)
+    endpoints = endpoints or _endpoints(args.ca, args.host, os.environ)
     command = args.command
     if command == "stats":
         _stats(endpoints, args.operator_cert)
@@ -360,6 +360,30 @@ def _progress(**options: Any) -> tqdm:  # type: ignore[type-arg]
 
 def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _endpoints(ca: Path, host: str, environ: Mapping[str, str]) -> Endpoints:
+    """The default ports, unless moved by the variables that move them in docker-compose.yml
+    (IDENTITY_PUBLIC_PORT, IDENTITY_INTERNAL_PORT, ...)."""
+
+    def port(service: str, kind: str, default: int) -> int:
+        variable = f"{service.upper()}_{kind}_PORT"
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            return default
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise SystemExit(f"{variable} must be a port number, got {raw!r}")
+        return int(raw)
+
+    defaults = Endpoints(ca_file=ca)
+    return Endpoints(
+        ca_file=ca,
+        host=host,
+        ports={name: port(name, "PUBLIC", p) for name, p in defaults.ports.items()},
+        internal_ports={
+            name: port(name, "INTERNAL", p) for name, p in defaults.internal_ports.items()
+        },
+    )
 
 
 def _bar(bar: tqdm) -> Callable[[int, int], None]:  # type: ignore[type-arg]

@@ -1,14 +1,13 @@
 """docker-compose.yml and the Dockerfile: valid, and the same topology as `make run`.
 
-No Docker engine runs here; Debian's docker-compose validates and resolves the file.
+Debian's docker-compose validates and resolves the file (a missing one fails with the
+install command). test_compose_stack.py runs it for real (`make compose-test`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,14 @@ from services.launcher.topology import (
     default_ports,
     service_env,
 )
+from tests.deployment.tools import DOCKER_COMPOSE, require
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    tool = shutil.which("docker-compose")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is required in CI (.ci/run installs it)")
-        pytest.skip("docker-compose not installed (apt install docker-compose)")
+    tool = require(DOCKER_COMPOSE)["docker-compose"]
     result = subprocess.run(
         [tool, "--file", str(REPO / "docker-compose.yml"), "config"],
         capture_output=True,
@@ -49,7 +45,29 @@ def compose() -> dict[str, Any]:
 
 
 def test_the_file_defines_exactly_the_launchers_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == set(SERVICES)
+    always_on = {name for name, s in compose["services"].items() if not s.get("profiles")}
+    assert always_on == set(SERVICES)
+
+
+def test_monitoring_is_an_optional_profile_scraping_every_service(
+    compose: dict[str, Any],
+) -> None:
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    scraped = {
+        job["job_name"]: sd["port"] for job in config["scrape_configs"]
+        for sd in job["dns_sd_configs"] if sd["names"] == [job["job_name"]]
+    }  # fmt: skip
+    assert scraped == {name: default_ports()[name][2] for name in SERVICES}
+    assert all(_port(p)[0] == "127.0.0.1" for p in prometheus["ports"])
+
+
+def test_every_published_host_port_can_be_moved() -> None:
+    """So that a test (or a second stack) never collides with one on the default ports."""
+    text = (REPO / "docker-compose.yml").read_text()
+    for line in re.findall(r'^\s+- "(.*:\d+)"$', text, re.MULTILINE):
+        assert re.fullmatch(r"(127\.0\.0\.1:)?\$\{[A-Z_]+_PORT:-\d+\}:\d+", line), line
 
 
 @pytest.mark.parametrize("name", SERVICES)

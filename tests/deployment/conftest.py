@@ -1,0 +1,14 @@
+"""Prints how long each phase of the compose test took, at the end of the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.deployment.timing import PHASES
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if PHASES:
+        terminalreporter.write_sep("-", "compose test phases")
+        for phase, seconds in PHASES.items():
+            terminalreporter.write_line(f"{phase:28} {seconds:6.1f} s")
