@@ -229,6 +229,7 @@ class Mac:
     def check(self, tag: bytes | None, *values: MacValue) -> None:
         """Raises IntegrityError unless `tag` authenticates exactly these values."""
         if not self.valid(tag, *values):
+            metrics.INTEGRITY_FAILURES.labels(self._label).inc()  # see FieldCipher._failure
             raise IntegrityError(
                 f"{self._label}: authentication tag does not match (altered, moved, or made "
                 "under a key that is not loaded)"

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from services.common import metrics
 from services.common.errors import IntegrityError, StartupError
 
 KEY_VARIABLE = "RELAY_STORE_KEY"
@@ -54,6 +55,7 @@ class RelaySeal:
         try:
             plain = self._aead.decrypt(sealed[:_NONCE], sealed[_NONCE:], _ad(queue, message_id))
         except (InvalidTag, ValueError):
+            metrics.INTEGRITY_FAILURES.labels("relay.sealed_sender").inc()
             raise IntegrityError(
                 "a queued message's sealed sender failed its integrity check"
             ) from None

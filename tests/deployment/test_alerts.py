@@ -17,6 +17,8 @@ import pytest
 import yaml
 from securemsg.audit.v1 import audit_admin_service_pb2 as admin_pb
 from securemsg.audit.v1 import audit_admin_service_pb2_grpc as admin_grpc
+from securemsg.identity.v1 import identity_internal_service_pb2 as internal_pb
+from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.relay.v1 import relay_service_pb2 as relay_pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 
@@ -73,21 +75,26 @@ def test_every_metric_the_alerts_use_is_exported_by_a_service(stack: Stack) -> N
     assert used <= exported, f"alerts use metrics no service exports: {used - exported}"
 
 
-def test_a_ciphertext_that_fails_to_decrypt_is_counted(stack: Stack) -> None:
+def test_stored_data_that_fails_its_integrity_check_is_counted(stack: Stack) -> None:
     client = user_client(stack)
     new_user(client, "victim-alerts", alias="Victim")
-    keys = new_user(client, "mallory-alerts", alias="Mallory")
+    new_user(client, "mallory-alerts", alias="Mallory")
+    client.close()
     stack["identity"].stop()
     with sqlite3.connect(stack.db_path("identity")) as conn:
         conn.execute(
             "UPDATE users SET alias_ct = (SELECT alias_ct FROM users WHERE id = 1) WHERE id = 2"
         )
     stack["identity"].start()
-    token = client.login("mallory-alerts", keys)
-    with pytest.raises(grpc.RpcError) as error:
-        client.profile(token)
+    assert _sample(stack, "identity", "securemsg_integrity_failures_total") == 0
+    with (
+        stack.channel("identity", cert="session") as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        internal_grpc.IdentityInternalServiceStub(channel).GetVerifyKey(
+            internal_pb.GetVerifyKeyRequest(user_id="mallory-alerts"), timeout=10
+        )
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
-    client.close()
     assert _sample(stack, "identity", "securemsg_integrity_failures_total") >= 1
 
 
