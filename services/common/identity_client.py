@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import grpc
@@ -14,9 +13,9 @@ from services.common.cache import TtlCache
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unauthenticated,
-    Unavailable,
 )
 
 CODE_REFUSED = "the code is wrong, already used or expired; use the current code"
@@ -110,16 +109,20 @@ class RemoteIdentityDirectory:
         )
         return _factor_name(reply.second_factor)
 
-    async def record_login(self, user_id: str, when: float) -> None:
-        # Best effort: the session exists already; a missed last-login time is not worth
-        # failing the login over (the failure is logged by the call helper).
-        with contextlib.suppress(Unavailable):
+    async def record_login(self, user_id: str, when: float) -> bool:
+        """Records a login; False if the account is no longer active (it was deactivated
+        while the login was under way). Raises Unavailable."""
+        try:
             await peer_client.call(
                 self._stub.RecordLogin,
                 pb.RecordLoginRequest(user_id=user_id, login_time=convert.timestamp(when)),
-                unavailable="recording the last login failed",
+                unavailable="login is unavailable right now (identity service); retry",
                 idempotent=True,  # sets the time, so a repeat changes nothing
+                answers={grpc.StatusCode.NOT_FOUND: lambda: NotFound("no such active user")},
             )
+        except NotFound:
+            return False
+        return True
 
     async def is_active(self, user_id: str) -> bool:
         """Whether the user exists and is not deactivated."""

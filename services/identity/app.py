@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
@@ -9,6 +12,7 @@ from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.common import catalog
 from services.common.addresses import ClientAddresses
 from services.common.config import Env
+from services.common.errors import Unavailable
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
 from services.identity.domain import Identity, IdentityLimits
@@ -24,6 +28,7 @@ from services.identity.session_client import RemoteSessionRevoker
 from services.identity.store import MIGRATIONS, SEALING, SqliteIdentityStore
 
 SERVICE = "identity"
+logger = logging.getLogger(__name__)
 
 
 async def build(env: Env) -> App:
@@ -70,6 +75,22 @@ async def build(env: Env) -> App:
         ),
         on_login=factors.refill_password_budget,
     )
+    retry_seconds = env.number("REVOCATION_RETRY_SECONDS", 1.0, minimum=0.05)
+
+    async def revoke_forever() -> None:
+        """Finishes the revocations that deactivations could not do at once."""
+        backoff = retry_seconds
+        while True:
+            try:
+                await identity.revoke_pending()
+                backoff = retry_seconds
+            except Unavailable:
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                logger.exception("revoking sessions of deactivated accounts failed; will retry")
+                backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(backoff)
+
     return service.app(
         [
             bind(
@@ -95,4 +116,5 @@ async def build(env: Env) -> App:
         ],
         # Rotation is a concern of these SQLite stores, not of the store protocols.
         rotatable=[*store.rotatables(), factor_store.rotatable()],
+        background=[revoke_forever],
     )

@@ -4,6 +4,7 @@ and how an account is closed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from services.common import audit_events, validation
 from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord
-from services.common.errors import ResourceExhausted
+from services.common.errors import ResourceExhausted, Unavailable
 from services.common.ratelimit import SlidingWindowLimiter
 from services.identity import keys
 from services.identity.keys import OneTimePrekey, SignedKey
@@ -24,6 +25,8 @@ from services.identity.model import (
     SessionRevoker,
     User,
 )
+
+logger = logging.getLogger(__name__)
 
 MAX_ALIAS_CHARS = 64
 MAX_METADATA_ENTRIES = 16
@@ -225,15 +228,31 @@ class Identity:
     async def deactivate(self, user_id: str, by: str = "owner") -> float:
         """Closes an account for good; `by` ("owner" or "operator") goes into the audit trail.
 
-        Deactivate first: from then on no new login succeeds. Then revoke the sessions:
-        revoking is idempotent, so if the session service cannot be reached the call fails
-        (UNAVAILABLE) and repeating it finishes the job.
+        Deactivate first: from then on no new login succeeds (a login under way is
+        refused when it confirms with RecordLogin). The revocation of every session is
+        written in the same transaction and done at once if the session service answers;
+        otherwise `revoke_pending` (a background task) repeats it until it is done, so no
+        session outlives a deactivation by more than the time session is unreachable.
         """
         validation.user_id(user_id)
         event = AuditRecord(audit_events.USER_DEACTIVATED, user_id, {"by": by})
         when = await asyncio.to_thread(self._store.deactivate, user_id, self._clock(), event)
-        await self._revoker.revoke_all(user_id)
+        try:
+            await self.revoke_pending()
+        except Unavailable:
+            logger.warning("session revocation deferred; it will be retried")
         return when
+
+    async def revoke_pending(self) -> int:
+        """Revokes the sessions of deactivated accounts still owed it; returns how many
+        were done. Raises Unavailable (leaving the rest) when session does not answer."""
+        done = 0
+        while pending := await asyncio.to_thread(self._store.pending_revocations, 100):
+            for item in pending:
+                await self._revoker.revoke_all(item.user_id)
+                await asyncio.to_thread(self._store.revocation_done, item.revocation_id)
+                done += 1
+        return done
 
     async def replace_keys(
         self, user_id: str, replacement: Registration, *, by: str, keep_session_id: str

@@ -162,9 +162,18 @@ class IdentityStore(Protocol):
         ...
 
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float:
-        """Deactivates and empties the prekey pool; returns the deactivation time (the
-        first one if already deactivated, with no new audit event).
+        """Deactivates and empties the prekey pool, and records in the same transaction
+        that the user's sessions must be revoked (see `pending_revocations`); returns the
+        deactivation time (the first one if already deactivated, with no new audit event).
         Raises NoSuchUser(active=False)."""
+        ...
+
+    def pending_revocations(self, limit: int) -> list[PendingRevocation]:
+        """Deactivated users whose sessions have not been revoked yet, oldest first."""
+        ...
+
+    def revocation_done(self, revocation_id: int) -> None:
+        """Forgets a pending revocation once the session service has done it."""
         ...
 
     def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
@@ -239,6 +248,12 @@ class FactorStore(Protocol):
     def reset_password_budget(self, user_id: str) -> None:
         """Clears the failure count (a device-key login, a recovery code, a success)."""
         ...
+
+
+@dataclass(frozen=True)
+class PendingRevocation:
+    revocation_id: int
+    user_id: str
 
 
 class SessionRevoker(Protocol):

@@ -17,6 +17,7 @@ deleted, or put back from an older copy of the file.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import struct
 from typing import Any
@@ -33,6 +34,7 @@ from services.identity.model import (
     NewKeys,
     NewUser,
     NoSuchUser,
+    PendingRevocation,
     PoolFull,
     PrekeyIdsInUse,
     User,
@@ -110,6 +112,18 @@ MIGRATIONS = [
         ALTER TABLE users ADD COLUMN times_ct BLOB;
         ALTER TABLE users ADD COLUMN row_mac BLOB;
         ALTER TABLE one_time_prekeys ADD COLUMN row_mac BLOB;
+        """,
+    ),
+    # Revocations owed to deactivated accounts, written with the deactivation and retried
+    # until the session service has done them (services.identity.domain).
+    Migration(
+        5,
+        """
+        CREATE TABLE pending_revocations (
+            id         INTEGER PRIMARY KEY,
+            row_key    TEXT    NOT NULL,
+            user_id_ct BLOB    NOT NULL
+        ) STRICT;
         """,
     ),
 ]
@@ -209,6 +223,7 @@ class SqliteIdentityStore:
         self._alias = keyring.field("users", "alias")
         self._metadata = keyring.field("users", "metadata")
         self._times = keyring.field("users", "times")
+        self._revoke_user = keyring.field("pending_revocations", "user_id")
         self._user_mac = keyring.mac("row/users")
         self._prekey_mac = keyring.mac("row/one_time_prekeys")
 
@@ -228,6 +243,13 @@ class SqliteIdentityStore:
             Reindex("user_index", self._index, "user_id_ct"),
             RowMac("row_mac", self._user_mac, _user_values),
         )
+        revocations = EncryptedTable(
+            self._db,
+            "pending_revocations",
+            "id",
+            "row_key",
+            [("user_id_ct", self._revoke_user)],
+        )
         prekeys = EncryptedTable(
             self._db,
             "one_time_prekeys",
@@ -237,7 +259,7 @@ class SqliteIdentityStore:
             row_mac=RowMac("row_mac", self._prekey_mac, _prekey_values),
             key_columns=("user_row", "key_id"),
         )
-        return [users, prekeys]
+        return [users, prekeys, revocations]
 
     # Reading rows: every row's MAC is checked before anything in it is used.
 
@@ -483,8 +505,31 @@ class SqliteIdentityStore:
             conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (row["id"],))
             # A closed account keeps no secrets (recovery codes go with their row).
             conn.execute("DELETE FROM factors WHERE user_row = ?", (row["id"],))
+            row_key = secrets.token_hex(16)
+            conn.execute(
+                "INSERT INTO pending_revocations (row_key, user_id_ct) VALUES (?, ?)",
+                (row_key, self._revoke_user.encrypt_text(user_id, row_key.encode())),
+            )
             self._outbox.add(conn, audit)
             return when
+
+    def pending_revocations(self, limit: int) -> list[PendingRevocation]:
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT id, row_key, user_id_ct FROM pending_revocations ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            PendingRevocation(
+                int(row["id"]),
+                self._revoke_user.decrypt_text(row["user_id_ct"], row["row_key"].encode()),
+            )
+            for row in rows
+        ]
+
+    def revocation_done(self, revocation_id: int) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM pending_revocations WHERE id = ?", (revocation_id,))
 
     def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
         change = {

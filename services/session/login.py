@@ -8,11 +8,12 @@ error, so neither the answer nor its timing tells whether an account exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from services.common import assurance, audit_events, validation
 from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
-from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from services.common.identity_client import LoginKey
 from services.common.ratelimit import SlidingWindowLimiter, WindowFactory, local_windows
 from services.protocol.signing import ED25519_SIGNATURE_BYTES as SIGNATURE_BYTES
 from services.protocol.signing import login_message
-from services.session.model import SessionRecord
+from services.session.model import NoSuchSession, SessionRecord
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
 
 CHALLENGE_BYTES = 32
@@ -45,6 +46,27 @@ STEP_UP_FAILED = (
 _DECOY_KEY = Ed25519PublicKey.from_public_bytes(bytes(range(32)))
 
 
+async def confirm(sessions: Sessions, record: SessionRecord, still_active: Awaitable[bool]) -> None:
+    """Keeps a new session only if identity, asked after the session was written, still
+    has the account active: a deactivation that landed while the login was under way
+    (after its key lookup, before its session existed) would otherwise leave a session
+    behind. After this answer, the deactivation's own revocation sees the session. Raises
+    Unauthenticated or Unavailable, having discarded the session."""
+
+    def discard() -> None:
+        with contextlib.suppress(NoSuchSession):  # revoked meanwhile: gone either way
+            sessions.delete(record, record.session_id)
+
+    try:
+        active = await still_active
+    except Unavailable:
+        await asyncio.to_thread(discard)
+        raise
+    if not active:
+        await asyncio.to_thread(discard)
+        raise Unauthenticated(LOGIN_FAILED)
+
+
 class IdentityDirectory(Protocol):
     """The identity service as login sees it."""
 
@@ -53,7 +75,11 @@ class IdentityDirectory(Protocol):
         factor, or None if unknown or deactivated."""
         ...
 
-    async def record_login(self, user_id: str, when: float) -> None: ...
+    async def record_login(self, user_id: str, when: float) -> bool:
+        """Records a device-key login; False if the account is no longer active."""
+        ...
+
+    async def is_active(self, user_id: str) -> bool: ...
 
     async def verify_second_factor(self, user_id: str, code: str, recovery_code: str) -> str:
         """ "totp" or "recovery_code", or raises Unauthenticated, FailedPrecondition,
@@ -306,7 +332,9 @@ class Login:
                 stepped_up=not key.second_factor_enabled,
             )
         )
-        await self._directory.record_login(user_id, record.create_time)
+        await confirm(
+            self._sessions, record, self._directory.record_login(user_id, record.create_time)
+        )
         return token, record
 
     async def _verified_key(

@@ -18,7 +18,7 @@ from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord, AuditSink
 from services.common.errors import ResourceExhausted, Unauthenticated
 from services.common.ratelimit import SlidingWindowLimiter, WindowFactory, local_windows
-from services.session.login import IdentityDirectory
+from services.session.login import IdentityDirectory, confirm
 from services.session.model import SessionRecord
 from services.session.sessions import MAX_USER_AGENT_CHARS, Sessions
 
@@ -109,8 +109,12 @@ class PasswordLogin:
             raise
         await self._by_pair.reset(f"{user_id}\x00{group}")
         level = assurance.PASSWORD if used == "none" else assurance.PASSWORD_AND_SECOND_FACTOR
-        return await asyncio.to_thread(
+        token, record = await asyncio.to_thread(
             lambda: self._sessions.create(
                 user_id, address, user_agent, level=level, scope=assurance.RECOVERY
             )
         )
+        # Not RecordLogin: that refills the password budget, which a password login must
+        # not do.
+        await confirm(self._sessions, record, self._directory.is_active(user_id))
+        return token, record

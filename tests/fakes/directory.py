@@ -23,14 +23,22 @@ class FakeDirectory:
         self.codes: dict[str, set[str]] = {}  # valid TOTP and recovery codes, each once
         self.passwords: dict[str, str] = {}
         self.exhausted: set[str] = set()  # users whose password budget is spent
+        # Users deactivated after their key was looked up (login_key still answers).
+        self.deactivated: set[str] = set()
 
     async def login_key(self, user_id: str) -> LoginKey | None:
         key = self.keys.get(user_id)
         return None if key is None else LoginKey(key, user_id in self.second_factor)
 
-    async def record_login(self, user_id: str, when: float) -> None:
+    async def record_login(self, user_id: str, when: float) -> bool:
+        if user_id in self.deactivated:
+            return False
         self.logins.append(user_id)
         self.exhausted.discard(user_id)
+        return True
+
+    async def is_active(self, user_id: str) -> bool:
+        return user_id not in self.deactivated
 
     def _take(self, user_id: str, code: str) -> bool:
         codes = self.codes.get(user_id, set())

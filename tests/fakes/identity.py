@@ -15,6 +15,7 @@ from services.identity.model import (
     NewKeys,
     NewUser,
     NoSuchUser,
+    PendingRevocation,
     PoolFull,
     PrekeyIdsInUse,
     User,
@@ -53,6 +54,8 @@ class MemoryIdentityStore:
         self._users: dict[str, _Row] = {}
         self._lock = threading.Lock()  # the domain calls stores from worker threads
         self.events = events if events is not None else []
+        self._revocations: dict[int, str] = {}
+        self._next_revocation = 1
 
     def add_user(self, user: NewUser, audit: AuditRecord) -> None:
         with self._lock:
@@ -141,7 +144,18 @@ class MemoryIdentityStore:
             row.user = dataclasses.replace(row.user, deactivate_time=when)
             row.prekeys.clear()
             self.events.append(audit)
+            self._revocations[self._next_revocation] = user_id
+            self._next_revocation += 1
             return when
+
+    def pending_revocations(self, limit: int) -> list[PendingRevocation]:
+        with self._lock:
+            items = sorted(self._revocations.items())[:limit]
+            return [PendingRevocation(number, user_id) for number, user_id in items]
+
+    def revocation_done(self, revocation_id: int) -> None:
+        with self._lock:
+            self._revocations.pop(revocation_id, None)
 
     def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
         with self._lock:

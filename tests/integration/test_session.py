@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from securemsg.identity.v1 import identity_admin_service_pb2 as identity_admin_pb
+from securemsg.identity.v1 import identity_admin_service_pb2_grpc as identity_admin_grpc
 from securemsg.identity.v1 import identity_service_pb2 as identity_pb
 from securemsg.session.v1 import session_admin_service_pb2 as admin_pb
 from securemsg.session.v1 import session_admin_service_pb2_grpc as admin_grpc
@@ -341,6 +343,25 @@ def test_deactivation_revokes_every_session(client: UserClient) -> None:
         client, "leaving", challenge.challenge_id, keys.sign_login("leaving", challenge.challenge)
     )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_deactivation_while_session_is_down_revokes_the_sessions_once_it_is_back(
+    stack: Stack, client: UserClient
+) -> None:
+    # Nobody repeats the call: the revocation is written with the deactivation and
+    # retried by identity until the session service has done it.
+    token = client.login("leaving", new_user(client, "leaving"))
+    stack["session"].stop()
+    with stack.channel("identity", cert="operator") as channel:
+        identity_admin_grpc.IdentityAdminServiceStub(channel).DeactivateUser(
+            identity_admin_pb.DeactivateUserRequest(user_id="leaving"), timeout=10
+        )
+    stack["session"].start()
+    deadline = time.monotonic() + 20
+    while _status(lambda: validate(stack, token)) == grpc.StatusCode.OK:
+        assert time.monotonic() < deadline, "the session outlived the deactivation"
+        time.sleep(0.2)
+    assert _status(lambda: validate(stack, token)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(

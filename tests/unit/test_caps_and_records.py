@@ -105,7 +105,7 @@ async def test_a_login_records_the_address_and_user_agent_it_came_with(clock: Fa
         RecordingAuditSink(),
         clock,
     )
-    challenge = login.challenge("alice", "198.51.100.7")
+    challenge = await login.challenge("alice", "198.51.100.7")
     signature = keys.sign_login("alice", challenge.nonce)
     await login.sign_in(
         "alice", challenge.challenge_id, signature, address="198.51.100.7", user_agent="UA/2"

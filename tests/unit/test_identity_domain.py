@@ -184,13 +184,26 @@ async def test_deactivation_marks_the_account_first_then_revokes_its_sessions(
     revoker = RecordingRevoker()
     identity = Identity(MemoryIdentityStore(), revoker, clock)
     identity.register(registration("alice", UserKeys.generate(0)))
-    revoker.failure = Unavailable("session service unreachable")
-    with pytest.raises(Unavailable):
-        await identity.deactivate("alice")
-    assert identity.status("alice") == (True, False)  # no new login can succeed meanwhile
-    revoker.failure = None
-    await identity.deactivate("alice", by="operator")  # repeating finishes the job
+    identity.register(registration("bob", UserKeys.generate(0)))
+    await identity.deactivate("alice")
     assert revoker.revoked == ["alice"]
     with pytest.raises(NotFound, match="no user with that user id"):
         await identity.deactivate("nobody")
     assert revoker.revoked == ["alice"]
+
+
+async def test_a_revocation_the_session_service_missed_is_done_later_without_a_new_call(
+    clock: FakeClock,
+) -> None:
+    revoker = RecordingRevoker()
+    identity = Identity(MemoryIdentityStore(), revoker, clock)
+    identity.register(registration("alice", UserKeys.generate(0)))
+    revoker.failure = Unavailable("session service unreachable")
+    await identity.deactivate("alice", by="operator")  # done; revocation owed
+    assert identity.status("alice") == (True, False)  # no new login can succeed meanwhile
+    with pytest.raises(Unavailable):
+        await identity.revoke_pending()  # what the background task runs, still failing
+    revoker.failure = None
+    assert await identity.revoke_pending() == 1
+    assert revoker.revoked == ["alice"]
+    assert await identity.revoke_pending() == 0  # done once

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.client.keys import UserKeys
-from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from services.common.errors import InvalidArgument, ResourceExhausted, Unauthenticated, Unavailable
 from services.session.login import LOGIN_FAILED, ChallengeBook, Login, LoginLimits
 from services.session.sessions import SessionPolicy, Sessions
 from tests.fakes.directory import FakeDirectory
@@ -238,3 +238,31 @@ async def test_failures_and_the_first_refusal_are_audited_once(
     assert events == [("user_login_failed", "alice", {"ip": "1.2.3.4"})] * 3 + [
         ("rate_limit_exceeded", "alice", {"limit": "login_account_address", "ip": "1.2.3.4"})
     ]
+
+
+async def test_a_login_racing_a_deactivation_leaves_no_session_behind(
+    login: Login, directory: Directory, outbox: RecordingAuditSink
+) -> None:
+    # The key was looked up while the account was active; it was deactivated (and its
+    # sessions revoked) before this login's session was written.
+    keys = user(directory, "alice")
+    directory.deactivated.add("alice")
+    with pytest.raises(Unauthenticated):
+        await sign_in(login, "alice", keys)
+    created = [e.details["session_id"] for e in outbox.events if e.action == "user_login"]
+    removed = [e.details["session_id"] for e in outbox.events if e.action == "user_logout"]
+    assert created == removed  # the session written was discarded again
+
+
+async def test_a_login_identity_cannot_confirm_keeps_no_session(
+    login: Login, directory: Directory, outbox: RecordingAuditSink
+) -> None:
+    keys = user(directory, "alice")
+
+    async def unreachable(user_id: str, when: float) -> bool:
+        raise Unavailable("identity unreachable")
+
+    directory.record_login = unreachable  # type: ignore[method-assign]
+    with pytest.raises(Unavailable):
+        await sign_in(login, "alice", keys)
+    assert [e.action for e in outbox.events] == ["user_login", "user_logout"]
