@@ -205,6 +205,16 @@ class KeyRotation:
             logger.info("key rotation pass left rows", extra={"fields": {"rows": remaining}})
             await self.run()
             return
+        # The WAL may still hold page images from before re-encryption: fold it into the
+        # main file (where secure_delete has zeroed what the re-encryption replaced) and
+        # truncate it, before telling anyone the old key is no longer needed.
+        while True:
+            try:
+                await asyncio.to_thread(self._db.checkpoint)
+                break
+            except RuntimeError:
+                logger.warning("key rotation waits for the WAL to be free to checkpoint")
+                await asyncio.sleep(1.0)
         retired = await asyncio.to_thread(retire_versions, self._db, self._keyring.primary_version)
         self._finished = True
         if self._audit is not None:

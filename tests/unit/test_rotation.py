@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -135,3 +136,35 @@ def test_audit_rotation_refuses_to_relink_a_tampered_chain(tmp_path: Path) -> No
         store.rotate_batch(0, 10)
     assert store.verify().first_bad_sequence == 3  # nothing was laundered
     opened.database.close()
+
+
+def read_database_files(path: Path) -> bytes:
+    """The main file and its live WAL, as someone copying them would get them."""
+    files = [path, Path(f"{path}-wal")]
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+async def test_no_old_key_ciphertext_is_left_in_the_file_or_its_wal_after_rotation(
+    tmp_path: Path,
+) -> None:
+    # The review found old-key ciphertexts in the live WAL after "rotation complete".
+    path = tmp_path / "identity.db"
+    before = open_db(path, OLD, IDENTITY_MIGRATIONS)
+    identity, _ = identity_on(before)
+    for i in range(20):
+        identity.register(registration(f"user{i:02}", UserKeys.generate(1)))
+    with before.database.read() as conn:
+        old = [bytes(r[0]) for r in conn.execute("SELECT alias_ct FROM users")]
+    before.database.close()
+
+    during = open_db(path, NEW, IDENTITY_MIGRATIONS, OLD)
+    _, store = identity_on(during)
+    outbox = SqliteOutbox(during.database, during.keyring, "identity")
+    rotation = KeyRotation(
+        during.database, during.keyring, [*store.rotatables(), outbox.rotatable()], None
+    )
+    await rotation.run()
+    assert rotation.status().old_keys_retirable
+    raw = await asyncio.to_thread(read_database_files, path)
+    assert not [ct for ct in old if ct[5:] in raw]  # nonce and body of each old ciphertext
+    during.database.close()

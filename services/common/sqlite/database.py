@@ -12,6 +12,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,22 @@ class Database:
             reader.execute("VACUUM INTO ?", (str(target),))
         finally:
             reader.close()
+
+    def checkpoint(self, attempts: int = 50) -> None:
+        """Copies the WAL into the main file and truncates it to nothing.
+
+        Key rotation calls this before retiring a key: until then the WAL may still hold
+        page images with ciphertexts under the old key. A reader (a backup in progress)
+        can hold the WAL back, so this retries for a while, then raises RuntimeError (the
+        rotation task logs it and tries again on its next pass).
+        """
+        for _ in range(attempts):
+            with self._lock:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the WAL could not be checkpointed: a reader kept it busy")
 
     def page_bytes(self) -> int:
         with self._lock:

@@ -36,6 +36,8 @@ from services.common.sqlite.keys import (
 
 logger = logging.getLogger(__name__)
 
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class OpenedDatabase:
@@ -94,6 +96,11 @@ def open_database(
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={synchronous}")
+        # Freed space is zeroed, so an updated or deleted row's old bytes (a ciphertext
+        # under a retired key, say) do not linger in the file; and the WAL is cut back to
+        # this size whenever it is reset, so it does not keep old frames in bulk either.
+        conn.execute("PRAGMA secure_delete=ON")
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         conn.execute("PRAGMA foreign_keys=ON")
         if max_bytes:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
