@@ -129,6 +129,9 @@ class ServerConfig:
     tls: TlsConfig | None  # None only when INSECURE_PLAINTEXT is set explicitly
     max_message_bytes: int
     shutdown_grace_seconds: float
+    # Connections older than this are ended (gracefully), so clients spread over new
+    # replicas; see services.common.channels.
+    max_connection_age: float = 300.0
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerConfig:
@@ -142,6 +145,7 @@ class ServerConfig:
             tls=tls_from_env(env),
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 1024 * 1024, minimum=4096),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),
+            max_connection_age=env.number("MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=1.0),
         )
         if config.tls is None:
             # Without TLS nothing authenticates a caller but its being on this machine.

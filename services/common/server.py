@@ -287,6 +287,10 @@ class Server:
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
+                # Clients reconnect (and re-resolve a peer's replicas) at least this often;
+                # on the public port live streams may run on for a day after that.
+                ("grpc.max_connection_age_ms", int(self.config.max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms", 30_000 if internal else 86_400_000),
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
