@@ -8,7 +8,7 @@ from securemsg.audit.v1 import audit_service_pb2_grpc as pb_grpc
 
 from services.audit.domain import AuditLog
 from services.audit.servicer import AuditAdminServicer, AuditIngestServicer, AuditServicer
-from services.audit.store import MIGRATIONS, SqliteAuditStore
+from services.audit.store import MIGRATIONS, SEALING, SqliteAuditStore
 from services.common import catalog
 from services.common.config import Env
 from services.common.server import App
@@ -24,6 +24,7 @@ async def build(env: Env) -> App:
         MIGRATIONS,
         synchronous="FULL",  # an acknowledged event is deleted from the sender's outbox
         audit_outbox=False,  # no outbox of its own: key rotation is reported in its log file
+        sealing=SEALING,
     )
     store = SqliteAuditStore(service.database, service.keyring)
     log = AuditLog(store, service.keyring.mac("audit/page_token"))

@@ -34,6 +34,9 @@ class ChainedRow:
     details_ct: bytes
     occur_time: float
     record_time: float
+    # The producer's numbering; rows from before it have neither, and link as before.
+    source_epoch: str | None = None
+    source_sequence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ def canonical(row: ChainedRow) -> bytes:
         row.details_ct,
         struct.pack(">dd", row.occur_time, row.record_time),
     ]
+    if row.source_epoch is not None or row.source_sequence is not None:
+        parts += [(row.source_epoch or "").encode(), struct.pack(">Q", row.source_sequence or 0)]
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
 
 
@@ -94,6 +99,41 @@ class Boundary:
     old_link: bytes
 
 
+class Numbering:
+    """Each producer's numbering (source, epoch) as the walk meets it: events must come
+    1, 2, 3, ... per epoch. The first departure found is kept for the report."""
+
+    def __init__(self, last: Mapping[tuple[str, str], int]) -> None:
+        self._last = dict(last)
+        self.gap: tuple[int, str] | None = None  # (sequence of the event after it, what)
+
+    def see(self, row: ChainedRow) -> None:
+        if row.source_epoch is None or row.source_sequence is None:
+            return
+        key = (row.source, row.source_epoch)
+        last = self._last.get(key, 0)
+        self._last[key] = max(last, row.source_sequence)
+        if self.gap is not None or row.source_sequence == last + 1:
+            return
+        where = f"{row.source} (numbering {row.source_epoch[:8]})"
+        if row.source_sequence > last + 1:
+            missing = (
+                f"{last + 1}"
+                if row.source_sequence == last + 2
+                else f"{last + 1} to {row.source_sequence - 1}"
+            )
+            what = (
+                f"events {missing} of {where} never arrived: deleted before delivery, or "
+                "dropped by a full relay outbox"
+            )
+        else:
+            what = (
+                f"the numbering of {where} went back to {row.source_sequence} after {last}: "
+                "its database was restored from an older copy"
+            )
+        self.gap = (row.sequence, what)
+
+
 def verify(
     chain: Chain,
     rows: Iterable[LinkedRow],
@@ -104,13 +144,17 @@ def verify(
     boundary: Boundary | None,
     total: int,
     limit: int,
+    numbering: Numbering | None = None,
 ) -> Verification:
     """Walks `rows` (sequence order from `start`, at most `limit` if > 0), each against
-    the link before it, and names the first position that fails.
+    the link before it, and names the first position that fails; then, if the chain
+    holds, the first gap in a producer's numbering (`numbering`, primed with what came
+    before `start`).
 
     `previous` is the link of event `start - 1` (GENESIS for the first), None if that
     event is missing; `total` is how many events are stored.
     """
+    numbering = numbering or Numbering({})
     if previous is None:
         problem = f"event {start - 1} is missing (deleted)"
         return Verification(False, 0, start - 1, problem, 0, total)
@@ -131,14 +175,20 @@ def verify(
             problem = f"event {expected} was altered, inserted or moved"
             return Verification(False, checked, expected, problem, 0, total)
         link = linked.link
+        numbering.see(linked.row)
         checked += 1
         expected += 1
     last = expected - 1
     head_sequence = head.sequence if head else 0
-    if limit > 0 and checked == limit and last < max(head_sequence, total):
-        return Verification(True, checked, next_sequence=expected, total=total)
-    if head_sequence != last or (head and not hmac.compare_digest(head.link, link)):
+    sliced = limit > 0 and checked == limit and last < max(head_sequence, total)
+    if not sliced and (
+        head_sequence != last or (head and not hmac.compare_digest(head.link, link))
+    ):
         bad = min(head_sequence, last) + 1
         problem = f"the log ends at {last} but its head says {head_sequence}"
         return Verification(False, checked, bad, problem, 0, total)
+    if numbering.gap is not None:
+        return Verification(False, checked, *numbering.gap, 0, total)
+    if sliced:
+        return Verification(True, checked, next_sequence=expected, total=total)
     return Verification(True, checked, total=total)

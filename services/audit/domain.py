@@ -17,6 +17,7 @@ from services.common.errors import InvalidArgument, PermissionDenied
 
 EVENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ACTION_PATTERN = re.compile(r"[a-z0-9_]{1,64}")
+EPOCH_PATTERN = re.compile(r"[0-9a-f]{32}")
 MAX_BATCH = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -60,6 +61,13 @@ def _check_event(index: int, event: NewEvent, caller: str | None) -> None:
         validation.user_id(event.user_id, f"{where}.user_id")
     if event.occur_time <= 0:
         raise InvalidArgument(f"{where}.occur_time is required")
+    if bool(event.source_epoch) != bool(event.source_sequence) or (
+        event.source_epoch and not EPOCH_PATTERN.fullmatch(event.source_epoch)
+    ):
+        raise InvalidArgument(
+            f"{where}.source_epoch must be 32 lower-case hex digits with a source_sequence "
+            "of 1 or more, or both must be unset"
+        )
     validation.string_map(event.details, f"{where}.details", max_entries=16, max_value_chars=256)
 
 

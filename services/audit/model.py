@@ -16,6 +16,9 @@ class NewEvent:
     user_id: str
     occur_time: float
     details: dict[str, str]
+    # The producer's numbering (see AuditEvent.source_sequence); "" and 0 when absent.
+    source_epoch: str = ""
+    source_sequence: int = 0
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,8 @@ class AuditIngestServicer(ingest_grpc.AuditIngestServiceServicer):
                 if e.HasField("occur_time")
                 else 0.0,
                 details=dict(e.details),
+                source_epoch=e.source_epoch,
+                source_sequence=e.source_sequence,
             )
             for e in request.events
         ]

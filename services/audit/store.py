@@ -18,7 +18,9 @@ from services.audit.model import NewEvent, Query, StoredEvent, Verification
 from services.common.crypto import Keyring
 from services.common.errors import IntegrityError
 from services.common.rotation import Rotatable
-from services.common.sqlite import Database, Migration, any_of
+from services.common.sqlite import Database, Migration, RowSealing, any_of
+
+BOUNDARY_MACS_SINCE = 3
 
 MIGRATIONS = [
     Migration(
@@ -57,7 +59,30 @@ MIGRATIONS = [
         ) STRICT;
         """,
     ),
+    # Each producer's numbering (chained with the event), and a MAC on the rotation
+    # boundary (sealed at the upgrade if a rotation is under way, see SEALING).
+    Migration(
+        BOUNDARY_MACS_SINCE,
+        """
+        ALTER TABLE audit_events ADD COLUMN source_epoch TEXT;
+        ALTER TABLE audit_events ADD COLUMN source_sequence INTEGER;
+        ALTER TABLE audit_rotation ADD COLUMN boundary_mac BLOB;
+        """,
+    ),
 ]
+
+
+def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
+    """A rotation boundary written before boundaries had MACs gets one, as it is."""
+    row = conn.execute("SELECT boundary, old_link FROM audit_rotation WHERE id = 1").fetchone()
+    if row is None:
+        return 0
+    tag = keyring.mac("audit/rotation_boundary").tag(row["boundary"], bytes(row["old_link"]))
+    conn.execute("UPDATE audit_rotation SET boundary_mac = ? WHERE id = 1", (tag,))
+    return 1
+
+
+SEALING = RowSealing(BOUNDARY_MACS_SINCE, _seal_legacy)
 
 
 def _chained(row: sqlite3.Row | dict[str, Any]) -> ChainedRow:
@@ -71,6 +96,8 @@ def _chained(row: sqlite3.Row | dict[str, Any]) -> ChainedRow:
         details_ct=bytes(row["details_ct"]),
         occur_time=row["occur_time"],
         record_time=row["record_time"],
+        source_epoch=row["source_epoch"],
+        source_sequence=row["source_sequence"],
     )
 
 
@@ -88,6 +115,7 @@ class SqliteAuditStore:
         self._details = keyring.field("audit_events", "details")
         self._chain = Chain(keyring.chain_keys(), keyring.primary_version)
         self._primary = keyring.primary_version
+        self._boundary_mac = keyring.mac("audit/rotation_boundary")
 
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
         """Appends the batch in order, skipping known event ids: (appended, duplicates)."""
@@ -120,13 +148,17 @@ class SqliteAuditStore:
                     ),
                     "occur_time": event.occur_time,
                     "record_time": now,
+                    "source_epoch": event.source_epoch or None,
+                    "source_sequence": event.source_sequence or None,
                 }
                 link = self._chain.link(link, _chained(row))
                 conn.execute(
                     """INSERT INTO audit_events (sequence, event_id, action, source, user_index,
-                           user_id_ct, details_ct, occur_time, record_time, link, chain_version)
+                           user_id_ct, details_ct, occur_time, record_time, link, chain_version,
+                           source_epoch, source_sequence)
                        VALUES (:sequence, :event_id, :action, :source, :user_index, :user_id_ct,
-                               :details_ct, :occur_time, :record_time, :link, :chain_version)""",
+                               :details_ct, :occur_time, :record_time, :link, :chain_version,
+                               :source_epoch, :source_sequence)""",
                     {**row, "link": link, "chain_version": self._primary},
                 )
                 appended += 1
@@ -191,7 +223,12 @@ class SqliteAuditStore:
         """
         start = max(start, 1)
         with self._db.read() as conn:
-            boundary = self._rotation_boundary(conn)
+            try:
+                boundary = self._rotation_boundary(conn)
+            except IntegrityError:
+                total = int(conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0])
+                problem = "the key rotation's boundary record was altered"
+                return Verification(False, 0, start, problem, 0, total)
             head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
             total = int(conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0])
             previous: bytes | None = GENESIS
@@ -200,6 +237,14 @@ class SqliteAuditStore:
                     "SELECT link FROM audit_events WHERE sequence = ?", (start - 1,)
                 ).fetchone()
                 previous = None if before is None else bytes(before["link"])
+            # Where each producer's numbering stood before this slice (checked by the
+            # slices before it).
+            numbered = conn.execute(
+                "SELECT source, source_epoch, MAX(source_sequence) FROM audit_events"
+                " WHERE sequence < ? AND source_epoch IS NOT NULL GROUP BY source, source_epoch",
+                (start,),
+            )
+            numbering = chain.Numbering({(r[0], r[1]): int(r[2]) for r in numbered})
             rows = conn.execute(
                 "SELECT * FROM audit_events WHERE sequence >= ? ORDER BY sequence LIMIT ?",
                 (start, limit if limit > 0 else -1),
@@ -213,12 +258,19 @@ class SqliteAuditStore:
                 boundary=boundary,
                 total=total,
                 limit=limit,
+                numbering=numbering,
             )
 
-    @staticmethod
-    def _rotation_boundary(conn: sqlite3.Connection) -> Boundary | None:
-        row = conn.execute("SELECT boundary, old_link FROM audit_rotation WHERE id = 1").fetchone()
-        return Boundary(row["boundary"], bytes(row["old_link"])) if row else None
+    def _rotation_boundary(self, conn: sqlite3.Connection) -> Boundary | None:
+        """Where a rotation under way stands; IntegrityError if the record was altered
+        (it decides where verification switches from new links to old ones)."""
+        row = conn.execute(
+            "SELECT boundary, old_link, boundary_mac FROM audit_rotation WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return None
+        self._boundary_mac.check(row["boundary_mac"], row["boundary"], bytes(row["old_link"]))
+        return Boundary(row["boundary"], bytes(row["old_link"]))
 
     # Key rotation: re-encrypt each event and re-link the chain under the primary key, in
     # sequence order. Every old link is checked before it is replaced, so a rotation never
@@ -262,10 +314,11 @@ class SqliteAuditStore:
                 conn.execute("DELETE FROM audit_rotation")
             else:
                 conn.execute(
-                    "INSERT INTO audit_rotation (id, boundary, old_link) VALUES (1, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET boundary = excluded.boundary,"
-                    " old_link = excluded.old_link",
-                    (last, old_prev),
+                    "INSERT INTO audit_rotation (id, boundary, old_link, boundary_mac)"
+                    " VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    " boundary = excluded.boundary, old_link = excluded.old_link,"
+                    " boundary_mac = excluded.boundary_mac",
+                    (last, old_prev, self._boundary_mac.tag(last, bytes(old_prev))),
                 )
         return int(last), len(rows)
 

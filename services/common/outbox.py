@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import sqlite3
 from collections import deque
 from collections.abc import Sequence
@@ -48,6 +49,17 @@ CREATE TABLE audit_outbox (
 ) STRICT;
 """
 
+# The producer's count of its events (AuditEvent.source_sequence), so that the audit
+# service can tell when one never arrived (a pending outbox row deleted, say). A
+# service adds this in its own migrations after OUTBOX_TABLE.
+OUTBOX_NUMBERING_TABLE = """
+CREATE TABLE audit_outbox_numbering (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch TEXT    NOT NULL,
+    last  INTEGER NOT NULL
+) STRICT;
+"""
+
 SEND_TIMEOUT_SECONDS = 5.0
 BATCH_SIZE = 200
 
@@ -67,8 +79,19 @@ class SqliteOutbox:
         self._source = source
 
     def add(self, conn: sqlite3.Connection, record: AuditRecord) -> None:
-        """Adds an event inside the caller's open write transaction."""
+        """Adds an event inside the caller's open write transaction, numbered: the number
+        goes inside the encrypted event, so it cannot be changed without the key."""
         event = record.to_proto(self._source)
+        numbering = conn.execute("SELECT epoch, last FROM audit_outbox_numbering").fetchone()
+        if numbering is None:
+            epoch, last = secrets.token_hex(16), 0
+            conn.execute(
+                "INSERT INTO audit_outbox_numbering (id, epoch, last) VALUES (1, ?, 0)", (epoch,)
+            )
+        else:
+            epoch, last = numbering["epoch"], int(numbering["last"])
+        conn.execute("UPDATE audit_outbox_numbering SET last = ? WHERE id = 1", (last + 1,))
+        event.source_epoch, event.source_sequence = epoch, last + 1
         conn.execute(
             "INSERT INTO audit_outbox (event_id, event_ct) VALUES (?, ?)",
             (
@@ -116,10 +139,15 @@ class MemoryOutbox:
         self._events: deque[tuple[int, audit_event_pb2.AuditEvent]] = deque()
         self._capacity = capacity
         self._next_id = 1
+        # Numbered like the persistent outboxes, from 1 per process: an event dropped
+        # below is a gap the audit service reports, not a silent loss.
+        self._epoch = secrets.token_hex(16)
+        self._last = 0
         self.dropped = 0  # since start
         self._dropped_while_full = 0  # since the outbox last had room
 
     def record(self, record: AuditRecord) -> None:
+        self._last += 1
         if len(self._events) >= self._capacity:
             self.dropped += 1
             self._dropped_while_full += 1
@@ -131,7 +159,9 @@ class MemoryOutbox:
                     extra={"fields": {"capacity": self._capacity, "action": record.action}},
                 )
             return
-        self._events.append((self._next_id, record.to_proto(self._source)))
+        event = record.to_proto(self._source)
+        event.source_epoch, event.source_sequence = self._epoch, self._last
+        self._events.append((self._next_id, event))
         self._next_id += 1
 
     def peek(self, limit: int) -> list[tuple[int, audit_event_pb2.AuditEvent]]:

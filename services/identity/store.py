@@ -25,7 +25,7 @@ from typing import Any
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring, MacValue
 from services.common.errors import IntegrityError
-from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
+from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
@@ -126,6 +126,7 @@ MIGRATIONS = [
         ) STRICT;
         """,
     ),
+    Migration(6, OUTBOX_NUMBERING_TABLE),
 ]
 
 _TIMES = struct.Struct(">ddd")  # creation, last login, deactivation; -1 for none

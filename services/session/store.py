@@ -25,7 +25,7 @@ from typing import Any
 
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring, MacValue
-from services.common.outbox import OUTBOX_TABLE, SqliteOutbox
+from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
@@ -56,6 +56,7 @@ MIGRATIONS = [
     Migration(3, "ALTER TABLE sessions ADD COLUMN assurance_ct BLOB;"),
     # Row MACs; existing rows are sealed once, at the upgrade (see SEALING).
     Migration(ROW_MACS_SINCE, "ALTER TABLE sessions ADD COLUMN row_mac BLOB;"),
+    Migration(5, OUTBOX_NUMBERING_TABLE),
 ]
 
 _TIMES = struct.Struct(">ddd")  # login time, absolute deadline, idle deadline

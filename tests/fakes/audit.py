@@ -50,6 +50,8 @@ class MemoryAuditStore:
                     json.dumps(event.details, sort_keys=True).encode(),
                     event.occur_time,
                     now,
+                    event.source_epoch or None,
+                    event.source_sequence or None,
                 )
                 previous = self._rows[-1][1].link if self._rows else GENESIS
                 self._rows.append((stored, LinkedRow(row, self._chain.link(previous, row), 1)))
@@ -82,6 +84,12 @@ class MemoryAuditStore:
         if limit > 0:
             chosen = chosen[:limit]
         head = Head(len(rows), rows[-1].link) if rows else None
+        before: dict[tuple[str, str], int] = {}
+        for linked in rows[: start - 1]:
+            row = linked.row
+            if row.source_epoch is not None and row.source_sequence is not None:
+                key = (row.source, row.source_epoch)
+                before[key] = max(before.get(key, 0), row.source_sequence)
         return chain.verify(
             self._chain,
             chosen,
@@ -91,6 +99,7 @@ class MemoryAuditStore:
             boundary=None,
             total=len(rows),
             limit=limit,
+            numbering=chain.Numbering(before),
         )
 
     def counts(self) -> dict[str, int]:

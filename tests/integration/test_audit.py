@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import signal
@@ -112,6 +113,29 @@ def verify(stack: Stack) -> admin_pb.VerifyAuditLogResponse:
         return admin_grpc.AuditAdminServiceStub(channel).VerifyAuditLog(
             admin_pb.VerifyAuditLogRequest(), timeout=30
         )
+
+
+def test_an_event_deleted_from_a_producers_outbox_is_reported_as_missing(
+    stack_without_audit: Stack,
+) -> None:
+    # The review deleted a pending outbox row: the event was gone without a trace and
+    # VerifyAuditLog still said OK.
+    stack = stack_without_audit
+    client = user_client(stack)
+    keys = new_user(client, "victim")
+    for _ in range(3):
+        client.login("victim", keys)
+    stack["session"].stop()
+    with contextlib.closing(sqlite3.connect(stack.db_path("session"))) as db, db:
+        middle = db.execute("SELECT id FROM audit_outbox ORDER BY id").fetchall()[1][0]
+        db.execute("DELETE FROM audit_outbox WHERE id = ?", (middle,))
+    stack["session"].start()
+    stack["audit"].start()
+    wait_for_total(stack, 3)  # the registration and two of the three logins
+    result = verify(stack)
+    assert not result.ok
+    assert "events 2 of session" in result.problem
+    assert "never arrived" in result.problem
 
 
 def test_a_retried_batch_is_stored_once(audit_only: Stack) -> None:

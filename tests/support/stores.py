@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from services.audit.model import AuditStore
 from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
+from services.audit.store import SEALING as AUDIT_SEALING
 from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
@@ -142,7 +143,7 @@ class SqliteBackend:
         return Harness(store, lambda: _outbox_events(outbox))
 
     def audit(self) -> AuditStore:
-        opened = self._open("audit", AUDIT_MIGRATIONS)
+        opened = self._open("audit", AUDIT_MIGRATIONS, AUDIT_SEALING)
         return SqliteAuditStore(opened.database, opened.keyring)
 
 

@@ -75,3 +75,56 @@ def test_during_a_rotation_rows_past_the_boundary_chain_on_old_links() -> None:
     boundary = Boundary(2, old[1].link)
     assert check(rows, new, boundary=boundary).ok
     assert not check(rows, new).ok  # without the boundary the seam does not hold
+
+
+EPOCH_A, EPOCH_B = "a" * 32, "b" * 32
+
+
+def numbered_log(numbers: list[tuple[str, str, int]], links: Chain) -> list[LinkedRow]:
+    """Events with (source, epoch, the producer's number), chained in this order."""
+    rows, link = [], GENESIS
+    for sequence, (source, epoch, number) in enumerate(numbers, start=1):
+        event = dataclasses.replace(
+            row(sequence), source=source, source_epoch=epoch, source_sequence=number
+        )
+        link = links.link(link, event)
+        rows.append(LinkedRow(event, link, links.primary))
+    return rows
+
+
+def test_a_producers_events_that_never_arrived_are_named() -> None:
+    links = Chain(KEYS, 1)
+    rows = numbered_log(
+        [("session", EPOCH_A, 1), ("relay", EPOCH_B, 1), ("session", EPOCH_A, 2),
+         ("session", EPOCH_A, 5), ("relay", EPOCH_B, 2)],
+        links,
+    )  # fmt: skip
+    result = check(rows, links)
+    assert (result.ok, result.checked, result.first_bad_sequence) == (False, 5, 4)
+    assert result.problem.startswith("events 3 to 4 of session (numbering aaaaaaaa) never arrived")
+
+
+def test_a_numbering_that_goes_back_or_starts_late_is_named() -> None:
+    links = Chain(KEYS, 1)
+    back = numbered_log([("session", EPOCH_A, 1), ("session", EPOCH_A, 2),
+                         ("session", EPOCH_A, 1)], links)  # fmt: skip
+    result = check(back, links, head=Head(3, back[-1].link))
+    assert "went back to 1 after 2" in result.problem
+    late = numbered_log([("identity", EPOCH_A, 2)], links)
+    assert check(late, links, head=Head(1, late[-1].link)).problem.startswith("events 1 of")
+
+
+def test_numbering_carries_across_slices_and_epochs() -> None:
+    links = Chain(KEYS, 1)
+    rows = numbered_log(
+        [("relay", EPOCH_A, 1), ("relay", EPOCH_A, 2), ("relay", EPOCH_B, 1),
+         ("relay", EPOCH_A, 3), ("relay", EPOCH_B, 2)],
+        links,
+    )  # fmt: skip
+    assert check(rows, links).ok  # a restarted relay counts anew in its own epoch
+    primed = chain.Numbering({("relay", EPOCH_A): 2, ("relay", EPOCH_B): 1})
+    rest = check(rows[3:], links, start=4, previous=rows[2].link, numbering=primed)
+    assert rest.ok
+    gap = chain.Numbering({("relay", EPOCH_A): 1, ("relay", EPOCH_B): 1})
+    bad = check(rows[3:], links, start=4, previous=rows[2].link, numbering=gap)
+    assert (bad.ok, bad.first_bad_sequence) == (False, 4)

@@ -78,8 +78,10 @@ def test_chain_keys_and_an_audit_link() -> None:
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(ChainedRow)])
 def test_every_stored_field_changes_the_link(field: str) -> None:
     value = getattr(ROW, field)
-    if isinstance(value, bytes):
-        changed: Any = value[:-1] + bytes([value[-1] ^ 1])
+    if value is None:  # a field older rows lack: setting it must change the link too
+        changed: Any = 1 if field == "source_sequence" else "0" * 32
+    elif isinstance(value, bytes):
+        changed = value[:-1] + bytes([value[-1] ^ 1])
     elif isinstance(value, str):
         changed = value + "x"
     else:

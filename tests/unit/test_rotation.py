@@ -168,3 +168,21 @@ async def test_no_old_key_ciphertext_is_left_in_the_file_or_its_wal_after_rotati
     raw = await asyncio.to_thread(read_database_files, path)
     assert not [ct for ct in old if ct[5:] in raw]  # nonce and body of each old ciphertext
     during.database.close()
+
+
+def test_an_altered_rotation_boundary_is_named_and_stops_the_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    first = open_db(path, OLD, AUDIT_MIGRATIONS, service="audit")
+    SqliteAuditStore(first.database, first.keyring).append(audit_events(12), time.time())
+    first.database.close()
+    opened = open_db(path, NEW, AUDIT_MIGRATIONS, OLD, service="audit")
+    store = SqliteAuditStore(opened.database, opened.keyring)
+    store.rotate_batch(0, 5)  # half way: the boundary record says where the seam is
+    assert store.verify().ok
+    with opened.database.write() as conn:
+        conn.execute("UPDATE audit_rotation SET boundary = boundary + 1")
+    result = store.verify()
+    assert (result.ok, result.problem) == (False, "the key rotation's boundary record was altered")
+    with pytest.raises(IntegrityError):
+        store.rotate_batch(5, 5)
+    opened.database.close()

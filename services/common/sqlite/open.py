@@ -109,12 +109,14 @@ def open_database(
         try:
             migrate_base(conn)
             before = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            unlocked = unlock(conn, derived, olds, kdf_iterations)
+            if sealing is not None:
+                _refuse_rewound(path, unlocked, before, sealing)
             migrate(conn, migrations, before)
             conn.execute(f"PRAGMA user_version={migrations[-1].version}")
-            unlocked = unlock(conn, derived, olds, kdf_iterations)
             keyring = crypto.Keyring(service, unlocked.versions, primary=unlocked.primary)
-            if sealing is not None:
-                _seal(path, conn, keyring, unlocked, before, sealing)
+            if sealing is not None and not unlocked.rows_sealed:
+                _seal(conn, keyring, unlocked, sealing)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -126,22 +128,18 @@ def open_database(
     return OpenedDatabase(Database(conn, path, lock_fd), keyring)
 
 
+def _refuse_rewound(path: Path, unlocked: Unlocked, before: int, sealing: RowSealing) -> None:
+    if unlocked.rows_sealed and before < sealing.since:
+        raise StartupError(
+            f"{path.name} records that its rows carry MACs, but its schema (version "
+            f"{before}) is from before them: someone who can write the file rewound it. "
+            "Restore it from a backup; the file was not modified"
+        )
+
+
 def _seal(
-    path: Path,
-    conn: sqlite3.Connection,
-    keyring: crypto.Keyring,
-    unlocked: Unlocked,
-    before: int,
-    sealing: RowSealing,
+    conn: sqlite3.Connection, keyring: crypto.Keyring, unlocked: Unlocked, sealing: RowSealing
 ) -> None:
-    if unlocked.rows_sealed:
-        if before < sealing.since:
-            raise StartupError(
-                f"{path.name} records that its rows carry MACs, but its schema (version "
-                f"{before}) is from before them: someone who can write the file rewound it. "
-                "Restore it from a backup; the file was not modified"
-            )
-        return
     count = sealing.seal_legacy(conn, keyring)
     seal_versions(conn, unlocked.versions)
     if count:
