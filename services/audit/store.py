@@ -116,6 +116,7 @@ class SqliteAuditStore:
         self._chain = Chain(keyring.chain_keys(), keyring.primary_version)
         self._primary = keyring.primary_version
         self._boundary_mac = keyring.mac("audit/rotation_boundary")
+        self._head_at_last_batch: int | None = None  # see rotate_batch
 
     def append(self, events: list[NewEvent], now: float) -> tuple[int, int]:
         """Appends the batch in order, skipping known event ids: (appended, duplicates)."""
@@ -289,6 +290,15 @@ class SqliteAuditStore:
                 boundary, old_prev = 0, GENESIS
             else:
                 boundary, old_prev = started.sequence, started.old_link
+            head = conn.execute("SELECT sequence FROM audit_head WHERE id = 1").fetchone()
+            head_sequence = head["sequence"] if head else 0
+            # Events appended during a rotation chain on old links and join its work: each
+            # batch also takes up those appended since the last one, so the distance to the
+            # head shrinks by a full batch every time and a steady stream of appends cannot
+            # keep the rotation from finishing.
+            if self._head_at_last_batch is not None:
+                limit += max(0, head_sequence - self._head_at_last_batch)
+            self._head_at_last_batch = head_sequence
             rows = conn.execute(
                 "SELECT * FROM audit_events WHERE sequence > ? ORDER BY sequence LIMIT ?",
                 (boundary, limit),
@@ -308,8 +318,7 @@ class SqliteAuditStore:
                 old_prev = row["link"]
                 new_prev = self._rechain_row(conn, row, new_prev)
             last = rows[-1]["sequence"]
-            head = conn.execute("SELECT sequence FROM audit_head WHERE id = 1").fetchone()
-            if head is not None and head["sequence"] == last:
+            if head_sequence == last:
                 conn.execute("UPDATE audit_head SET link = ? WHERE id = 1", (new_prev,))
                 conn.execute("DELETE FROM audit_rotation")
             else:

@@ -123,6 +123,25 @@ async def test_audit_rotation_relinks_the_chain_and_verifies_at_every_step(
     opened.database.close()
 
 
+def test_audit_rotation_finishes_while_appends_outpace_each_batch(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    first = open_db(path, OLD, AUDIT_MIGRATIONS, service="audit")
+    SqliteAuditStore(first.database, first.keyring).append(audit_events(100), time.time())
+    first.database.close()
+    opened = open_db(path, NEW, AUDIT_MIGRATIONS, OLD, service="audit")
+    store = SqliteAuditStore(opened.database, opened.keyring)
+    after, batches = 0, 0
+    while store.remaining() and batches < 50:
+        # more events arrive between two batches than one batch re-links
+        store.append(audit_events(15, start=1000 + 15 * batches), time.time())
+        after, _ = store.rotate_batch(after, 10)
+        batches += 1
+    assert store.remaining() == 0, "the rotation chased the head and never closed"
+    result = store.verify()
+    assert (result.ok, result.checked) == (True, 100 + 15 * batches)
+    opened.database.close()
+
+
 def test_audit_rotation_refuses_to_relink_a_tampered_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     first = open_db(path, OLD, AUDIT_MIGRATIONS, service="audit")
