@@ -45,7 +45,12 @@ async def redis_server() -> AsyncIterator[int]:
         await process.wait()
 
 
-async def delivery(concurrency: int, seconds: float) -> load.Result:
+NAME = "Redis list (rpush, blpop)"
+
+
+@asynccontextmanager
+async def delivery() -> AsyncIterator[load.Call]:
+    """RPUSH, then the consumer's BLPOP takes it; latency from push to arrival."""
     async with redis_server() as port:
         producer = redis.Redis(port=port)
         consumer = redis.Redis(port=port)
@@ -71,9 +76,7 @@ async def delivery(concurrency: int, seconds: float) -> load.Result:
             await asyncio.wait_for(arrived, 10)
 
         try:
-            return await load.run(
-                "Redis list (rpush, blpop)", deliver, concurrency=concurrency, seconds=seconds
-            )
+            yield deliver
         finally:
             receiver.cancel()
             await producer.aclose()

@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,10 @@ from tests.support.stack import Stack, free_port
 from tests.support.users import new_user, registration, user_client
 
 PAYLOAD = bytes(120)  # about the size of the smaller requests below
+AUDIT_BATCH = 50
+# Case names that the summary refers to.
+REGISTER, BUNDLE, VALIDATE = "register user", "get key bundle", "validate session"
+DELIVERY = "relay delivery (send, stream, ack)"
 PRODUCTION_CACHES = {"TOKEN_CACHE_SECONDS": "2", "RECIPIENT_CACHE_SECONDS": "10"}
 UNLIMITED = {
     "identity": PRODUCTION_CACHES,
@@ -42,6 +49,8 @@ UNLIMITED = {
         "RELAY_MAX_QUEUE_MESSAGES": "10000000",
         "RELAY_MAX_QUEUE_BYTES": "4000000000",
         "RELAY_MAX_TOTAL_BYTES": "4000000000",
+        "RELAY_MAX_SENDER_MESSAGES": "10000000",
+        "RELAY_MAX_SENDER_BYTES": "4000000000",
     },
 }
 
@@ -63,7 +72,9 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def echo_ceiling(stack: Stack, concurrency: int, seconds: float) -> load.Result:
+@asynccontextmanager
+async def echo_case(stack: Stack) -> AsyncIterator[load.Call]:
+    """The ceiling: a bare echo call, in its own process, over the same TLS."""
     address = f"127.0.0.1:{free_port()}"
     tls = stack.layout.tls
     server = await asyncio.create_subprocess_exec(
@@ -80,34 +91,44 @@ async def echo_ceiling(stack: Stack, concurrency: int, seconds: float) -> load.R
             async def call(_: int) -> None:
                 await echo(PAYLOAD, timeout=10)
 
-            return await load.run("echo (ceiling)", call, concurrency=concurrency, seconds=seconds)
+            yield call
     finally:
         server.terminate()
         await server.wait()
 
 
-async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load.Result]:
+@dataclass
+class Actors:
+    """Who the cases act as, and the channels they use."""
+
+    token: str  # a user with a full session (bench-reader)
+    sink_token: str  # the recipient of the delivery case
+    relay: Any  # RelayService stub
+
+
+@asynccontextmanager
+async def hot_cases(
+    stack: Stack, seconds: float
+) -> AsyncIterator[tuple[list[tuple[str, load.Call]], Actors]]:
+    """The unary hot paths, ready to call; and who they act as."""
     client = user_client(stack)
     reader_keys = new_user(client, "bench-reader")
     token = client.login("bench-reader", reader_keys)
     for i in range(50):
         new_user(client, f"bench-peer{i}", one_time=100)
-    new_user(client, "bench-inbox", one_time=0)
-    inbox_token = (
-        client.login("bench-inbox", new_user(client, "bench-inbox2", one_time=0)) if False else ""
-    )
-    inbox_keys = UserKeys.generate(0)
-    client.identity.RegisterUser(registration("bench-sink", inbox_keys), timeout=10)
-    sink_token = client.login("bench-sink", inbox_keys)
-    del inbox_token
+    new_user(client, "bench-mailbox", one_time=0)  # relay send's recipient; never reads
+    sink_keys = UserKeys.generate(0)
+    client.identity.RegisterUser(registration("bench-sink", sink_keys), timeout=10)
+    sink_token = client.login("bench-sink", sink_keys)
     client.close()
 
-    # Registration requests are made ahead: key generation is the client's cost.
+    # Registration requests are made ahead: key generation is the client's cost. The
+    # server checks signatures over keys, not user ids, so key sets are reused.
+    key_sets = [UserKeys.generate(5) for _ in range(100)]
     prepared = [
-        registration(f"bench-new-{n}", UserKeys.generate(5))
-        for n in range(int(seconds * 1500) + 1000)
+        registration(f"bench-new-{n}", key_sets[n % len(key_sets)])
+        for n in range(int(seconds * 4000) + 2000)
     ]
-    results = []
     async with (
         aio_channel(stack, "identity") as identity_channel,
         aio_channel(stack, "session", cert="relay") as session_channel,
@@ -123,6 +144,7 @@ async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load
         audit: Any = audit_grpc.AuditServiceStub(audit_channel)
 
         async def register(n: int) -> None:
+            # Past the prepared ones a request is a duplicate and fails (counted as errors).
             await identity.RegisterUser(prepared[n % len(prepared)], timeout=10)
 
         async def bundle(n: int) -> None:
@@ -135,10 +157,8 @@ async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load
             )
 
         async def send(_: int) -> None:
-            request = relay_pb.SendMessageRequest(recipient_id="bench-sink", body=PAYLOAD)
+            request = relay_pb.SendMessageRequest(recipient_id="bench-mailbox", body=PAYLOAD)
             await relay.SendMessage(request, metadata=bearer(token), timeout=10)
-
-        batch = 50
 
         async def append(_: int) -> None:
             now = convert.timestamp(time.time())
@@ -147,7 +167,7 @@ async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load
                     event_id=uuid.uuid4().hex, action="user_login", source="identity",
                     user_id="bench-peer1", occur_time=now, details={"ip": "10.0.0.1"},
                 )
-                for _ in range(batch)
+                for _ in range(AUDIT_BATCH)
             ]  # fmt: skip
             await ingest.AppendAuditEvents(
                 ingest_pb.AppendAuditEventsRequest(events=events), timeout=10
@@ -156,42 +176,23 @@ async def hot_paths(stack: Stack, concurrency: int, seconds: float) -> list[load
         async def list_events(_: int) -> None:
             await audit.ListAuditEvents(audit_pb.ListAuditEventsRequest(page_size=50), timeout=10)
 
-        for name, call in (
-            ("register user", register),
-            ("get key bundle", bundle),
-            ("validate session", validate_session),
+        cases: list[tuple[str, load.Call]] = [
+            (REGISTER, register),
+            (BUNDLE, bundle),
+            (VALIDATE, validate_session),
             ("relay send", send),
-            (f"audit append ({batch}/call)", append),
+            (f"audit append ({AUDIT_BATCH}/call)", append),
             ("audit list (50/page)", list_events),
-        ):
-            results.append(await load.run(name, call, concurrency=concurrency, seconds=seconds))
-        results.append(await relay_delivery(relay, token, sink_token, concurrency, seconds))
-    return results
+        ]
+        yield cases, Actors(token, sink_token, relay)
 
 
-async def relay_delivery(
-    relay: Any,
-    sender_token: str,
-    recipient_token: str,
-    concurrency: int,
-    seconds: float,
-) -> load.Result:
-    """send -> live stream -> ack; latency from send to arrival on the stream."""
-    # Drain what earlier cases queued, so the stream starts empty.
-    while True:
-        page = await relay.FetchMessages(
-            relay_pb.FetchMessagesRequest(max_messages=1000), metadata=bearer(recipient_token)
-        )
-        if not page.messages:
-            break
-        ids = [m.message_id for m in page.messages]
-        await relay.AcknowledgeMessages(
-            relay_pb.AcknowledgeMessagesRequest(message_ids=ids), metadata=bearer(recipient_token)
-        )
+@asynccontextmanager
+async def relay_delivery(actors: Actors) -> AsyncIterator[load.Call]:
+    """send -> live stream -> ack, one message per call; latency from send to arrival."""
+    relay, recipient = actors.relay, bearer(actors.sink_token)
     arrivals: dict[bytes, asyncio.Future[None]] = {}
-    stream = relay.SubscribeMessages(
-        relay_pb.SubscribeMessagesRequest(), metadata=bearer(recipient_token)
-    )
+    stream = relay.SubscribeMessages(relay_pb.SubscribeMessagesRequest(), metadata=recipient)
 
     async def receive() -> None:
         async for item in stream:
@@ -199,7 +200,7 @@ async def relay_delivery(
             waiter = arrivals.pop(message.body, None)
             await relay.AcknowledgeMessages(
                 relay_pb.AcknowledgeMessagesRequest(message_ids=[message.message_id]),
-                metadata=bearer(recipient_token),
+                metadata=recipient,
                 timeout=10,
             )
             if waiter is not None and not waiter.done():
@@ -212,13 +213,11 @@ async def relay_delivery(
         arrived = asyncio.get_running_loop().create_future()
         arrivals[body] = arrived
         request = relay_pb.SendMessageRequest(recipient_id="bench-sink", body=body)
-        await relay.SendMessage(request, metadata=bearer(sender_token), timeout=10)
+        await relay.SendMessage(request, metadata=bearer(actors.token), timeout=10)
         await asyncio.wait_for(arrived, 10)
 
     try:
-        return await load.run(
-            "relay delivery (send, stream, ack)", deliver, concurrency=concurrency, seconds=seconds
-        )
+        yield deliver
     finally:
         stream.cancel()
         receiver.cancel()

@@ -1,6 +1,7 @@
 """`make bench`: every benchmark in one run, printed as ratios measured side by side.
 
-python -m bench.run [--seconds 3] [--concurrency 16] [--small 10000] [--large 100000]
+python -m bench.run [--seconds 3] [--concurrency 16] [--rounds 6] [--small 10000]
+                    [--large 100000] [--only rpc,storage,scale,memory]
 Writes bench/results/latest.json and latest.png.
 """
 
@@ -10,12 +11,50 @@ import argparse
 import asyncio
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench import load, redis_queue, relay_memory, rpc_cases, scale, storage
 
 RESULTS = Path(__file__).parent / "results"
+CEILING = "echo (ceiling)"
+GROUPS = ("rpc", "storage", "scale", "memory")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the performance work (issue 18): its figure before, and the goal."""
+
+    name: str
+    before: float
+    goal: float
+    higher_is_better: bool = True
+
+    def met(self, now: float) -> bool:
+        return now >= self.goal if self.higher_is_better else now <= self.goal
+
+
+# `before`: one `make bench` run on 2 cores, 2026-11-30, when the targets were set.
+TARGETS = {
+    "delivery_batched": Target("relay delivery / Redis, batched pair", 0.17, 1.0),
+    "delivery_single": Target("relay delivery / Redis, per message", 0.17, 1.0),
+    "validate": Target("validate session / echo", 0.52, 0.8),
+    "bundle": Target("get key bundle / echo", 0.23, 0.6),
+    "register": Target("register user / echo", 0.18, 0.4),
+    "read": Target("encrypted point read / SQLCipher", 0.39, 1.0),
+    "memory": Target("relay bytes per queued message", 438, 256, higher_is_better=False),
+}
+# Goals of the hot paths vs echo that issue 18 set below the general 0.8.
+ECHO_GOALS = {rpc_cases.REGISTER: 0.4, rpc_cases.BUNDLE: 0.6}
+
+
+@dataclass
+class Part:
+    """What one group of benchmarks adds to the report, the target table and the chart."""
+
+    report: dict[str, object]
+    now: dict[str, float] = field(default_factory=dict)
+    bars: list[tuple[str, float, float]] = field(default_factory=list)  # name, ratio, goal
 
 
 def _row(result: load.Result, ratio: float | None, target: str) -> str:
@@ -26,99 +65,159 @@ def _row(result: load.Result, ratio: float | None, target: str) -> str:
     )
 
 
-async def main(args: argparse.Namespace) -> dict[str, object]:
-    report: dict[str, object] = {"settings": vars(args)}
-    with tempfile.TemporaryDirectory(prefix="securemsg-bench-") as tmp:
-        root = Path(tmp)
-        stack = rpc_cases.start_stack(root / "stack")
-        try:
-            ceiling = await rpc_cases.echo_ceiling(stack, args.concurrency, args.seconds)
-            hot = await rpc_cases.hot_paths(stack, args.concurrency, args.seconds)
-        finally:
-            stack.stop()
-        redis_result = await redis_queue.delivery(args.concurrency, args.seconds)
-        stored = storage.compare(root / "storage")
-        scaled = await scale.compare(root, args.small, args.large, args.concurrency, args.seconds)
-    memory = relay_memory.overhead_per_message()
-
-    print(f"\n{'case':38} {'throughput':>12} {'p50 ms':>8} {'p99 ms':>8}  {'ratio':>6}  target")
+async def _rpc(args: argparse.Namespace, root: Path) -> Part:
+    """The hot paths beside the echo, then relay delivery beside Redis."""
+    timing = {"concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds}
+    stack = rpc_cases.start_stack(root / "stack")
+    try:
+        async with (
+            rpc_cases.echo_case(stack) as echo,
+            rpc_cases.hot_cases(stack, args.seconds) as (cases, actors),
+        ):
+            # Each hot path runs interleaved with the echo, so every ratio compares
+            # slices taken at the same moments.
+            measured = await load.interleaved([(CEILING, echo), *cases], **timing)
+            async with (
+                redis_queue.delivery() as redis_call,
+                rpc_cases.relay_delivery(actors) as relay_call,
+            ):
+                redis_result, delivery = await load.interleaved(
+                    [(redis_queue.NAME, redis_call), (rpc_cases.DELIVERY, relay_call)], **timing
+                )
+    finally:
+        stack.stop()
+    ceiling, hot = measured[0], measured[1:]
     print(_row(ceiling, 1.0, "the transport ceiling"))
-    unary = []
+    ratios = {}
     for result in hot:
-        ratio = result.per_second / ceiling.per_second
-        if "delivery" in result.name:
-            continue
-        unary.append((result.name, ratio))
-        print(_row(result, ratio, ">= 0.80 of echo"))
-    delivery = next(r for r in hot if "delivery" in r.name)
+        ratios[result.name] = result.per_second / ceiling.per_second
+        print(_row(result, ratios[result.name], "of echo"))
     relay_vs_redis = delivery.per_second / redis_result.per_second
     print(_row(redis_result, 1.0, "peer"))
-    print(_row(delivery, relay_vs_redis, ">= 1.00 of Redis"))
+    print(_row(delivery, relay_vs_redis, "of Redis"))
+    return Part(
+        report={
+            "ceiling": asdict(ceiling),
+            "hot_paths": [asdict(r) | {"ratio_to_echo": ratios[r.name]} for r in hot],
+            "redis": asdict(redis_result),
+            "delivery": asdict(delivery),
+            "relay_vs_redis": relay_vs_redis,
+        },
+        now={
+            "delivery_single": relay_vs_redis,
+            "validate": ratios[rpc_cases.VALIDATE],
+            "bundle": ratios[rpc_cases.BUNDLE],
+            "register": ratios[rpc_cases.REGISTER],
+        },
+        bars=[(f"{n} / echo", r, ECHO_GOALS.get(n, 0.8)) for n, r in ratios.items()]
+        + [("relay delivery / Redis", relay_vs_redis, 1.0)],
+    )
+
+
+def _storage(root: Path) -> Part:
+    stored = storage.compare(root / "storage")
     by_name = {r.name: r for r in stored}
-    storage_ratios = {}
+    ratios = {}
     for op in ("write", "read"):
         mine, plain, cipher = (
             by_name[f"{n} {op}"] for n in ("encrypted", "plain SQLite", "SQLCipher")
         )
-        storage_ratios[op] = (
-            mine.per_second / plain.per_second,
-            mine.per_second / cipher.per_second,
-        )
+        ratios[op] = (mine.per_second / plain.per_second, mine.per_second / cipher.per_second)
         print(_row(plain, 1.0, "peer"))
         print(_row(cipher, cipher.per_second / plain.per_second, "(SQLCipher vs plain)"))
-        print(
-            _row(
-                mine,
-                storage_ratios[op][0],
-                f">= 0.80 of plain; vs SQLCipher {storage_ratios[op][1]:.2f} (> 1)",
-            )
-        )
-    scale_ratios = {}
+        print(_row(mine, ratios[op][0], f"of plain; {ratios[op][1]:.2f} of SQLCipher"))
+    bars = []
+    for op, (plain_ratio, cipher_ratio) in ratios.items():
+        bars += [
+            (f"encrypted {op} / plain", plain_ratio, 0.8),
+            (f"encrypted {op} / SQLCipher", cipher_ratio, 1.0),
+        ]
+    return Part(
+        report={
+            "storage": [asdict(r) for r in stored],
+            "storage_ratios": {
+                k: {"vs_plain": v[0], "vs_sqlcipher": v[1]} for k, v in ratios.items()
+            },
+        },
+        now={"read": ratios["read"][1]},
+        bars=bars,
+    )
+
+
+async def _scale(args: argparse.Namespace, root: Path) -> Part:
+    scaled = await scale.compare(root, args.small, args.large, args.concurrency, args.seconds)
+    ratios = {}
     half = len(scaled) // 2
     for small, large in zip(scaled[:half], scaled[half:], strict=True):
         ratio = large.p50_ms / small.p50_ms if small.p50_ms else 0.0
-        scale_ratios[small.name.split(" @")[0]] = ratio
+        ratios[small.name.split(" @")[0]] = ratio
         print(_row(small, None, ""))
         print(_row(large, ratio, "p50 within 1.50x of the small population"))
-    print(f"{'relay bytes per queued message beyond its body':55} {memory:8.0f}  target <= 512")
-
-    report.update(
-        ceiling=asdict(ceiling),
-        hot_paths=[asdict(r) | {"ratio_to_echo": r.per_second / ceiling.per_second} for r in hot],
-        redis=asdict(redis_result),
-        relay_vs_redis=relay_vs_redis,
-        storage=[asdict(r) for r in stored],
-        storage_ratios={
-            k: {"vs_plain": v[0], "vs_sqlcipher": v[1]} for k, v in storage_ratios.items()
-        },
-        scale=[asdict(r) for r in scaled],
-        scale_p50_ratios=scale_ratios,
-        relay_overhead_bytes_per_message=memory,
+    return Part(
+        report={"scale": [asdict(r) for r in scaled], "scale_p50_ratios": ratios},
+        bars=[
+            (f"{name}: small p50 / large p50", 1 / r if r else 0, 1 / 1.5)
+            for name, r in ratios.items()
+        ],
     )
-    _chart(unary, relay_vs_redis, storage_ratios, scale_ratios)
+
+
+def _memory() -> Part:
+    memory = relay_memory.overhead_per_message()
+    print(f"{'relay bytes per queued message beyond its body':55} {memory:8.0f}")
+    return Part(report={"relay_overhead_bytes_per_message": memory}, now={"memory": memory})
+
+
+def _targets(now: dict[str, float]) -> dict[str, object]:
+    """Each target beside the figure it started from, all from this one run."""
+    print(f"\n{'target':40} {'before':>8} {'now':>8} {'goal':>8}")
+    for key, target in TARGETS.items():
+        sign = ">=" if target.higher_is_better else "<="
+        if key in now:
+            figure = f"{now[key]:8.2f}"
+            verdict = "met" if target.met(now[key]) else "MISSED"
+        else:
+            figure, verdict = f"{'-':>8}", "not measured"
+        print(
+            f"{target.name:40} {target.before:8.2f} {figure} {sign} {target.goal:5.2f}  {verdict}"
+        )
+    return {key: asdict(target) | {"now": now.get(key)} for key, target in TARGETS.items()}
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    groups = set(args.only.split(",")) if args.only else set(GROUPS)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"--only takes {','.join(GROUPS)}; not {','.join(sorted(unknown))}")
+    parts: list[Part] = []
+    print(f"\n{'case':38} {'throughput':>12} {'p50 ms':>8} {'p99 ms':>8}  {'ratio':>6}  target")
+    with tempfile.TemporaryDirectory(prefix="securemsg-bench-") as tmp:
+        root = Path(tmp)
+        if "rpc" in groups:
+            parts.append(await _rpc(args, root))
+        if "storage" in groups:
+            parts.append(_storage(root))
+        if "scale" in groups:
+            parts.append(await _scale(args, root))
+    if "memory" in groups:
+        parts.append(_memory())
+    report: dict[str, object] = {"settings": vars(args)}
+    now: dict[str, float] = {}
+    for part in parts:
+        report.update(part.report)
+        now.update(part.now)
+    report["targets"] = _targets(now)
+    _chart([bar for part in parts for bar in part.bars])
     return report
 
 
-def _chart(
-    unary: list[tuple[str, float]],
-    relay_vs_redis: float,
-    storage_ratios: dict[str, tuple[float, float]],
-    scale_ratios: dict[str, float],
-) -> None:
+def _chart(bars: list[tuple[str, float, float]]) -> None:
+    """Each ratio as a bar, its goal as a black tick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{name} / echo", ratio, 0.8) for name, ratio in unary]
-    bars.append(("relay delivery / Redis", relay_vs_redis, 1.0))
-    for op, (plain, cipher) in storage_ratios.items():
-        bars.append((f"encrypted {op} / plain", plain, 0.8))
-        bars.append((f"encrypted {op} / SQLCipher", cipher, 1.0))
-    bars += [
-        (f"{name}: small p50 / large p50", 1 / r if r else 0, 1 / 1.5)
-        for name, r in scale_ratios.items()
-    ]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1))
     names = [b[0] for b in bars]
     ax.barh(
@@ -139,8 +238,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=6, help="slices per interleaved case")
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
+    parser.add_argument("--only", default="", help=f"some of {','.join(GROUPS)} (default all)")
     arguments = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     result = asyncio.run(main(arguments))
