@@ -23,6 +23,7 @@ from services.common.identity_client import RemoteIdentityDirectory
 from services.common.ratelimit import WindowFactory, WindowLimit, local_windows
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
+from services.session.cache import DEFAULT_MAX_ENTRIES, CachedSessionStore
 from services.session.login import ChallengeBook, Challenges, Login, LoginLimits
 from services.session.recovery import PasswordLimits, PasswordLogin
 from services.session.redis_challenges import RedisChallengeBook
@@ -56,7 +57,12 @@ async def build(env: Env) -> App:
         recovery_lifetime=env.number("RECOVERY_SESSION_SECONDS", 900.0, minimum=1.0),
     )
     store = SqliteSessionStore(service.database, service.keyring, service.outbox)
-    sessions = Sessions(store, policy)
+    # The database file is this process's alone (locked), so every change passes through
+    # the cache: it may answer validations from memory (services/session/cache.py).
+    cached = CachedSessionStore(
+        store, env.integer("SESSION_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
+    )
+    sessions = Sessions(cached, policy, memo=cached)
     limits = LoginLimits(
         failures_per_account_address=env.integer(
             "LOGIN_MAX_FAILURES_PER_ACCOUNT_ADDRESS", 10, minimum=1

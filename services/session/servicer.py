@@ -71,7 +71,10 @@ class SessionServicer(pb_grpc.SessionServiceServicer):
         *,
         recent_step_up: bool = False,
     ) -> SessionRecord:
-        record = await asyncio.to_thread(self._sessions.validate, bearer_token(context))
+        token = bearer_token(context)
+        record = self._sessions.validate_remembered(token)
+        if record is None:
+            record = await asyncio.to_thread(self._sessions.validate, token)
         return self._sessions.require(record, scopes, recent_step_up=recent_step_up)
 
     async def CreateChallenge(
@@ -170,7 +173,12 @@ class SessionInternalServicer(internal_grpc.SessionInternalServiceServicer):
     async def ValidateSession(
         self, request: internal_pb.ValidateSessionRequest, context: Context
     ) -> internal_pb.ValidateSessionResponse:
-        record = await asyncio.to_thread(self._sessions.validate, request.token, strict_shape=True)
+        # From memory when it can say (no thread, no query); otherwise from the store.
+        record = self._sessions.validate_remembered(request.token)
+        if record is None:
+            record = await asyncio.to_thread(
+                self._sessions.validate, request.token, strict_shape=True
+            )
         # Fail closed: a service that does not ask for restricted sessions never sees one.
         if record.assurance.scope != assurance.FULL and not request.accept_restricted:
             raise PermissionDenied(assurance.RESTRICTED)

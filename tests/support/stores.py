@@ -26,6 +26,7 @@ from services.identity.model import FactorStore, IdentityStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SEALING as IDENTITY_SEALING
 from services.identity.store import SqliteIdentityStore
+from services.session.cache import CachedSessionStore
 from services.session.model import SessionStore
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
 from services.session.store import SEALING as SESSION_SEALING
@@ -147,6 +148,15 @@ class SqliteBackend:
         return SqliteAuditStore(opened.database, opened.keyring)
 
 
+class CachedSqliteBackend(SqliteBackend):
+    """The SQLite stores behind the per-process caches that the embedded default runs
+    with (services/session/cache.py): the cache must keep every store promise."""
+
+    def session(self) -> Harness[SessionStore]:
+        harness = super().session()
+        return Harness(CachedSessionStore(harness.store), harness.events)
+
+
 def _record_events(records: list[AuditRecord]) -> list[Event]:
     return [(e.action, e.user_id, dict(e.details)) for e in records]
 
@@ -159,4 +169,5 @@ def _outbox_events(outbox: SqliteOutbox) -> list[Event]:
 BACKENDS: dict[str, Callable[[Place], Backend]] = {
     "memory": MemoryBackend,
     "sqlite": SqliteBackend,
+    "sqlite+cache": CachedSqliteBackend,
 }
