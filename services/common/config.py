@@ -132,6 +132,9 @@ class ServerConfig:
     # Connections older than this are ended (gracefully), so clients spread over new
     # replicas; see services.common.channels.
     max_connection_age: float = 300.0
+    # Threads for blocking work (storage). Writers waiting for a group commit hold one
+    # each, so more threads let more writes share an fsync.
+    worker_threads: int = 32
 
     @classmethod
     def from_env(cls, service: str, env: Env) -> ServerConfig:
@@ -146,6 +149,7 @@ class ServerConfig:
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 1024 * 1024, minimum=4096),
             shutdown_grace_seconds=env.number("SHUTDOWN_GRACE_SECONDS", 5.0),
             max_connection_age=env.number("MAX_CONNECTION_AGE_SECONDS", 300.0, minimum=1.0),
+            worker_threads=env.integer("WORKER_THREADS", 32, minimum=1),
         )
         if config.tls is None:
             # Without TLS nothing authenticates a caller but its being on this machine.

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from services.common import caller, log, metrics, peers
@@ -100,8 +101,14 @@ def _request_id(given: object) -> str:
     return os.urandom(8).hex()
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authorization of internal APIs, request ids, and errors mapped to statuses.
+class _Guard:
+    """Authorization of internal APIs, request ids, metrics, and errors mapped to
+    statuses, wrapped once around each method's handler when it is registered.
+
+    (A gRPC server interceptor would do the same per call, and cost more per call: it
+    runs as a chain of coroutines and builds a new handler for every RPC. Measured on
+    the echo server: about 75 us of CPU per call for an interceptor that only returns
+    its handler, against 45 us for the same checks wrapped in once.)
 
     One instance per port: on the public port no internal API is ever served (there is
     no client certificate there, and in plaintext mode a loopback peer on it may be a
@@ -114,6 +121,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._policies = policies
         self._insecure = insecure
         self._internal = internal
+        self._wrapped: dict[str, Any] = {}
 
     def _caller(self, context: Context, allowed: frozenset[str] | None) -> str | None:
         """Authorizes the call and returns the authenticated service/operator name."""
@@ -130,26 +138,35 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return caller.LOOPBACK if peers.is_loopback(context.peer()) else None
         return peers.certificate_name(context)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(details)
+    def wrap(self, method: str, handler: Any) -> Any:
+        """The guarded handler of `method` (made once, then reused)."""
         if handler is None:
             return None
-        method: str = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(method, handler)
+        self._wrapped[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, method: str, handler: Any) -> Any:
         allowed = self._policies.get(method.split("/")[1])
-        incoming = dict(details.invocation_metadata or ())
-        rid = _request_id(incoming.get(REQUEST_ID_KEY))
+        ok_total = metrics.RPC_TOTAL.labels(method, grpc.StatusCode.OK.name)
+        seconds = metrics.RPC_SECONDS.labels(method)
+        ok_fields = {"method": method, "code": grpc.StatusCode.OK.name}
 
         def finish(code: grpc.StatusCode, started: float) -> None:
+            seconds.observe(time.perf_counter() - started)
+            if code == grpc.StatusCode.OK:
+                ok_total.inc()
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("rpc", extra={"fields": ok_fields})
+                return
             metrics.RPC_TOTAL.labels(method, code.name).inc()
-            metrics.RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-            level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
-            logger.log(level, "rpc", extra={"fields": {"method": method, "code": code.name}})
+            logger.info("rpc", extra={"fields": {"method": method, "code": code.name}})
 
-        def before(context: Context, request: Any) -> None:
+        def before(context: Context, request: Any) -> str:
+            rid = _request_id(_metadata_value(context, REQUEST_ID_KEY))
             log.request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             caller.set_service_caller(self._caller(context, allowed))
@@ -158,6 +175,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     f"the request is not a valid serialized {request.type_name}; build it with "
                     "code generated from this service's .proto files"
                 )
+            return rid
 
         deserializer = _tolerant(handler.request_deserializer, method)
         if handler.unary_unary is not None:
@@ -165,8 +183,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def unary(request: Any, context: Context) -> Any:
                 started = time.perf_counter()
+                rid = ""
                 try:
-                    before(context, request)
+                    rid = before(context, request)
                     reply = await inner(request, context)
                 except Exception as exc:
                     finish(_code_of(exc), started)
@@ -184,8 +203,9 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 started = time.perf_counter()
+                rid = ""
                 try:
-                    before(context, request)
+                    rid = before(context, request)
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
@@ -199,6 +219,45 @@ class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _metadata_value(context: Context, key: str) -> object:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value
+    return None
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """A generic handler whose handlers come out guarded."""
+
+    def __init__(self, inner: Any, guard: _Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        return self._guard.wrap(handler_call_details.method, handler)
+
+
+class _GuardedRegistrar:
+    """What generated `add_*Servicer_to_server` functions are given instead of the
+    server: every handler they register goes to the server guarded."""
+
+    def __init__(self, server: Any, guard: _Guard) -> None:
+        self._server = server
+        self._guard = guard
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[Any]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_GuardedGeneric(handler, self._guard) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service,
+            {name: self._guard.wrap(f"/{service}/{name}", h) for name, h in handlers.items()},
+        )
 
 
 def _code_of(exc: Exception) -> grpc.StatusCode:
@@ -259,7 +318,7 @@ def server_credentials(
 class Server:
     """A started gRPC server with health and reflection, on a public and an internal port.
 
-    Each port is its own gRPC server with its own interceptor, so a call always knows
+    Each port is its own gRPC server with its own guard, so a call always knows
     which port it came in on: internal APIs are refused on the public port whatever the
     peer (TLS or not), and in plaintext mode loopback counts only on the internal port.
     """
@@ -280,9 +339,6 @@ class Server:
     def _grpc_server(self, policies: dict[str, frozenset[str]], *, internal: bool) -> Any:
         size = self.config.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[
-                _Interceptor(policies, insecure=self.config.tls is None, internal=internal)
-            ],
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -293,16 +349,21 @@ class Server:
                 ("grpc.max_connection_age_grace_ms", 30_000 if internal else 86_400_000),
             ],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        guarded: Any = _GuardedRegistrar(
+            server, _Guard(policies, insecure=self.config.tls is None, internal=internal)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, guarded)
         # Every API is registered on both ports, so a misdirected internal call gets
         # PERMISSION_DENIED (saying why) rather than UNIMPLEMENTED.
         for binding in self.app.bindings:
-            binding.add_to_server(binding.servicer, server)
-        reflection.enable_server_reflection(
-            [b.full_name for b in self.app.bindings]
-            + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
+            binding.add_to_server(binding.servicer, guarded)
+        # What reflection.enable_server_reflection does for an aio server, guarded.
+        names = [b.full_name for b in self.app.bindings]
+        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        servicer = reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+            [*names, reflection.SERVICE_NAME]
         )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, guarded)
         return server
 
     def _listen(self, server: Any, address: str, *, require_client_cert: bool) -> int:
@@ -361,6 +422,9 @@ def run(service: str, build: Callable[[Env], Awaitable[App]]) -> None:
 
 async def _serve(service: str, env: Env, build: Callable[[Env], Awaitable[App]]) -> None:
     config = ServerConfig.from_env(service, env)
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(config.worker_threads, thread_name_prefix="worker")
+    )
     metrics.serve(env.string("METRICS_ADDRESS", f"127.0.0.1:{metrics_port(service)}"))
     app = await build(env)
     server = Server(config, app)
