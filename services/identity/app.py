@@ -15,6 +15,7 @@ from services.common.config import Env
 from services.common.errors import Unavailable
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
+from services.identity.cache import DEFAULT_MAX_ENTRIES, CachedIdentityStore
 from services.identity.domain import Identity, IdentityLimits
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.factors import FactorLimits, Factors
@@ -40,7 +41,12 @@ async def build(env: Env) -> App:
         audit_outbox=True,
         sealing=SEALING,
     )
-    store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
+    sqlite_store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
+    # The database file is this process's alone (locked), so every change passes through
+    # the cache: key bundles may read accounts from memory (services/identity/cache.py).
+    store = CachedIdentityStore(
+        sqlite_store, env.integer("IDENTITY_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
+    )
     factor_store = SqliteFactorStore(service.database, service.keyring, service.outbox)
     factors = Factors(
         factor_store,
@@ -74,6 +80,7 @@ async def build(env: Env) -> App:
             ),
         ),
         on_login=factors.refill_password_budget,
+        published=store,
     )
     retry_seconds = env.number("REVOCATION_RETRY_SECONDS", 1.0, minimum=0.05)
 
@@ -115,6 +122,6 @@ async def build(env: Env) -> App:
             ),
         ],
         # Rotation is a concern of these SQLite stores, not of the store protocols.
-        rotatable=[*store.rotatables(), factor_store.rotatable()],
+        rotatable=[*sqlite_store.rotatables(), factor_store.rotatable()],
         background=[revoke_forever],
     )

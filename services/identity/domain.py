@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from services.common import audit_events, validation
 from services.common.addresses import limit_key
@@ -74,6 +75,15 @@ class IdentityLimits:
     prekeys_per_target_per_hour: int = 10
 
 
+class PublishedKeys(Protocol):
+    """Accounts as read before, kept in memory (services.identity.cache)."""
+
+    def published(self, user_id: str) -> User | None:
+        """The account and its published keys and status (its one-time prekey count may
+        be out of date), or None for an unknown user."""
+        ...
+
+
 class Identity:
     """The identity service's use cases. Callers are already authenticated."""
 
@@ -84,8 +94,11 @@ class Identity:
         clock: Callable[[], float] = time.time,
         limits: IdentityLimits | None = None,
         on_login: Callable[[str], None] = lambda user_id: None,
+        published: PublishedKeys | None = None,
     ) -> None:
         self._store = store
+        # Where a key bundle's account comes from: memory when the wiring gives one.
+        self._published = published.published if published is not None else store.get_user
         self._revoker = revoker
         self._clock = clock
         # A device-key login also refills the password budget (see factors.py).
@@ -154,7 +167,9 @@ class Identity:
         wait = self._bundles.acquire(caller)
         if wait is not None:
             raise ResourceExhausted("too many key bundle requests", retry_after=wait)
-        user = self.profile(user_id)
+        user = self._published(user_id)
+        if user is None or not user.active:
+            raise NoSuchUser
         may_take = self._prekeys_per_target.acquire(f"{caller} {user_id}") is None
         return Bundle(
             user_id=user.user_id,

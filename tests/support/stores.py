@@ -21,6 +21,7 @@ from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
 from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_database
+from services.identity.cache import CachedIdentityStore
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.model import FactorStore, IdentityStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
@@ -150,7 +151,11 @@ class SqliteBackend:
 
 class CachedSqliteBackend(SqliteBackend):
     """The SQLite stores behind the per-process caches that the embedded default runs
-    with (services/session/cache.py): the cache must keep every store promise."""
+    with (services/{identity,session}/cache.py): a cache must keep every store promise."""
+
+    def identity(self) -> Harness[IdentityStore]:
+        harness = super().identity()
+        return Harness(CachedIdentityStore(harness.store), harness.events)
 
     def session(self) -> Harness[SessionStore]:
         harness = super().session()
