@@ -46,7 +46,7 @@ class Message:
         self,
         message_id: str,
         sender_id: str,
-        body: bytearray,
+        body: bytearray | memoryview,
         send_time: float,
         expire: float,
         promised_expire: float | None = None,
@@ -57,6 +57,7 @@ class Message:
         # remembers the highest it delivered (its cursor) and reads only what follows.
         self.seq = seq
         self.sender_id = sender_id
+        # The body as stored (a view of the memory store's record), not a copy.
         self.body = body
         self.send_time = send_time
         self.expire_time = expire

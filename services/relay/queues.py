@@ -13,13 +13,23 @@ Fairness, so that one actor cannot fill the relay for everyone:
   recipients that never come drain in hours, not days; when the recipient connects,
   their messages get the full lifetime granted at sending;
 - open streams are capped per user and in all.
+
+Compact records, so that a queued message costs little beyond its body (bench:
+services/relay memory per queued message): each message is one bytearray, a fixed
+header (sending time, expiry, promised expiry, the sender's slot) followed by the body,
+held in its mailbox's dict under its sequence number. Message ids are not stored: they
+are this process's random prefix followed by the sequence number, so an id from before
+a restart never names a message after it. Expiry is scheduled per mailbox (its earliest
+expiry in a heap), not per message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,25 +51,39 @@ from services.relay.model import (
 SEEN_RECIPIENTS = 100_000
 
 
+# A stored message: sending time, expiry, promised expiry (see Message), sender slot;
+# then the body.
+_HEADER = struct.Struct("<dddI")
+_EXPIRE_AT = struct.calcsize("<d")
+
+
 class _Load:
-    """What one sender has waiting in all queues."""
+    """What one sender has waiting in all queues, and the slot naming them in records."""
 
-    __slots__ = ("cost", "messages")
+    __slots__ = ("cost", "messages", "slot")
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int) -> None:
         self.messages = 0
         self.cost = 0
+        self.slot = slot
 
 
 class _Mailbox:
-    __slots__ = ("cost", "last_seq", "messages", "recipient", "wakeups")
+    __slots__ = ("cost", "due", "last_seq", "messages", "recipient", "wakeups")
 
     def __init__(self, recipient: str) -> None:
-        self.recipient = recipient  # one string per recipient, shared by the expiry heap
-        self.messages: OrderedDict[str, Message] = OrderedDict()
+        self.recipient = recipient  # one string per recipient, shared by the schedule
+        self.messages: dict[int, bytearray] = {}  # seq -> record, oldest first
         self.cost = 0
         self.last_seq = 0  # a mailbox outlives every stream reading it, so seqs only grow
         self.wakeups: set[asyncio.Event] = set()
+        # No message expires before this (it may be earlier than the first real expiry:
+        # deletions and longer lives do not raise it; the sweep corrects it).
+        self.due = math.inf
+
+
+def _expire_time(record: bytearray) -> float:
+    return float(_HEADER.unpack_from(record)[1])
 
 
 class MessageQueues:
@@ -77,7 +101,10 @@ class MessageQueues:
         # Security events, at most one per kind and key a minute; never who messages whom.
         self._announced = SlidingWindowLimiter(1, 60.0)
         self._boxes: dict[str, _Mailbox] = {}
-        self._expiry: list[tuple[float, str, str]] = []  # (expire time, message id, recipient)
+        self._due: list[tuple[float, str]] = []  # (a mailbox's due time, recipient)
+        # Message ids: this prefix, then the sequence number in hex. Random per process,
+        # so an id kept from before a restart names nothing after it.
+        self._id_prefix = secrets.token_urlsafe(6)
         self._total_cost = 0
         self._total_messages = 0
         self._recipients = 0  # mailboxes holding at least one message
@@ -85,10 +112,13 @@ class MessageQueues:
         self._total_body_bytes = 0
         self._senders = SlidingWindowLimiter(limits.sends_per_minute, 60.0)
         self._loads: dict[str, _Load] = {}
+        self._slots: list[str] = []  # sender id by record slot ("" when free)
+        self._free_slots: list[int] = []
         self._seen: OrderedDict[str, None] = OrderedDict()
-        # (sender, recipient, client_message_id) -> first message, for idempotent sends;
-        # forgotten after IDEMPOTENCY_SECONDS (or the message's TTL) by `expire`.
-        self._sent: dict[tuple[str, str, str], Message] = {}
+        # (sender, recipient, client_message_id) -> the first message's (seq, send time,
+        # expiry), for idempotent sends; forgotten after IDEMPOTENCY_SECONDS (or the
+        # message's TTL) by `expire`.
+        self._sent: dict[tuple[str, str, str], tuple[int, float, float]] = {}
         self._sent_expiry: list[tuple[float, tuple[str, str, str]]] = []
         self.closing = asyncio.Event()
 
@@ -116,6 +146,56 @@ class MessageQueues:
         """Bytes one sender may have waiting now (shrinks once the relay is half full)."""
         return sender_allowance(self.limits, self._total_cost)
 
+    # --- ids and records --------------------------------------------------------------
+
+    def _message_id(self, seq: int) -> str:
+        return f"{self._id_prefix}{seq:x}"
+
+    def _seq_of(self, message_id: str) -> int | None:
+        """The sequence number an id of ours names; None for anything else (exactly
+        our own spelling: int() alone would also take '+1f', '1_f' or ' 1f')."""
+        if not message_id.startswith(self._id_prefix):
+            return None
+        digits = message_id[len(self._id_prefix) :]
+        try:
+            seq = int(digits, 16)
+        except ValueError:
+            return None
+        return seq if f"{seq:x}" == digits else None
+
+    def _message(self, seq: int, record: bytearray) -> Message:
+        """What the domain and the transport see of a stored record; the body is a view
+        of the record, not a copy (and is wiped with it)."""
+        send_time, expire, promised, slot = _HEADER.unpack_from(record)
+        return Message(
+            self._message_id(seq),
+            self._slots[slot],
+            memoryview(record)[_HEADER.size :],
+            send_time,
+            expire,
+            promised,
+            seq,
+        )
+
+    def _load(self, sender_id: str) -> _Load:
+        load = self._loads.get(sender_id)
+        if load is None:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+                self._slots[slot] = sender_id
+            else:
+                slot = len(self._slots)
+                self._slots.append(sender_id)
+            load = self._loads[sender_id] = _Load(slot)
+        return load
+
+    def _schedule(self, box: _Mailbox, expire: float) -> None:
+        if expire < box.due:
+            box.due = expire
+            heapq.heappush(self._due, (expire, box.recipient))
+
+    # --- QueueStore -------------------------------------------------------------------
+
     async def send(
         self,
         sender_id: str,
@@ -127,7 +207,8 @@ class MessageQueues:
         """Queues an admitted message for an active recipient, if there is room."""
         idempotency = (sender_id, recipient_id, client_message_id)
         if client_message_id and idempotency in self._sent:
-            return self._sent[idempotency]
+            seq, sent_at, expire = self._sent[idempotency]
+            return Message(self._message_id(seq), sender_id, bytearray(body), sent_at, expire)
         box = self._boxes.get(recipient_id)
         cost = len(body) + MESSAGE_OVERHEAD_BYTES
         queued, queue_cost = (len(box.messages), box.cost) if box is not None else (0, 0)
@@ -142,41 +223,35 @@ class MessageQueues:
         if refusal is not None:
             raise self.refuse(refusal, sender_id)
         now = self._clock()
-        expire = now + ttl
+        promised = now + ttl
+        expire = promised
         if recipient_id not in self._seen:
             expire = min(expire, now + self.limits.unseen_recipient_ttl)
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.last_seq += 1
-        # 96 random bits: ids only name messages inside one recipient's own queue.
-        message = Message(
-            secrets.token_urlsafe(12),
-            sender_id,
-            bytearray(body),
-            now,
-            expire,
-            now + ttl,
-            box.last_seq,
-        )
+        seq = box.last_seq
+        load = self._load(sender_id)
+        record = bytearray(_HEADER.size + len(body))
+        _HEADER.pack_into(record, 0, now, expire, promised, load.slot)
+        record[_HEADER.size :] = body
         if client_message_id:
-            self._sent[idempotency] = message
+            self._sent[idempotency] = (seq, now, expire)
             forget_at = now + min(ttl, IDEMPOTENCY_SECONDS)
             heapq.heappush(self._sent_expiry, (forget_at, idempotency))
-        box.messages[message.message_id] = message
+        box.messages[seq] = record
         if len(box.messages) == 1:
             self._recipients += 1
         box.cost += cost
-        if load is None:
-            load = self._loads[sender_id] = _Load()
         load.messages += 1
         load.cost += cost
         self._total_cost += cost
         self._total_messages += 1
         self._total_body_bytes += len(body)
-        heapq.heappush(self._expiry, (message.expire_time, message.message_id, box.recipient))
+        self._schedule(box, expire)
         for wakeup in box.wakeups:
             wakeup.set()
-        return message
+        return self._message(seq, record)
 
     def refuse(self, scope: str, sender_id: str) -> ResourceExhausted:
         """The refusal for a full `scope` (see `over_caps`), announced to audit."""
@@ -198,12 +273,11 @@ class MessageQueues:
         if len(self._seen) > SEEN_RECIPIENTS:
             self._seen.popitem(last=False)
         box = self._boxes.get(recipient_id)
-        for message in box.messages.values() if box else ():
-            if message.expire_time < message.promised_expire_time:
-                message.expire_time = message.promised_expire_time
-                heapq.heappush(
-                    self._expiry, (message.expire_time, message.message_id, recipient_id)
-                )
+        for record in box.messages.values() if box else ():
+            _, expire, promised, _ = _HEADER.unpack_from(record)
+            if expire < promised:
+                struct.pack_into("<d", record, _EXPIRE_AT, promised)
+        # The mailbox's due time only ever runs early; the sweep moves it on.
 
     async def pending(
         self,
@@ -231,15 +305,15 @@ class MessageQueues:
         now = self._clock()
         batch: list[Message] = []
         size = 0
-        for message in box.messages.values():
-            if message.expire_time <= now or message.seq <= after:
+        for seq, record in box.messages.items():
+            if seq <= after or _expire_time(record) <= now:
                 continue
-            size += message.cost
+            size += len(record) - _HEADER.size + MESSAGE_OVERHEAD_BYTES
             if (limit is not None and len(batch) >= limit) or (
                 max_bytes is not None and batch and size > max_bytes
             ):
                 break
-            batch.append(message)
+            batch.append(self._message(seq, record))
         return batch
 
     async def acknowledge(self, recipient_id: str, message_ids: list[str]) -> int:
@@ -248,26 +322,32 @@ class MessageQueues:
             return 0
         removed = 0
         for message_id in message_ids:
-            message = box.messages.pop(message_id, None)
-            if message is not None:
-                self._forget(box, message)
+            seq = self._seq_of(message_id)
+            record = box.messages.pop(seq, None) if seq is not None else None
+            if record is not None:
+                self._forget(box, record)
                 removed += 1
         self._drop_if_empty(recipient_id, box)
         return removed
 
-    def _forget(self, box: _Mailbox, message: Message) -> None:
+    def _forget(self, box: _Mailbox, record: bytearray) -> None:
         if not box.messages:
             self._recipients -= 1
-        box.cost -= message.cost
-        load = self._loads[message.sender_id]
+        body_bytes = len(record) - _HEADER.size
+        cost = body_bytes + MESSAGE_OVERHEAD_BYTES
+        box.cost -= cost
+        sender_id = self._slots[_HEADER.unpack_from(record)[3]]
+        load = self._loads[sender_id]
         load.messages -= 1
-        load.cost -= message.cost
+        load.cost -= cost
         if not load.messages:
-            del self._loads[message.sender_id]
-        self._total_cost -= message.cost
+            del self._loads[sender_id]
+            self._slots[load.slot] = ""
+            self._free_slots.append(load.slot)
+        self._total_cost -= cost
         self._total_messages -= 1
-        self._total_body_bytes -= len(message.body)
-        message.wipe()
+        self._total_body_bytes -= body_bytes
+        record[:] = bytes(len(record))  # best effort: copies made by gRPC are not ours
 
     def _drop_if_empty(self, recipient_id: str, box: _Mailbox) -> None:
         if not box.messages and not box.wakeups:
@@ -279,25 +359,28 @@ class MessageQueues:
         while self._sent_expiry and self._sent_expiry[0][0] <= now:
             self._sent.pop(heapq.heappop(self._sent_expiry)[1], None)
         removed = 0
-        while self._expiry and self._expiry[0][0] <= now:
-            _, message_id, recipient_id = heapq.heappop(self._expiry)
+        while self._due and self._due[0][0] <= now:
+            due, recipient_id = heapq.heappop(self._due)
             box = self._boxes.get(recipient_id)
-            message = box.messages.get(message_id) if box else None
-            # An entry may be stale: its message was acknowledged, or given a longer life.
-            if box is not None and message is not None and message.expire_time <= now:
-                del box.messages[message_id]
-                self._forget(box, message)
-                self._drop_if_empty(recipient_id, box)
-                removed += 1
-        # Entries of acknowledged messages linger until their expiry time; rebuild the heap
-        # when they dominate so its memory stays proportional to what is queued.
-        if len(self._expiry) > 2 * self._total_messages + 1024:
-            self._expiry = [
-                (m.expire_time, m.message_id, recipient)
-                for recipient, box in self._boxes.items()
-                for m in box.messages.values()
-            ]
-            heapq.heapify(self._expiry)
+            if box is None or box.due != due:
+                continue  # stale: the mailbox went, or an earlier entry stands for it
+            box.due = math.inf
+            for seq, record in list(box.messages.items()):
+                expire = _expire_time(record)
+                if expire <= now:
+                    del box.messages[seq]
+                    self._forget(box, record)
+                    removed += 1
+                else:
+                    box.due = min(box.due, expire)
+            if box.due < math.inf:
+                heapq.heappush(self._due, (box.due, recipient_id))
+            self._drop_if_empty(recipient_id, box)
+        # Stale entries linger until their time; rebuild the heap when they dominate, so
+        # its memory stays proportional to the mailboxes.
+        if len(self._due) > 2 * len(self._boxes) + 1024:
+            self._due = [(b.due, r) for r, b in self._boxes.items() if b.due < math.inf]
+            heapq.heapify(self._due)
         return removed
 
     async def watch(self, recipient_id: str) -> asyncio.Event:

@@ -4,6 +4,8 @@ against both stores (in memory, and in a private Redis)."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -81,16 +83,18 @@ async def test_expired_messages_are_hidden_then_swept(queues: Build, clock: Fake
     assert (await q.stats()).queued_messages == 1
 
 
-async def test_the_expiry_heap_is_compacted_after_acknowledgements(clock: FakeClock) -> None:
+async def test_the_expiry_schedule_is_compacted_after_acknowledgements(clock: FakeClock) -> None:
     q = MessageQueues(
         RelayLimits(max_queue_messages=10_000, sends_per_minute=10_000, max_sender_messages=10_000),
         MemoryOutbox("relay"),
         clock,
     )
-    sent = [await send(q) for _ in range(3000)]
-    await q.acknowledge("bob", sent)
+    for recipient in range(3000):  # a mailbox each, each scheduled
+        await send_from(q, "alice", f"user{recipient}", b"x")
+    for recipient in range(3000):
+        await q.acknowledge(f"user{recipient}", await ids(q, f"user{recipient}"))
     await q.expire()
-    assert len(q._expiry) == 0
+    assert len(q._due) == 0
 
 
 async def test_per_recipient_count_cap(queues: Build) -> None:
@@ -268,3 +272,37 @@ async def test_a_repeated_client_message_id_queues_the_message_once(queues: Buil
     assert await send_from(q, "alice", "bob", b"hi", cmid="c-1") == first  # still a retry
     assert await ids(q) == [other]
     assert await send_from(q, "alice", "bob", b"hi") != await send_from(q, "alice", "bob", b"hi")
+
+
+async def test_an_id_is_honoured_only_exactly_as_given_out_in_this_process(
+    clock: FakeClock,
+) -> None:
+    q = MessageQueues(RelayLimits(), MemoryOutbox("relay"), clock)
+    message_id = await send(q, b"one")
+    prefix, digits = message_id[:-1], message_id[-1]
+    earlier_process = MessageQueues(RelayLimits(), MemoryOutbox("relay"), clock)
+    foreign = await send(earlier_process, b"old")
+    for alias in (f"{prefix}0{digits}", f"{prefix}+{digits}", f"{prefix} {digits}", foreign):
+        assert await q.acknowledge("bob", [alias]) == 0
+    assert await q.acknowledge("bob", [message_id]) == 1
+
+
+async def test_a_queued_message_costs_little_beyond_its_body(clock: FakeClock) -> None:
+    """Measured with tracemalloc, not timed: the same count on any machine."""
+    q = MessageQueues(
+        RelayLimits(max_queue_messages=10_000, max_sender_messages=10_000, sends_per_minute=10**6),
+        MemoryOutbox("relay"),
+        clock,
+    )
+    body = bytes(256)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(5000):
+            await send_from(q, f"sender{n % 10}", f"user{n % 50}", body)
+        gc.collect()
+        per_message = (tracemalloc.get_traced_memory()[0] - before) / 5000 - len(body)
+    finally:
+        tracemalloc.stop()
+    assert per_message <= 256
