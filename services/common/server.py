@@ -218,7 +218,39 @@ class _Guard:
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None:
+            inner_bidi = handler.stream_stream
+
+            async def bidi(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                rid = ""
+                try:
+                    rid = before(context, None)
+                    async for item in inner_bidi(_decoded(requests), context):
+                        yield item
+                except Exception as exc:
+                    finish(_code_of(exc), started)
+                    await _abort(context, exc, method, rid)
+                finish(grpc.StatusCode.OK, started)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi,
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream's requests, ending the call with INVALID_ARGUMENT at one that did not
+    parse (as a unary call's would)."""
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(
+                f"a request on this stream is not a valid serialized {request.type_name}; "
+                "build it with code generated from this service's .proto files"
+            )
+        yield request
 
 
 def _metadata_value(context: Context, key: str) -> object:

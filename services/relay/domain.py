@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 
 from services.common import audit_events
-from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.relay.model import Message, QueueStore, RecipientDirectory, RelayStats
+from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from services.relay.model import Message, Outgoing, QueueStore, RecipientDirectory, RelayStats
 
 DEFAULT_FETCH = 100
 MAX_FETCH = 1000
@@ -21,6 +28,8 @@ MAX_ACK_IDS = 1000
 # What a live stream reads per round (it reads again at once while rounds come full).
 STREAM_BATCH = 100
 MAX_CLIENT_MESSAGE_ID_CHARS = 64
+# Messages in one multi-recipient send.
+MAX_SEND_BATCH = 100
 
 
 class Relay:
@@ -47,19 +56,50 @@ class Relay:
     ) -> Message:
         """Queues a message; a repeated `client_message_id` (the sender's retry after a
         lost reply) returns the first send's message instead of queueing it again."""
-        if len(client_message_id) > MAX_CLIENT_MESSAGE_ID_CHARS or not (
-            client_message_id.isascii() and client_message_id.isprintable()
-        ):
-            raise InvalidArgument(
-                f"client_message_id must be at most {MAX_CLIENT_MESSAGE_ID_CHARS} printable "
-                "ASCII characters (a UUID, say)"
-            )
+        _check_client_message_id(client_message_id)
         # Admission (shape, size, TTL, the sender's rate) comes before the identity lookup,
         # so a flood costs no call to identity; room in the queues is checked last.
         ttl = await self._queues.admit(sender_id, recipient_id, body, requested_ttl)
         if not await self._recipients.is_active(recipient_id):
             raise NotFound("no active user with that recipient_id")
         return await self._queues.send(sender_id, recipient_id, body, ttl, client_message_id)
+
+    async def send_many(
+        self, sender_id: str, messages: Sequence[Outgoing], requested_ttl: float | None
+    ) -> list[Message]:
+        """One message to each of several recipients (a group message), all or none.
+
+        Each is admitted as `send` admits one (shape, size, TTL, the sender's rate), then
+        every recipient is looked up, then the store queues all or refuses all. A
+        failure names the message's position."""
+        if not messages:
+            raise InvalidArgument("messages must hold at least one message")
+        if len(messages) > MAX_SEND_BATCH:
+            raise InvalidArgument(f"messages may hold at most {MAX_SEND_BATCH} messages")
+        recipients: set[str] = set()
+        for position, out in enumerate(messages):
+            with _at(position):
+                _check_client_message_id(out.client_message_id)
+                if out.recipient_id in recipients:
+                    raise InvalidArgument(
+                        "recipient_id names a recipient a second time; send each recipient "
+                        "one message"
+                    )
+            recipients.add(out.recipient_id)
+        ttl = 0.0
+        for position, out in enumerate(messages):
+            with _at(position):
+                ttl = await self._queues.admit(sender_id, out.recipient_id, out.body, requested_ttl)
+        active = await asyncio.gather(
+            *(self._recipients.is_active(m.recipient_id) for m in messages)
+        )
+        for position, is_active in enumerate(active):
+            if not is_active:
+                raise NotFound(
+                    f"messages[{position}]: no active user with that recipient_id; nothing "
+                    "was queued"
+                )
+        return await self._queues.send_many(sender_id, messages, ttl)
 
     async def fetch(self, user_id: str, max_messages: int) -> list[Message]:
         """The oldest pending messages that fit in one gRPC reply; nothing is removed."""
@@ -115,6 +155,61 @@ class Relay:
         finally:
             self._queues.unwatch(user_id, wakeup)
 
+    async def exchange(
+        self,
+        user_id: str,
+        acknowledgements: AsyncIterator[list[str]],
+        still_allowed: Callable[[], Awaitable[object]],
+    ) -> AsyncGenerator[list[Message], None]:
+        """`subscribe` in batches, with acknowledgements coming in on the same stream.
+
+        Yields lists of messages (whatever is waiting, up to STREAM_BATCH and one gRPC
+        message's worth) while acknowledgements from `acknowledgements` are applied as
+        they arrive; an invalid one (more than MAX_ACK_IDS ids) ends the stream. Each
+        message comes once per stream, as with `subscribe`, whose caps it shares.
+        """
+        loop = asyncio.get_running_loop()
+        wakeup = await self._queues.watch(user_id)
+        acked = loop.create_task(self._apply(user_id, acknowledgements))
+        cursor = 0
+        recheck_at = loop.time() + self._revalidate
+        try:
+            while True:
+                wakeup.clear()  # before reading, so an arrival during the yield is not missed
+                batch = await self._queues.pending(
+                    user_id, STREAM_BATCH, self._fetch_budget, after=cursor
+                )
+                if batch:
+                    cursor = max(cursor, *(message.seq for message in batch))
+                    yield batch
+                    continue  # read on at once: more may be waiting
+                # Once the client stops sending (acknowledgements end), only arrivals wake;
+                # an acknowledgement that failed ends the stream.
+                listening = _failed_or_running(acked)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(recheck_at):
+                        await _first_of(wakeup, self._queues.closing, listening)
+                _failed_or_running(acked)
+                if self._queues.closing.is_set():
+                    raise Unavailable("the relay is restarting; subscribe again")
+                if loop.time() >= recheck_at:
+                    await still_allowed()
+                    recheck_at = loop.time() + self._revalidate
+        finally:
+            acked.cancel()
+            with contextlib.suppress(BaseException):
+                await acked
+            self._queues.unwatch(user_id, wakeup)
+
+    async def _apply(self, user_id: str, acknowledgements: AsyncIterator[list[str]]) -> None:
+        async for message_ids in acknowledgements:
+            if len(message_ids) > MAX_ACK_IDS:
+                raise InvalidArgument(
+                    f"acknowledged_message_ids may hold at most {MAX_ACK_IDS} ids per request"
+                )
+            if message_ids:
+                await self._queues.acknowledge(user_id, message_ids)
+
     def auth_failed(self, address: str) -> None:
         """Leaves an auth_failed event (per address, at most once a minute)."""
         self._queues.announce(audit_events.AUTH_FAILED, "", {"ip": address})
@@ -123,10 +218,46 @@ class Relay:
         return await self._queues.stats()
 
 
-async def _first_of(first: asyncio.Event, second: asyncio.Event) -> None:
+async def _first_of(
+    first: asyncio.Event, second: asyncio.Event, task: asyncio.Task[None] | None = None
+) -> None:
+    """Returns when either event is set (or `task`, if given, is done)."""
     waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
     try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [*waits, *([task] if task is not None else [])], return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _failed_or_running(task: asyncio.Task[None]) -> asyncio.Task[None] | None:
+    """The task while it runs; None once it ended well; its error if it failed."""
+    if not task.done():
+        return task
+    failure = task.exception()
+    if failure is not None:
+        raise failure
+    return None
+
+
+def _check_client_message_id(client_message_id: str) -> None:
+    if len(client_message_id) > MAX_CLIENT_MESSAGE_ID_CHARS or not (
+        client_message_id.isascii() and client_message_id.isprintable()
+    ):
+        raise InvalidArgument(
+            f"client_message_id must be at most {MAX_CLIENT_MESSAGE_ID_CHARS} printable "
+            "ASCII characters (a UUID, say)"
+        )
+
+
+@contextlib.contextmanager
+def _at(position: int) -> Iterator[None]:
+    """Names the message of a batch that an error is about."""
+    try:
+        yield
+    except ServiceError as exc:
+        exc.message = f"messages[{position}]: {exc.message}"
+        exc.args = (exc.message,)
+        raise

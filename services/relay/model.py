@@ -6,6 +6,7 @@ module imports none of them.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +76,15 @@ class Message:
 
 
 @dataclass(frozen=True)
+class Outgoing:
+    """One message of a multi-recipient send."""
+
+    recipient_id: str
+    body: bytes
+    client_message_id: str = ""
+
+
+@dataclass(frozen=True)
 class RelayStats:
     queued_messages: int
     queued_bytes: int
@@ -109,6 +119,15 @@ class QueueStore(Protocol):
         """Queues an admitted message if every cap allows (ResourceExhausted otherwise),
         and wakes the recipient's live streams. A repeated `client_message_id` from the
         same sender to the same recipient returns the first message, queued once."""
+        ...
+
+    async def send_many(
+        self, sender_id: str, messages: Sequence[Outgoing], ttl: float
+    ) -> list[Message]:
+        """Queues admitted messages to distinct recipients, all or none: if one would
+        break a cap (counting those before it in the batch), ResourceExhausted naming its
+        position and nothing is queued. Repeated client_message_ids return their first
+        message, as in `send`, and count against nothing."""
         ...
 
     async def connected(self, recipient_id: str) -> None:

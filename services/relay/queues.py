@@ -32,7 +32,7 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from services.common import audit_events, validation
 from services.common.audit_events import AuditRecord, AuditSink
@@ -42,6 +42,7 @@ from services.relay.model import (
     IDEMPOTENCY_SECONDS,
     MESSAGE_OVERHEAD_BYTES,
     Message,
+    Outgoing,
     RelayLimits,
     RelayStats,
 )
@@ -69,13 +70,12 @@ class _Load:
 
 
 class _Mailbox:
-    __slots__ = ("cost", "due", "last_seq", "messages", "recipient", "wakeups")
+    __slots__ = ("cost", "due", "messages", "recipient", "wakeups")
 
     def __init__(self, recipient: str) -> None:
         self.recipient = recipient  # one string per recipient, shared by the schedule
         self.messages: dict[int, bytearray] = {}  # seq -> record, oldest first
         self.cost = 0
-        self.last_seq = 0  # a mailbox outlives every stream reading it, so seqs only grow
         self.wakeups: set[asyncio.Event] = set()
         # No message expires before this (it may be earlier than the first real expiry:
         # deletions and longer lives do not raise it; the sweep corrects it).
@@ -105,6 +105,9 @@ class MessageQueues:
         # Message ids: this prefix, then the sequence number in hex. Random per process,
         # so an id kept from before a restart names nothing after it.
         self._id_prefix = secrets.token_urlsafe(6)
+        # One sequence for every mailbox: it only grows (so a stream's cursor stays right
+        # however often its mailbox comes and goes), and ids are unique in the relay.
+        self._last_seq = 0
         self._total_cost = 0
         self._total_messages = 0
         self._recipients = 0  # mailboxes holding at least one message
@@ -205,23 +208,76 @@ class MessageQueues:
         client_message_id: str = "",
     ) -> Message:
         """Queues an admitted message for an active recipient, if there is room."""
-        idempotency = (sender_id, recipient_id, client_message_id)
-        if client_message_id and idempotency in self._sent:
-            seq, sent_at, expire = self._sent[idempotency]
-            return Message(self._message_id(seq), sender_id, bytearray(body), sent_at, expire)
+        first = self._repeated(sender_id, recipient_id, body, client_message_id)
+        if first is not None:
+            return first
         box = self._boxes.get(recipient_id)
-        cost = len(body) + MESSAGE_OVERHEAD_BYTES
-        queued, queue_cost = (len(box.messages), box.cost) if box is not None else (0, 0)
+        queue = (len(box.messages), box.cost) if box is not None else (0, 0)
         load = self._loads.get(sender_id)
         refusal = over_caps(
             self.limits,
-            queue=(queued, queue_cost),
+            queue=queue,
             sender=(load.messages, load.cost) if load is not None else (0, 0),
             total_cost=self._total_cost,
-            cost=cost,
+            cost=len(body) + MESSAGE_OVERHEAD_BYTES,
         )
         if refusal is not None:
             raise self.refuse(refusal, sender_id)
+        return self._enqueue(sender_id, recipient_id, body, ttl, client_message_id)
+
+    async def send_many(
+        self, sender_id: str, messages: Sequence[Outgoing], ttl: float
+    ) -> list[Message]:
+        """All or none (see QueueStore.send_many): every cap is checked for the whole
+        batch first; with no await in between, nothing else runs before it is queued."""
+        load = self._loads.get(sender_id)
+        sender = (load.messages, load.cost) if load is not None else (0, 0)
+        total = self._total_cost
+        added: dict[str, tuple[int, int]] = {}  # recipient -> (messages, cost) of this batch
+        for position, out in enumerate(messages):
+            key = (sender_id, out.recipient_id, out.client_message_id)
+            if out.client_message_id and key in self._sent:
+                continue
+            box = self._boxes.get(out.recipient_id)
+            queued, queue_cost = (len(box.messages), box.cost) if box is not None else (0, 0)
+            more, more_cost = added.get(out.recipient_id, (0, 0))
+            cost = len(out.body) + MESSAGE_OVERHEAD_BYTES
+            refusal = over_caps(
+                self.limits,
+                queue=(queued + more, queue_cost + more_cost),
+                sender=sender,
+                total_cost=total,
+                cost=cost,
+            )
+            if refusal is not None:
+                raise self.refuse(refusal, sender_id, position)
+            added[out.recipient_id] = (more + 1, more_cost + cost)
+            sender = (sender[0] + 1, sender[1] + cost)
+            total += cost
+        return [
+            self._repeated(sender_id, out.recipient_id, out.body, out.client_message_id)
+            or self._enqueue(sender_id, out.recipient_id, out.body, ttl, out.client_message_id)
+            for out in messages
+        ]
+
+    def _repeated(
+        self, sender_id: str, recipient_id: str, body: bytes, client_message_id: str
+    ) -> Message | None:
+        """The first send of a repeated client_message_id, if this is a repeat."""
+        if not client_message_id:
+            return None
+        first = self._sent.get((sender_id, recipient_id, client_message_id))
+        if first is None:
+            return None
+        seq, sent_at, expire = first
+        return Message(self._message_id(seq), sender_id, bytearray(body), sent_at, expire)
+
+    def _enqueue(
+        self, sender_id: str, recipient_id: str, body: bytes, ttl: float, client_message_id: str
+    ) -> Message:
+        """Queues a message whose caps were checked, and wakes the recipient's streams."""
+        box = self._boxes.get(recipient_id)
+        cost = len(body) + MESSAGE_OVERHEAD_BYTES
         now = self._clock()
         promised = now + ttl
         expire = promised
@@ -229,16 +285,18 @@ class MessageQueues:
             expire = min(expire, now + self.limits.unseen_recipient_ttl)
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
-        box.last_seq += 1
-        seq = box.last_seq
+        self._last_seq += 1
+        seq = self._last_seq
         load = self._load(sender_id)
         record = bytearray(_HEADER.size + len(body))
         _HEADER.pack_into(record, 0, now, expire, promised, load.slot)
         record[_HEADER.size :] = body
         if client_message_id:
-            self._sent[idempotency] = (seq, now, expire)
+            self._sent[(sender_id, recipient_id, client_message_id)] = (seq, now, expire)
             forget_at = now + min(ttl, IDEMPOTENCY_SECONDS)
-            heapq.heappush(self._sent_expiry, (forget_at, idempotency))
+            heapq.heappush(
+                self._sent_expiry, (forget_at, (sender_id, recipient_id, client_message_id))
+            )
         box.messages[seq] = record
         if len(box.messages) == 1:
             self._recipients += 1
@@ -253,12 +311,13 @@ class MessageQueues:
             wakeup.set()
         return self._message(seq, record)
 
-    def refuse(self, scope: str, sender_id: str) -> ResourceExhausted:
-        """The refusal for a full `scope` (see `over_caps`), announced to audit."""
+    def refuse(self, scope: str, sender_id: str, position: int | None = None) -> ResourceExhausted:
+        """The refusal for a full `scope` (see `over_caps`), announced to audit;
+        `position` names the message of a batch that broke it."""
         self.announce(
             audit_events.CAPACITY_EXCEEDED, sender_id if scope == "sender" else "", {"scope": scope}
         )
-        return capacity_error(scope)
+        return capacity_error(scope, position)
 
     async def connected(self, recipient_id: str) -> None:
         self._connected(recipient_id)
@@ -489,15 +548,18 @@ def over_caps(
     return None
 
 
-def capacity_error(scope: str) -> ResourceExhausted:
+def capacity_error(scope: str, position: int | None = None) -> ResourceExhausted:
+    """The refusal for a full `scope`; `position`: which message of a batch (nothing of
+    the batch was queued)."""
+    where = "" if position is None else f"messages[{position}]: nothing was queued: "
     if scope == "recipient_queue":
         return ResourceExhausted(
-            "the recipient's queue is full; try again after they read their messages"
+            f"{where}the recipient's queue is full; try again after they read their messages"
         )
     if scope == "sender":
         return ResourceExhausted(
-            "you have too many undelivered messages waiting at the relay; try again when "
-            "your recipients have read some",
+            f"{where}you have too many undelivered messages waiting at the relay; try again "
+            "when your recipients have read some",
             retry_after=60,
         )
-    return ResourceExhausted("the relay is at capacity; try again later", retry_after=30)
+    return ResourceExhausted(f"{where}the relay is at capacity; try again later", retry_after=30)

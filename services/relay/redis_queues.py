@@ -22,7 +22,7 @@ import asyncio
 import secrets
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from services.relay.model import (
     IDEMPOTENCY_SECONDS,
     MESSAGE_OVERHEAD_BYTES,
     Message,
+    Outgoing,
     RelayLimits,
     RelayStats,
 )
@@ -80,7 +81,7 @@ class RedisQueues:
         )
         self._scripts = {
             name: client.register_script(_script(name))
-            for name in ("send", "read", "ack", "connect", "sweep")
+            for name in ("send", "send_many", "read", "ack", "connect", "sweep")
         }
         self._push = PushListener(client)
         self._streams: dict[str, set[asyncio.Event]] = {}
@@ -174,6 +175,70 @@ class RedisQueues:
             sent_at_ms / 1000 + ttl,
             seq,
         )
+
+    async def send_many(
+        self, sender_id: str, messages: Sequence[Outgoing], ttl: float
+    ) -> list[Message]:
+        """One script for the whole batch (services/relay/lua/send_many.lua): every cap
+        checked for all, then all written and announced, atomically across replicas."""
+        now_ms = int((self._clock or time.time)() * 1000)
+        per_message: list[str | int | bytes] = []
+        ids = []
+        for out in messages:
+            queue = self._queue(out.recipient_id)
+            message_id = secrets.token_urlsafe(12)
+            ids.append(message_id)
+            sealed = self._seal.seal(sender_id, now_ms, queue, message_id)
+            per_message += [
+                queue,
+                message_id,
+                len(out.body),
+                len(out.body) + MESSAGE_OVERHEAD_BYTES,
+                _SEALED_LENGTH.pack(len(sealed)) + sealed + out.body,
+                self._names.tag("client_message_id", sender_id, out.client_message_id)
+                if out.client_message_id
+                else "",
+                queue[:-1],
+            ]
+        limits = self.limits
+        reply = await self._run(
+            "send_many", "",
+            self._names.tag("sender", sender_id), int(ttl * 1000),
+            int(limits.unseen_recipient_ttl * 1000),
+            limits.max_queue_messages, limits.max_queue_bytes,
+            limits.max_sender_messages, limits.max_sender_bytes, limits.max_total_bytes,
+            limits.max_body_bytes + MESSAGE_OVERHEAD_BYTES, int(IDEMPOTENCY_SECONDS * 1000),
+            len(messages), *per_message,
+        )  # fmt: skip
+        status, *rest = [_text(part) for part in reply]
+        if status == "full":
+            scope, position = rest[0], int(rest[1])
+            self.announce(
+                audit_events.CAPACITY_EXCEEDED,
+                sender_id if scope == "sender" else "",
+                {"scope": scope},
+            )
+            raise capacity_error(scope, position)
+        results = []
+        for out, message_id, result in zip(messages, ids, rest, strict=True):
+            kind, *fields = result.split(" ")
+            body = bytearray(out.body)
+            if kind == "again":
+                first_id, first_expire, first_sent = fields
+                results.append(
+                    Message(
+                        first_id, sender_id, body, int(first_sent) / 1000, int(first_expire) / 1000
+                    )
+                )
+                continue
+            seq, expire_ms, sent_at_ms = (int(field) for field in fields)
+            results.append(
+                Message(
+                    message_id, sender_id, body, sent_at_ms / 1000, expire_ms / 1000,
+                    sent_at_ms / 1000 + ttl, seq,
+                )
+            )  # fmt: skip
+        return results
 
     async def connected(self, recipient_id: str) -> None:
         # Remembered as long as the longest message could live: a connected recipient's

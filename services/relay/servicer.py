@@ -16,7 +16,7 @@ from services.common.auth import AuthenticatedUser, TokenValidator, bearer_token
 from services.common.errors import Unauthenticated
 from services.common.peers import Context
 from services.relay.domain import Relay
-from services.relay.model import Message
+from services.relay.model import Message, Outgoing
 
 
 def _envelope(message: Message) -> pb.Envelope:
@@ -90,6 +90,40 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         async with contextlib.aclosing(messages):
             async for message in messages:
                 yield pb.SubscribeMessagesResponse(message=_envelope(message))
+
+    async def SendMessages(
+        self, request: pb.SendMessagesRequest, context: Context
+    ) -> pb.SendMessagesResponse:
+        sender = await self._tokens.check(context)
+        asked = request.ttl
+        requested = asked.seconds + asked.nanos / 1e9 if request.HasField("ttl") else None
+        outgoing = [Outgoing(m.recipient_id, m.body, m.client_message_id) for m in request.messages]
+        messages = await self._relay.send_many(sender.user_id, outgoing, requested)
+        return pb.SendMessagesResponse(
+            results=[
+                pb.SendMessageResponse(
+                    message_id=m.message_id, expire_time=convert.timestamp(m.expire_time)
+                )
+                for m in messages
+            ]
+        )
+
+    async def StreamMessages(
+        self, request_iterator: AsyncIterator[pb.StreamMessagesRequest], context: Context
+    ) -> AsyncIterator[pb.StreamMessagesResponse]:
+        token = bearer_token(context)
+        caller = await self._tokens.check(context, token)
+
+        async def acknowledgements() -> AsyncIterator[list[str]]:
+            async for request in request_iterator:
+                yield list(request.acknowledged_message_ids)
+
+        batches = self._relay.exchange(
+            caller.user_id, acknowledgements(), lambda: self._tokens.check(context, token)
+        )
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield pb.StreamMessagesResponse(messages=[_envelope(m) for m in batch])
 
 
 class RelayAdminServicer(admin_grpc.RelayAdminServiceServicer):

@@ -12,6 +12,7 @@ revalidated and revoked subscriptions, audit shipping and a graceful stop. Its l
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 import threading
@@ -122,6 +123,46 @@ class Load:
         )
         assert reply.acknowledged_count == 10
 
+    def SendMessages(self) -> None:
+        def batch(*recipients: str) -> pb.SendMessagesRequest:
+            return pb.SendMessagesRequest(
+                messages=[
+                    pb.OutgoingMessage(recipient_id=to, body=SECRET + b" group")
+                    for to in recipients
+                ]
+            )
+
+        reply = self.relay.SendMessages(
+            batch("alice", "carol"), metadata=bearer(self.tokens["bob"]), timeout=10
+        )
+        assert len(reply.results) == 2
+        for refused, code in ((batch("alice", "nobody-at-all"), "NOT_FOUND"),
+                              (batch(), "INVALID_ARGUMENT")):  # fmt: skip
+            with pytest.raises(grpc.RpcError, match=code):
+                self.relay.SendMessages(refused, metadata=bearer(self.tokens["bob"]), timeout=10)
+
+    def StreamMessages(self) -> None:
+        carol = bearer(self.tokens["carol"])
+        requests: queue.Queue[pb.StreamMessagesRequest | None] = queue.Queue()
+        stream = self.relay.StreamMessages(iter(requests.get, None), metadata=carol, timeout=10)
+        pushed = next(iter(stream)).messages
+        assert any(m.body.startswith(SECRET) for m in pushed)
+        ids = [m.message_id for m in pushed]
+        requests.put(pb.StreamMessagesRequest(acknowledged_message_ids=ids))
+        deadline = time.monotonic() + 5  # acknowledged on the stream: gone from the queue
+        while time.monotonic() < deadline:
+            left = self.relay.FetchMessages(pb.FetchMessagesRequest(), metadata=carol)
+            if not {m.message_id for m in left.messages} & set(ids):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("acknowledgements on the stream removed nothing")
+        requests.put(None)
+        stream.cancel()  # type: ignore[no-untyped-call]
+        oversized = pb.StreamMessagesRequest(acknowledged_message_ids=["x"] * 1001)
+        with pytest.raises(grpc.RpcError, match="INVALID_ARGUMENT"):
+            list(self.relay.StreamMessages(iter([oversized]), metadata=carol, timeout=10))
+
     def SubscribeMessages(self) -> None:
         stream = self.relay.SubscribeMessages(
             pb.SubscribeMessagesRequest(), metadata=bearer(self.tokens["alice"]), timeout=10
@@ -176,7 +217,7 @@ class Load:
 
 ORDER = (
     "Check", "ServerReflectionInfo", "SendMessage", "FetchMessages", "AcknowledgeMessages",
-    "SubscribeMessages", "GetRelayStats",
+    "SendMessages", "StreamMessages", "SubscribeMessages", "GetRelayStats",
 )  # fmt: skip
 
 
