@@ -46,6 +46,7 @@ async def redis_server() -> AsyncIterator[int]:
 
 
 NAME = "Redis list (rpush, blpop)"
+BATCHED = "Redis lists, batched (pipelined rpush, blmpop)"
 
 
 @asynccontextmanager
@@ -81,3 +82,47 @@ async def delivery() -> AsyncIterator[load.Call]:
             receiver.cancel()
             await producer.aclose()
             await consumer.aclose()
+
+
+@asynccontextmanager
+async def batched_delivery(recipients: int) -> AsyncIterator[load.Call]:
+    """One call = one message to each of `recipients` lists in one pipelined round trip;
+    each list's consumer takes up to 100 at a time (BLMPOP). Latency: until all arrived."""
+    async with redis_server() as port:
+        producer = redis.Redis(port=port)
+        consumers = [redis.Redis(port=port) for _ in range(recipients)]
+        arrivals: dict[bytes, asyncio.Future[None]] = {}
+
+        async def receive(consumer: redis.Redis, key: str) -> None:
+            while True:
+                popped = await consumer.blmpop(1, 1, key, direction="LEFT", count=100)
+                for body in popped[1] if popped else ():
+                    waiter = arrivals.pop(body, None)  # type: ignore[arg-type]
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+
+        receivers = [
+            asyncio.create_task(receive(consumer, f"inbox:{i}"))
+            for i, consumer in enumerate(consumers)
+        ]
+
+        async def deliver(n: int) -> None:
+            loop = asyncio.get_running_loop()
+            waits = []
+            pipe = producer.pipeline(transaction=False)
+            for i in range(recipients):
+                body = n.to_bytes(8, "big") + i.to_bytes(2, "big") + PAYLOAD
+                arrivals[body] = loop.create_future()
+                waits.append(arrivals[body])
+                pipe.rpush(f"inbox:{i}", body)
+            await pipe.execute()
+            await asyncio.wait_for(asyncio.gather(*waits), 10)
+
+        try:
+            yield deliver
+        finally:
+            for receiver in receivers:
+                receiver.cancel()
+            await producer.aclose()
+            for consumer in consumers:
+                await consumer.aclose()

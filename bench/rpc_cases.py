@@ -38,6 +38,8 @@ AUDIT_BATCH = 50
 # Case names that the summary refers to.
 REGISTER, BUNDLE, VALIDATE = "register user", "get key bundle", "validate session"
 DELIVERY = "relay delivery (send, stream, ack)"
+BATCHED = "relay delivery, batched (SendMessages, StreamMessages)"
+GROUP = 8  # recipients of each batched call
 PRODUCTION_CACHES = {"TOKEN_CACHE_SECONDS": "2", "RECIPIENT_CACHE_SECONDS": "10"}
 UNLIMITED = {
     "identity": PRODUCTION_CACHES,
@@ -104,6 +106,7 @@ class Actors:
     token: str  # a user with a full session (bench-reader)
     sink_token: str  # the recipient of the delivery case
     relay: Any  # RelayService stub
+    group_tokens: list[str]  # the recipients of the batched delivery case, in order
 
 
 @asynccontextmanager
@@ -120,6 +123,10 @@ async def hot_cases(
     sink_keys = UserKeys.generate(0)
     client.identity.RegisterUser(registration("bench-sink", sink_keys), timeout=10)
     sink_token = client.login("bench-sink", sink_keys)
+    group_tokens = [
+        client.login(f"bench-member{i}", new_user(client, f"bench-member{i}", one_time=0))
+        for i in range(GROUP)
+    ]
     client.close()
 
     # Registration requests are made ahead: key generation is the client's cost. The
@@ -184,7 +191,7 @@ async def hot_cases(
             (f"audit append ({AUDIT_BATCH}/call)", append),
             ("audit list (50/page)", list_events),
         ]
-        yield cases, Actors(token, sink_token, relay)
+        yield cases, Actors(token, sink_token, relay, group_tokens)
 
 
 @asynccontextmanager
@@ -227,3 +234,52 @@ def start_stack(root: Path) -> Stack:
     stack = Stack(root, ("identity", "session", "relay", "audit"), extra_env=UNLIMITED)
     stack.start()
     return stack
+
+
+@asynccontextmanager
+async def relay_batched_delivery(actors: Actors) -> AsyncIterator[load.Call]:
+    """One call = one SendMessages to GROUP members; each member holds one StreamMessages
+    stream and acknowledges each response's messages on it in one request. Latency:
+    until all GROUP messages arrived."""
+    relay = actors.relay
+    arrivals: dict[bytes, asyncio.Future[None]] = {}
+    streams = [relay.StreamMessages(metadata=bearer(token)) for token in actors.group_tokens]
+
+    async def receive(stream: Any) -> None:
+        async for response in stream:
+            for message in response.messages:
+                waiter = arrivals.pop(message.body, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            ids = [message.message_id for message in response.messages]
+            await stream.write(relay_pb.StreamMessagesRequest(acknowledged_message_ids=ids))
+
+    receivers = [asyncio.create_task(receive(stream)) for stream in streams]
+
+    async def deliver(n: int) -> None:
+        loop = asyncio.get_running_loop()
+        outgoing, waits = [], []
+        for i in range(GROUP):
+            body = n.to_bytes(8, "big") + i.to_bytes(2, "big") + PAYLOAD
+            arrivals[body] = loop.create_future()
+            waits.append(arrivals[body])
+            outgoing.append(relay_pb.OutgoingMessage(recipient_id=f"bench-member{i}", body=body))
+        request = relay_pb.SendMessagesRequest(messages=outgoing)
+        await relay.SendMessages(request, metadata=bearer(actors.token), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*waits), 10)
+
+    try:
+        yield deliver
+    finally:
+        for stream in streams:
+            stream.cancel()
+        for receiver in receivers:
+            receiver.cancel()
+
+
+def per_message(result: load.Result, batch: int) -> load.Result:
+    """A batched case counted in messages delivered (each call carries `batch`)."""
+    return load.Result(
+        result.name, result.calls * batch, result.errors, result.seconds, result.p50_ms,
+        result.p99_ms,
+    )  # fmt: skip

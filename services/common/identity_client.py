@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -123,6 +125,18 @@ class RemoteIdentityDirectory:
         except NotFound:
             return False
         return True
+
+    async def are_active(self, user_ids: Sequence[str]) -> list[bool]:
+        """`is_active` for each, asking identity (concurrently) only for those whose
+        answer is not cached: a batch of cached recipients costs no task at all."""
+        answers: list[bool | None] = [True if self._active.get(u) else None for u in user_ids]
+        unknown = [i for i, answer in enumerate(answers) if answer is None]
+        found = (
+            await asyncio.gather(*(self.is_active(user_ids[i]) for i in unknown)) if unknown else []
+        )
+        for i, answer in zip(unknown, found, strict=True):
+            answers[i] = answer
+        return [bool(answer) for answer in answers]
 
     async def is_active(self, user_id: str) -> bool:
         """Whether the user exists and is not deactivated."""

@@ -90,6 +90,7 @@ async def build(env: Env) -> App:
         ),
         revalidate_seconds=env.number("RELAY_STREAM_REVALIDATE_SECONDS", 30.0, minimum=0.1),
         fetch_budget_bytes=message_budget,
+        coalesce_seconds=env.number("RELAY_STREAM_COALESCE_MS", 3.0, minimum=0.0) / 1000,
     )
     sweep_interval = env.number("RELAY_SWEEP_INTERVAL_SECONDS", 1.0, minimum=0.05)
 

@@ -179,3 +179,7 @@ class RecipientDirectory(Protocol):
     """What the relay asks identity: is this user someone we may queue for?"""
 
     async def is_active(self, user_id: str) -> bool: ...
+
+    async def are_active(self, user_ids: Sequence[str]) -> list[bool]:
+        """`is_active` for each of them, in order."""
+        ...

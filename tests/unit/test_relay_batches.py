@@ -271,3 +271,49 @@ async def test_streams_both_ways_share_the_caps_on_open_streams(relay: Build) ->
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     await stream.aclose()
+
+
+async def test_a_busy_stream_gathers_arrivals_into_one_response_an_idle_one_does_not(
+    relay: Build,
+) -> None:
+    _, queues = await relay(Directory("bob"))
+    entered, release = asyncio.Event(), asyncio.Event()
+    idle = asyncio.Event()  # set when the stream found nothing waiting
+
+    async def held_sleep(seconds: float) -> None:  # the coalescing pause, under the test's hand
+        assert seconds == 0.003
+        entered.set()
+        await release.wait()
+
+    class Watched:
+        """The store, telling the test when a read came back empty."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(queues, name)
+
+        async def pending(self, *args: Any, **kwargs: Any) -> list[Message]:
+            found: list[Message] = await queues.pending(*args, **kwargs)
+            if not found:
+                idle.set()
+            return found
+
+    store: Any = Watched()
+    r = Relay(
+        store, Directory("bob"), revalidate_seconds=60, fetch_budget_bytes=1 << 20,
+        coalesce_seconds=0.003, sleep=held_sleep,
+    )  # fmt: skip
+    stream = r.exchange("bob", aiter(Acks()), allowed)
+    async with contextlib.aclosing(stream):
+        waiting = asyncio.ensure_future(anext(stream))
+        await idle.wait()
+        first = await r.send("alice", "bob", b"1", None)
+        assert [m.message_id for m in await waiting] == [first.message_id]
+        assert not entered.is_set()  # idle until then: answered at once
+        idle.clear()
+        waiting = asyncio.ensure_future(anext(stream))
+        await idle.wait()
+        second = await r.send("alice", "bob", b"2", None)
+        await entered.wait()  # busy now: it waits before reading
+        third = await r.send("alice", "bob", b"3", None)
+        release.set()
+        assert [m.message_id for m in await waiting] == [second.message_id, third.message_id]
