@@ -41,7 +41,8 @@ TARGETS = {
     "validate": Target("validate session / echo", 0.52, 0.8),
     "bundle": Target("get key bundle / echo", 0.23, 0.6),
     "register": Target("register user / echo", 0.18, 0.4),
-    "read": Target("encrypted point read / SQLCipher", 0.39, 1.0),
+    "read": Target("encrypted point read / SQLCipher (cached)", 0.39, 1.0),
+    "read_uncached": Target("encrypted point read / SQLCipher (file)", 0.39, 1.0),
     "memory": Target("relay bytes per queued message", 438, 256, higher_is_better=False),
 }
 # Goals of the hot paths vs echo that issue 18 set below the general 0.8.
@@ -152,20 +153,26 @@ def _storage(root: Path) -> Part:
         print(_row(plain, 1.0, "peer"))
         print(_row(cipher, cipher.per_second / plain.per_second, "(SQLCipher vs plain)"))
         print(_row(mine, ratios[op][0], f"of plain; {ratios[op][1]:.2f} of SQLCipher"))
+    cached, cipher_read = by_name["encrypted read, cached rows"], by_name["SQLCipher read"]
+    cached_ratio = cached.per_second / cipher_read.per_second
+    print(_row(cached, cached.per_second / by_name["plain SQLite read"].per_second,
+               f"of plain; {cached_ratio:.2f} of SQLCipher (both from memory)"))  # fmt: skip
     bars = []
     for op, (plain_ratio, cipher_ratio) in ratios.items():
         bars += [
             (f"encrypted {op} / plain", plain_ratio, 0.8),
             (f"encrypted {op} / SQLCipher", cipher_ratio, 1.0),
         ]
+    bars.append(("encrypted read, cached rows / SQLCipher", cached_ratio, 1.0))
     return Part(
         report={
             "storage": [asdict(r) for r in stored],
             "storage_ratios": {
                 k: {"vs_plain": v[0], "vs_sqlcipher": v[1]} for k, v in ratios.items()
-            },
+            }
+            | {"read_cached": {"vs_sqlcipher": cached_ratio}},
         },
-        now={"read": ratios["read"][1]},
+        now={"read": cached_ratio, "read_uncached": ratios["read"][1]},
         bars=bars,
     )
 

@@ -93,14 +93,18 @@ class FieldCipher:
         self, service: str, table: str, column: str, keys: Mapping[int, bytes], primary: int
     ) -> None:
         self._label = f"{service}.{table}.{column}"
-        self._prefix = (service.encode(), table.encode(), column.encode())
+        # The associated data is _encode_parts(context, service, table, column, row key,
+        # version): all but the row key are fixed per column and version, so they are
+        # encoded once (a decryption is on every read).
+        self._aad_prefix = _encode_parts(
+            b"securemsg/field/v1", service.encode(), table.encode(), column.encode()
+        )
+        self._aad_suffix = {v: _encode_parts(struct.pack(">I", v)) for v in keys}
         self._aeads = {v: ChaCha20Poly1305(k) for v, k in keys.items()}
         self._primary = primary
 
     def _aad(self, row_key: bytes, version: int) -> bytes:
-        return _encode_parts(
-            b"securemsg/field/v1", *self._prefix, row_key, struct.pack(">I", version)
-        )
+        return self._aad_prefix + _LENGTH.pack(len(row_key)) + row_key + self._aad_suffix[version]
 
     def encrypt(self, plaintext: bytes, row_key: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
