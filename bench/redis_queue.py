@@ -21,7 +21,8 @@ from tests.support.stack import free_port
 
 
 @asynccontextmanager
-async def redis_server() -> AsyncIterator[int]:
+async def redis_server(pids: dict[str, int] | None = None) -> AsyncIterator[int]:
+    """A private redis-server; its pid goes into `pids` (as "redis") when given."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found (apt install redis-server)")
@@ -30,6 +31,8 @@ async def redis_server() -> AsyncIterator[int]:
         binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    if pids is not None:
+        pids["redis"] = process.pid
     try:
         client = redis.Redis(port=port)
         for _ in range(100):
@@ -50,9 +53,9 @@ BATCHED = "Redis lists, batched (pipelined rpush, blmpop)"
 
 
 @asynccontextmanager
-async def delivery() -> AsyncIterator[load.Call]:
+async def delivery(pids: dict[str, int] | None = None) -> AsyncIterator[load.Call]:
     """RPUSH, then the consumer's BLPOP takes it; latency from push to arrival."""
-    async with redis_server() as port:
+    async with redis_server(pids) as port:
         producer = redis.Redis(port=port)
         consumer = redis.Redis(port=port)
         arrivals: dict[bytes, asyncio.Future[None]] = {}
@@ -85,10 +88,12 @@ async def delivery() -> AsyncIterator[load.Call]:
 
 
 @asynccontextmanager
-async def batched_delivery(recipients: int) -> AsyncIterator[load.Call]:
+async def batched_delivery(
+    recipients: int, pids: dict[str, int] | None = None
+) -> AsyncIterator[load.Call]:
     """One call = one message to each of `recipients` lists in one pipelined round trip;
     each list's consumer takes up to 100 at a time (BLMPOP). Latency: until all arrived."""
-    async with redis_server() as port:
+    async with redis_server(pids) as port:
         producer = redis.Redis(port=port)
         consumers = [redis.Redis(port=port) for _ in range(recipients)]
         arrivals: dict[bytes, asyncio.Future[None]] = {}

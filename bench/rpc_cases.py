@@ -74,8 +74,16 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
+@dataclass(frozen=True)
+class Peer:
+    """A case's call, and the process that answers it (for CPU accounting)."""
+
+    call: load.Call
+    pid: int
+
+
 @asynccontextmanager
-async def echo_case(stack: Stack) -> AsyncIterator[load.Call]:
+async def echo_case(stack: Stack) -> AsyncIterator[Peer]:
     """The ceiling: a bare echo call, in its own process, over the same TLS."""
     address = f"127.0.0.1:{free_port()}"
     tls = stack.layout.tls
@@ -93,7 +101,7 @@ async def echo_case(stack: Stack) -> AsyncIterator[load.Call]:
             async def call(_: int) -> None:
                 await echo(PAYLOAD, timeout=10)
 
-            yield call
+            yield Peer(call, server.pid)
     finally:
         server.terminate()
         await server.wait()
@@ -281,5 +289,13 @@ def per_message(result: load.Result, batch: int) -> load.Result:
     """A batched case counted in messages delivered (each call carries `batch`)."""
     return load.Result(
         result.name, result.calls * batch, result.errors, result.seconds, result.p50_ms,
-        result.p99_ms,
+        result.p99_ms, {process: us / batch for process, us in result.cpu_us.items()},
     )  # fmt: skip
+
+
+def service_pids(stack: Stack) -> dict[str, int]:
+    return {
+        name: service.process.pid
+        for name, service in stack.services.items()
+        if service.process is not None
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,26 +61,35 @@ class Part:
 
 def _row(result: load.Result, ratio: float | None, target: str) -> str:
     ratio_text = f"{ratio:6.2f}" if ratio is not None else "     -"
-    return (
+    row = (
         f"{result.name:38} {result.per_second:10.0f}/s {result.p50_ms:8.2f} {result.p99_ms:8.2f}"
         f"  {ratio_text}  {target}{'  ERRORS ' + str(result.errors) if result.errors else ''}"
     )
+    # CPU per call of each process that did work for it: what limits a ratio.
+    used = ", ".join(f"{name} {us:.0f}" for name, us in result.cpu_us.items() if us >= 5)
+    return f"{row}\n{'':4}CPU us per call: {used}" if used else row
 
 
 async def _rpc(args: argparse.Namespace, root: Path) -> Part:
     """The hot paths beside the echo, then relay delivery beside Redis."""
-    timing = {"concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds}
     stack = rpc_cases.start_stack(root / "stack")
+    pids = {"client": os.getpid()}
+    meter = load.Meter(pids)
+    timing = {
+        "concurrency": args.concurrency, "seconds": args.seconds, "rounds": args.rounds,
+        "meter": meter,
+    }  # fmt: skip
     try:
         async with (
             rpc_cases.echo_case(stack) as echo,
             rpc_cases.hot_cases(stack, args.seconds) as (cases, actors),
         ):
+            pids.update(rpc_cases.service_pids(stack), echo=echo.pid)
             # Each hot path runs interleaved with the echo, so every ratio compares
             # slices taken at the same moments.
-            measured = await load.interleaved([(CEILING, echo), *cases], **timing)
+            measured = await load.interleaved([(CEILING, echo.call), *cases], **timing)
             async with (
-                redis_queue.delivery() as redis_call,
+                redis_queue.delivery(pids) as redis_call,
                 rpc_cases.relay_delivery(actors) as relay_call,
             ):
                 redis_result, delivery = await load.interleaved(
@@ -88,7 +98,7 @@ async def _rpc(args: argparse.Namespace, root: Path) -> Part:
             # Like with like: the same batch on both sides (rpc_cases.GROUP recipients per
             # call; Redis pipelines the pushes and pops up to 100 at a time).
             async with (
-                redis_queue.batched_delivery(rpc_cases.GROUP) as redis_batched_call,
+                redis_queue.batched_delivery(rpc_cases.GROUP, pids) as redis_batched_call,
                 rpc_cases.relay_batched_delivery(actors) as relay_batched_call,
             ):
                 batched = await load.interleaved(
