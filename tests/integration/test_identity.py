@@ -6,6 +6,7 @@ import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -418,3 +419,35 @@ def test_reusing_a_one_time_prekey_id_is_already_exists_and_changes_nothing(
         pb.GetPrekeyCountRequest(), metadata=bearer(token), timeout=10
     )
     assert count.one_time_prekey_count == 2
+
+
+def test_a_bundle_read_from_memory_never_shows_a_rotated_key_or_a_deactivated_account(
+    tmp_path: Path,
+) -> None:
+    """Identity keeps the accounts of key bundles in memory (services/identity/cache.py).
+    With the per-target allowance of one-time prekeys spent, no prekey take re-reads the
+    account, so only the cache's invalidation stands between a fetch and stale keys."""
+    stack = Stack(tmp_path, extra_env={"identity": {"ONE_TIME_PREKEYS_PER_TARGET_PER_HOUR": "1"}})
+    stack.start()
+    try:
+        with user_client(stack) as client:
+            bob = new_user(client, "cached-bob", one_time=3)
+            bob_token = client.login("cached-bob", bob)
+            alice = client.login("cached-alice", new_user(client, "cached-alice"))
+            assert client.bundle(alice, "cached-bob").HasField("one_time_prekey")
+            assert not client.bundle(alice, "cached-bob").HasField("one_time_prekey")
+
+            bob.signed_prekey_id = 2
+            client.identity.RotateSignedPrekey(
+                pb.RotateSignedPrekeyRequest(signed_prekey=bob.signed_prekey_proto()),
+                metadata=bearer(bob_token),
+                timeout=10,
+            )
+            assert client.bundle(alice, "cached-bob").signed_prekey.key_id == 2
+
+            client.deactivate(bob_token)
+            with pytest.raises(grpc.RpcError) as gone:
+                client.bundle(alice, "cached-bob")
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        stack.stop()
