@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import tracemalloc
 
@@ -13,11 +12,7 @@ from services.relay.queues import MessageQueues
 BODY = bytes(256)
 
 
-def overhead_per_message(count: int = 100_000, recipients: int = 1000) -> float:
-    return asyncio.run(_overhead_per_message(count, recipients))
-
-
-async def _overhead_per_message(count: int, recipients: int) -> float:
+async def overhead_per_message(count: int = 100_000, recipients: int = 1000) -> float:
     limits = RelayLimits(
         max_queue_messages=count, max_queue_bytes=2**40, max_total_bytes=2**40,
         sends_per_minute=2**31,
