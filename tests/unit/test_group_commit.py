@@ -242,3 +242,32 @@ def test_reads_see_only_committed_work(db: Database) -> None:
     writer.join()
     with db.read(snapshot=False) as conn:
         assert conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 1
+
+
+def test_a_member_whose_savepoint_cannot_be_released_is_rolled_back_alone(
+    db: Database,
+) -> None:
+    def unreleasable(conn: sqlite3.Connection) -> None:
+        insert(3)(conn)
+        denied: list[str] = []
+
+        def authorizer(action: int, arg1: str | None, *_: object) -> int:
+            # Refuses this block's RELEASE once (as an I/O or lock error would fail it);
+            # everything after, rolling back included, is allowed.
+            if action == sqlite3.SQLITE_SAVEPOINT and arg1 == "RELEASE" and not denied:
+                denied.append("RELEASE")
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorizer)
+
+    bad = Writer(db, unreleasable)
+    good = Writer(db, insert(2))
+    leader = group_of(db, insert(1), bad, good)
+    for writer in (leader, bad, good):
+        writer.join()
+
+    assert isinstance(bad.error, sqlite3.DatabaseError)
+    assert leader.error is None
+    assert good.error is None
+    assert [committed(db, n) for n in (1, 2, 3)] == [True, True, False]

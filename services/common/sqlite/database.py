@@ -127,12 +127,15 @@ class Database:
             self._conn.execute("SAVEPOINT member")
             try:
                 yield self._conn
+                # Inside the try: a RELEASE that fails leaves this member's savepoint
+                # open, and the group's COMMIT would keep the work of a writer told it
+                # failed.
+                self._conn.execute("RELEASE member")
             except BaseException as exc:
                 self._abandon(group, exc)
                 if storage_full(exc):
                     raise ResourceExhausted(_FULL_MESSAGE) from None
                 raise
-            self._conn.execute("RELEASE member")
             group.members += 1
         group.committed.wait()
         if group.error is not None:
