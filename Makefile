@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help setup gen run demo bench soak mutate buf-breaking stop status compose-secrets compose-test compose-clean test pytest lint buf-lint clean
+.PHONY: help setup gen run run-scaled demo bench soak mutate buf-breaking stop status compose-secrets compose-test compose-clean test pytest pytest-postgres lint buf-lint clean
 
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
 	@echo "make demo    start the stack, then alice messages bob end to end, with audit trail"
+	@echo "make run-scaled  the same, with identity, session and audit on a local PostgreSQL"
 	@echo "make stop    stop the local services"
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
@@ -49,6 +50,11 @@ gen:
 run: setup
 	$(BIN)/python -m services.launcher up
 
+# The same stack with identity, session and audit on a local PostgreSQL (var/postgres,
+# 127.0.0.1:55432) instead of SQLite files; needs Debian's postgresql. `make stop` stops it.
+run-scaled: setup
+	$(BIN)/python -m services.launcher up --postgres
+
 # Benchmarks: peers (Redis, SQLCipher) and the chart come from requirements-bench.txt;
 # redis-server from Debian's package.
 $(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
@@ -86,8 +92,15 @@ lint: setup buf-lint buf-breaking
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo --no-cache  # import directions: contracts in pyproject.toml
 
+# Every test on the default backend (SQLite files), then the integration suites again with
+# identity, session and audit on a private PostgreSQL server (tests/support/postgres.py).
 pytest: setup node_modules/.installed
 	$(BIN)/pytest -m "not compose"
+	$(MAKE) --no-print-directory pytest-postgres
+
+pytest-postgres: setup node_modules/.installed
+	TEST_BACKEND=postgres $(BIN)/pytest tests/integration -m "not sqlite_only" \
+	  --ignore=tests/integration/test_postgres.py
 
 test: lint pytest
 

@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 
 from tests.support import redis as redis_support
-from tests.support.postgres import PostgresServer, running_server
+from tests.support.postgres import PostgresServer, shared_server
 from tests.support.redis import RedisServer
 
 
 @pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
+def postgres() -> PostgresServer:
     """One private PostgreSQL server for the whole run, started on first use (about a
-    second) and deleted at the end; or TEST_POSTGRES_URL's server. Tests take their own
+    second) and deleted at exit; or TEST_POSTGRES_URL's server. Tests take their own
     database and role from it (`postgres.service_database(name)`)."""
-    with running_server() as server:
-        yield server
+    return shared_server()
 
 
 @pytest.fixture(scope="session")

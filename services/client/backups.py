@@ -22,7 +22,8 @@ Progress = Callable[[int, int], None]  # (done, total) bytes
 def download_backup(
     channel: grpc.Channel, directory: Path, progress: Progress | None = None, timeout: float = 3600
 ) -> Path:
-    """Streams a snapshot into `directory` as <service>-<UTC time>.db; returns its path.
+    """Streams a snapshot into `directory` as <service>-<UTC time>.db (SQLite) or .dump (a
+    PostgreSQL custom-format archive, for pg_restore); returns its path.
 
     The file appears under its final name only after its size and SHA-256 match what the
     server announced.
@@ -31,6 +32,7 @@ def download_backup(
     partial = directory / f".partial-{os.getpid()}.db"
     digest = hashlib.sha256()
     received = 0
+    head = b""
     final: pb.BackupDatabaseResponse | None = None
     stream = pb_grpc.DatabaseAdminServiceStub(channel).BackupDatabase(
         pb.BackupDatabaseRequest(), timeout=timeout
@@ -41,6 +43,8 @@ def download_backup(
         with os.fdopen(fd, "wb") as handle:
             for message in stream:
                 if message.chunk:
+                    if not head:
+                        head = message.chunk[:5]
                     handle.write(message.chunk)
                     digest.update(message.chunk)
                     received += len(message.chunk)
@@ -55,7 +59,8 @@ def download_backup(
         if final is None or final.backup_bytes != received or final.sha256 != digest.hexdigest():
             raise ValueError("backup stream ended early or arrived damaged; take it again")
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-        target = directory / f"{final.service}-{stamp}.db"
+        suffix = ".dump" if head == b"PGDMP" else ".db"
+        target = directory / f"{final.service}-{stamp}{suffix}"
         partial.rename(target)
         return target
     finally:

@@ -78,7 +78,7 @@ def plan_unlock(
     if primary_version is None and not loaded:
         raise StartupError(
             f"DB_ENCRYPTION_KEY does not unlock {name}: it was encrypted under another "
-            "key. Refusing to start; the file was not modified. (Rotating keys? Put the "
+            "key. Refusing to start; nothing was modified. (Rotating keys? Put the "
             "previous key in DB_ENCRYPTION_OLD_KEYS.)"
         )
     if primary_version is not None:

@@ -157,15 +157,23 @@ class RotationStatus:
 class KeyRotation:
     def __init__(
         self,
-        db: Database,
+        db: Database | None,
         keyring: Keyring,
         parts: Sequence[Rotatable],
         audit: AuditSink | None,
         *,
         batch_size: int = 500,
         pause_seconds: float = 0.01,
+        retire: Callable[[int], list[int]] | None = None,
     ) -> None:
+        """`retire(keep)` marks every key version but `keep` retired; by default in the
+        SQLite `db` (PostgreSQL stores pass their own)."""
+        if retire is None:
+            assert db is not None, "KeyRotation needs the SQLite database or a retire function"
+            sqlite_db = db
+            retire = lambda keep: retire_versions(sqlite_db, keep)  # noqa: E731
         self._db = db
+        self._retire = retire
         self._keyring = keyring
         self._parts = parts
         self._audit = audit
@@ -173,6 +181,18 @@ class KeyRotation:
         self._pause = pause_seconds
         self.rows_done = 0
         self._finished = not keyring.rotating
+
+    @property
+    def primary_version(self) -> int:
+        return self._keyring.primary_version
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def mark_finished(self) -> None:
+        """Another replica completed the rotation (see postgres.rotation.LeasedRotation)."""
+        self._finished = True
 
     def status(self) -> RotationStatus:
         remaining = sum(part.remaining() for part in self._parts) if not self._finished else 0
@@ -205,17 +225,18 @@ class KeyRotation:
             logger.info("key rotation pass left rows", extra={"fields": {"rows": remaining}})
             await self.run()
             return
-        # The WAL may still hold page images from before re-encryption: fold it into the
-        # main file (where secure_delete has zeroed what the re-encryption replaced) and
-        # truncate it, before telling anyone the old key is no longer needed.
-        while True:
-            try:
-                await asyncio.to_thread(self._db.checkpoint)
-                break
-            except RuntimeError:
-                logger.warning("key rotation waits for the WAL to be free to checkpoint")
-                await asyncio.sleep(1.0)
-        retired = await asyncio.to_thread(retire_versions, self._db, self._keyring.primary_version)
+        if self._db is not None:
+            # The WAL may still hold page images from before re-encryption: fold it into
+            # the main file (where secure_delete has zeroed what the re-encryption
+            # replaced) and truncate it, before telling anyone the old key is not needed.
+            while True:
+                try:
+                    await asyncio.to_thread(self._db.checkpoint)
+                    break
+                except RuntimeError:
+                    logger.warning("key rotation waits for the WAL to be free to checkpoint")
+                    await asyncio.sleep(1.0)
+        retired = await asyncio.to_thread(self._retire, self._keyring.primary_version)
         self._finished = True
         if self._audit is not None:
             details = {"rows": str(self.rows_done), "retired_versions": ",".join(map(str, retired))}

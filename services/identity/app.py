@@ -13,13 +13,18 @@ from services.common import catalog
 from services.common.addresses import ClientAddresses
 from services.common.config import Env
 from services.common.errors import Unavailable
+from services.common.rotation import Rotatable
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
+from services.identity import postgres_store
 from services.identity.cache import DEFAULT_MAX_ENTRIES, CachedIdentityStore
 from services.identity.domain import Identity, IdentityLimits
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.factors import FactorLimits, Factors
+from services.identity.model import FactorStore, IdentityStore
 from services.identity.passwords import HashParameters, PasswordHasher
+from services.identity.postgres_factors import PostgresFactorStore
+from services.identity.postgres_store import PostgresIdentityStore
 from services.identity.servicer import (
     IdentityAdminServicer,
     IdentityInternalServicer,
@@ -40,14 +45,28 @@ async def build(env: Env) -> App:
         synchronous="FULL",  # an acknowledged registration must survive power loss
         audit_outbox=True,
         sealing=SEALING,
+        postgres_migrations=postgres_store.MIGRATIONS,
     )
-    sqlite_store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
-    # The database file is this process's alone (locked), so every change passes through
-    # the cache: key bundles may read accounts from memory (services/identity/cache.py).
-    store = CachedIdentityStore(
-        sqlite_store, env.integer("IDENTITY_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
-    )
-    factor_store = SqliteFactorStore(service.database, service.keyring, service.outbox)
+    store: IdentityStore
+    factor_store: FactorStore
+    rotatable: list[Rotatable]
+    published: CachedIdentityStore | None = None
+    if service.pg is not None:  # DATABASE_URL: any number of replicas, so no account cache
+        pg_users = PostgresIdentityStore(service.pg.database, service.keyring, service.pg_outbox)
+        pg_factors = PostgresFactorStore(service.pg.database, service.keyring, service.pg_outbox)
+        store, factor_store = pg_users, pg_factors
+        rotatable = [*pg_users.rotatables(), pg_factors.rotatable()]
+    else:
+        sqlite_store = SqliteIdentityStore(service.database, service.keyring, service.outbox)
+        # The database file is this process's alone (locked), so every change passes
+        # through the cache: key bundles may read accounts from memory
+        # (services/identity/cache.py).
+        store = published = CachedIdentityStore(
+            sqlite_store, env.integer("IDENTITY_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
+        )
+        factors_ = SqliteFactorStore(service.database, service.keyring, service.outbox)
+        factor_store = factors_
+        rotatable = [*sqlite_store.rotatables(), factors_.rotatable()]
     factors = Factors(
         factor_store,
         store,
@@ -58,7 +77,7 @@ async def build(env: Env) -> App:
                 parallelism=env.integer("PASSWORD_HASH_PARALLELISM", 1, minimum=1),
             )
         ),
-        service.outbox,
+        service.audit_outbox,
         limits=FactorLimits(
             code_failures_per_account=env.integer(
                 "SECOND_FACTOR_FAILURES_PER_ACCOUNT", 10, minimum=1
@@ -80,7 +99,7 @@ async def build(env: Env) -> App:
             ),
         ),
         on_login=factors.refill_password_budget,
-        published=store,
+        published=published,
     )
     retry_seconds = env.number("REVOCATION_RETRY_SECONDS", 1.0, minimum=0.05)
 
@@ -117,11 +136,11 @@ async def build(env: Env) -> App:
             ),
             bind(
                 catalog.IDENTITY_ADMIN,
-                IdentityAdminServicer(identity, service.outbox.backlog),
+                IdentityAdminServicer(identity, service.audit_outbox.backlog),
                 admin_grpc.add_IdentityAdminServiceServicer_to_server,
             ),
         ],
         # Rotation is a concern of these SQLite stores, not of the store protocols.
-        rotatable=[*sqlite_store.rotatables(), factor_store.rotatable()],
+        rotatable=rotatable,
         background=[revoke_forever],
     )

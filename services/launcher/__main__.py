@@ -2,8 +2,9 @@
 
 Creates development secrets and TLS material under var/ on first run, starts every
 service as its own background process (logs in var/log/), waits for each to report
-SERVING, and prints where they listen and how to try them. Also the operator's work on
-the server host: `rotate <service>` and `restore` of a backup.
+SERVING, and prints where they listen and how to try them (`up --postgres`: on a local
+PostgreSQL). Also the operator's work on the server host: `rotate <service>`, `restore`
+of a backup (a SQLite file, or a pg_dump into PostgreSQL), and `copy-to-postgres`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 
 from services.common import catalog
 from services.common.errors import StartupError
+from services.launcher import postgres
 from services.launcher.diagnose import explain
 from services.launcher.health import check, wait_serving
+from services.launcher.pgcluster import ClusterError
 from services.launcher.restore import restore_backup
 from services.launcher.topology import (
     PERSISTENT,
@@ -51,16 +54,32 @@ def _running_pid(service: str, layout: StackLayout = LAYOUT) -> int | None:
     return pid
 
 
-def up(layout: StackLayout = LAYOUT, ports: Mapping[str, tuple[int, int, int]] = PORTS) -> int:
-    """Starts what is not running yet and waits for all; 0 once every service serves."""
+def up(
+    layout: StackLayout = LAYOUT,
+    ports: Mapping[str, tuple[int, int, int]] = PORTS,
+    *,
+    on_postgres: bool = False,
+) -> int:
+    """Starts what is not running yet and waits for all; 0 once every service serves.
+
+    `on_postgres`: identity, session and audit on a local PostgreSQL (make run-scaled)."""
     layout.prepare()
+    databases: dict[str, dict[str, str]] = {}
+    if on_postgres:
+        try:
+            databases = postgres.start_local(layout.root, layout.secrets, PERSISTENT)
+        except (ClusterError, OSError) as exc:
+            print(f"PostgreSQL: {exc}", file=sys.stderr)
+            return 1
+        print(f"PostgreSQL        127.0.0.1:{postgres.LOCAL_PORT} (data in var/postgres)")
     started: dict[str, subprocess.Popen[bytes]] = {}
     log_starts: dict[str, int] = {}  # where this start's output begins in each log
     for service in SERVICES:
         if _running_pid(service, layout):
             print(f"{service:9} already running")
             continue
-        env = {**os.environ, **service_env(layout, service, dict(ports))}
+        extra = databases.get(service)
+        env = {**os.environ, **service_env(layout, service, dict(ports), extra=extra)}
         log_path = layout.logs / f"{service}.log"
         log_starts[service] = log_path.stat().st_size if log_path.exists() else 0
         with os.fdopen(open_log(log_path), "ab") as log:
@@ -126,6 +145,8 @@ def down(layout: StackLayout = LAYOUT) -> int:
                 os.waitpid(pid, os.WNOHANG)
         print(f"{service:9} stopped")
         _pid_file(service, layout).unlink(missing_ok=True)
+    if postgres.stop_local(layout.root):
+        print("PostgreSQL stopped")
     return 0
 
 
@@ -153,7 +174,7 @@ def rotate(service: str) -> int:
         _pid_file(service).unlink(missing_ok=True)
     print(f"{service}: new master key in var/secrets/{service}.key; the previous one is kept")
     print(f"in var/secrets/{service}.old-keys until re-encryption finishes.")
-    status = up()
+    status = up(on_postgres=postgres.local_running(LAYOUT.root))
     if status == 0:
         print(f"Follow progress: .venv/bin/python -m services.cli rotation --service {service}")
     return status
@@ -180,8 +201,13 @@ def restore(service: str, backup: Path, data_dir: Path, key_file: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m services.launcher")
     commands = parser.add_subparsers(dest="command")
+    up_cmd = commands.add_parser("up", help="start every service (the default)")
+    up_cmd.add_argument(
+        "--postgres",
+        action="store_true",
+        help="identity, session and audit on a local PostgreSQL (make run-scaled)",
+    )
     for name, text in (
-        ("up", "start every service (the default)"),
         ("down", "stop the services"),
         ("status", "health of each service"),
         ("compose-secrets", "dev keys and certificates for docker-compose.yml"),
@@ -194,17 +220,52 @@ def main() -> int:
     )
     restore_cmd.add_argument("--service", choices=PERSISTENT, required=True)
     restore_cmd.add_argument("--backup", type=Path, required=True)
-    restore_cmd.add_argument("--data-dir", type=Path, required=True)
+    target = restore_cmd.add_mutually_exclusive_group(required=True)
+    target.add_argument("--data-dir", type=Path, help="SQLite: an empty data directory")
+    target.add_argument(
+        "--database-url-file",
+        type=Path,
+        help="PostgreSQL: file holding the URL of the service's empty database",
+    )
     restore_cmd.add_argument(
+        "--key-file", type=Path, required=True, help="file holding that service's master key"
+    )
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="deployment: create or upgrade a service's PostgreSQL schema and keys, then exit",
+    )
+    migrate_cmd.add_argument("service", choices=PERSISTENT)
+    copy_cmd = commands.add_parser(
+        "copy-to-postgres",
+        help="operator: copy a stopped service's SQLite file into its empty PostgreSQL database",
+    )
+    copy_cmd.add_argument("--service", choices=PERSISTENT, required=True)
+    copy_cmd.add_argument("--source", type=Path, required=True, help="the service's .db file")
+    copy_cmd.add_argument(
+        "--database-url-file", type=Path, required=True, help="file holding DATABASE_URL"
+    )
+    copy_cmd.add_argument(
         "--key-file", type=Path, required=True, help="file holding that service's master key"
     )
     args = parser.parse_args()
     if args.command == "rotate":
         return rotate(args.service)
+    if args.command == "restore" and args.database_url_file is not None:
+        return postgres.restore_to_postgres(
+            args.service, args.backup, args.database_url_file, args.key_file
+        )
     if args.command == "restore":
         return restore(args.service, args.backup, args.data_dir, args.key_file)
-    simple = {"up": up, "down": down, "status": status, "compose-secrets": compose_secrets}
-    return simple[args.command or "up"]()
+    if args.command == "migrate":
+        return postgres.migrate(args.service)
+    if args.command == "copy-to-postgres":
+        return postgres.copy_to_postgres(
+            args.service, args.source, args.database_url_file, args.key_file
+        )
+    if args.command in (None, "up"):
+        return up(on_postgres=getattr(args, "postgres", False))
+    simple = {"down": down, "status": status, "compose-secrets": compose_secrets}
+    return simple[args.command]()
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ from services.common.config import Env
 from services.common.crypto import Keyring
 from services.common.identity_client import RemoteIdentityDirectory
 from services.common.ratelimit import WindowFactory, WindowLimit, local_windows
+from services.common.rotation import Rotatable
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
+from services.session import postgres_store
 from services.session.cache import DEFAULT_MAX_ENTRIES, CachedSessionStore
 from services.session.login import ChallengeBook, Challenges, Login, LoginLimits
+from services.session.postgres_store import PostgresSessionStore
 from services.session.recovery import PasswordLimits, PasswordLogin
 from services.session.redis_challenges import RedisChallengeBook
 from services.session.servicer import (
@@ -49,6 +52,7 @@ async def build(env: Env) -> App:
         synchronous="NORMAL",
         audit_outbox=True,
         sealing=SEALING,
+        postgres_migrations=postgres_store.MIGRATIONS,
     )
     policy = SessionPolicy(
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),
@@ -56,13 +60,20 @@ async def build(env: Env) -> App:
         step_up_max_age=env.number("STEP_UP_MAX_AGE_SECONDS", 600.0, minimum=1.0),
         recovery_lifetime=env.number("RECOVERY_SESSION_SECONDS", 900.0, minimum=1.0),
     )
-    store = SqliteSessionStore(service.database, service.keyring, service.outbox)
-    # The database file is this process's alone (locked), so every change passes through
-    # the cache: it may answer validations from memory (services/session/cache.py).
-    cached = CachedSessionStore(
-        store, env.integer("SESSION_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
-    )
-    sessions = Sessions(cached, policy, memo=cached)
+    rotatable: list[Rotatable]
+    if service.pg is not None:  # DATABASE_URL: any number of replicas, so no session cache
+        pg_store = PostgresSessionStore(service.pg.database, service.keyring, service.pg_outbox)
+        rotatable = list(pg_store.rotatables())
+        sessions = Sessions(pg_store, policy)
+    else:
+        sqlite_store = SqliteSessionStore(service.database, service.keyring, service.outbox)
+        rotatable = list(sqlite_store.rotatables())
+        # The database file is this process's alone (locked), so every change passes
+        # through the cache: it may answer validations from memory (services/session/cache.py).
+        cached = CachedSessionStore(
+            sqlite_store, env.integer("SESSION_CACHE_ENTRIES", DEFAULT_MAX_ENTRIES, minimum=0)
+        )
+        sessions = Sessions(cached, policy, memo=cached)
     limits = LoginLimits(
         failures_per_account_address=env.integer(
             "LOGIN_MAX_FAILURES_PER_ACCOUNT_ADDRESS", 10, minimum=1
@@ -83,7 +94,7 @@ async def build(env: Env) -> App:
         per_group=max(1, int(limits.challenges_per_address_per_minute * challenge_ttl / 60)),
     )
     directory = RemoteIdentityDirectory(service.channels.to("identity"))
-    login = Login(sessions, directory, challenges, limits, service.outbox, windows=windows)
+    login = Login(sessions, directory, challenges, limits, service.audit_outbox, windows=windows)
     password_login = PasswordLogin(
         sessions,
         directory,
@@ -94,7 +105,7 @@ async def build(env: Env) -> App:
             failures_per_address=env.integer("PASSWORD_LOGIN_FAILURES_PER_ADDRESS", 30, minimum=1),
             window_seconds=env.number("LOGIN_FAILURE_WINDOW_SECONDS", 900.0, minimum=1.0),
         ),
-        service.outbox,
+        service.audit_outbox,
         windows,
     )
     interval = env.number("CLEANUP_INTERVAL_SECONDS", 60.0, minimum=0.1)
@@ -131,11 +142,11 @@ async def build(env: Env) -> App:
             ),
             bind(
                 catalog.SESSION_ADMIN,
-                SessionAdminServicer(sessions, login, service.outbox.backlog),
+                SessionAdminServicer(sessions, login, service.audit_outbox.backlog),
                 admin_grpc.add_SessionAdminServiceServicer_to_server,
             ),
         ],
-        rotatable=store.rotatables(),  # rotation is this store's concern, not the protocol's
+        rotatable=rotatable,  # rotation is the concrete store's concern, not the protocol's
         background=[cleanup_forever],
         on_stop=[cleanup_at_shutdown],
     )

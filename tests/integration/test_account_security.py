@@ -204,6 +204,7 @@ def test_recovery_codes_work_once_each(client: UserClient) -> None:
     carol.step_up(tokens[2], recovery_code=fresh[0])
 
 
+@pytest.mark.sqlite_only
 def test_a_stolen_database_shows_no_totp_secret_and_nothing_to_test_a_password_against(
     tmp_path: Path,
 ) -> None:

@@ -115,6 +115,7 @@ def verify(stack: Stack) -> admin_pb.VerifyAuditLogResponse:
         )
 
 
+@pytest.mark.sqlite_only  # producer numbering (L6): not yet on PostgreSQL
 def test_an_event_deleted_from_a_producers_outbox_is_reported_as_missing(
     stack_without_audit: Stack,
 ) -> None:
@@ -149,7 +150,7 @@ def test_a_retried_batch_is_stored_once(audit_only: Stack) -> None:
 
 def tamper(stack: Stack, sql: str) -> None:
     stack["audit"].stop()
-    with sqlite3.connect(stack.db_path("audit")) as conn:
+    with stack.raw_database("audit") as conn:
         if sql.startswith("FLIP "):  # FLIP <column> <sequence>: one bit of one byte
             _, column, sequence = sql.split()
             blob = bytearray(
@@ -227,7 +228,7 @@ def test_verify_finds_two_swapped_rows(audit_only: Stack) -> None:
     append(audit_only, events(10))
     stack = audit_only
     stack["audit"].stop()
-    with sqlite3.connect(stack.db_path("audit")) as conn:
+    with stack.raw_database("audit") as conn:
         conn.execute("UPDATE audit_events SET sequence = -3 WHERE sequence = 3")
         conn.execute("UPDATE audit_events SET sequence = 3 WHERE sequence = 4")
         conn.execute("UPDATE audit_events SET sequence = 4 WHERE sequence = -3")
@@ -371,6 +372,7 @@ def test_users_read_only_their_own_events(tmp_path: Path) -> None:
         stack.stop()
 
 
+@pytest.mark.sqlite_only
 def test_the_audit_file_holds_no_user_id_or_details(audit_only: Stack) -> None:
     append(audit_only, events(3, user_id="walrus-secret") + events(1, user_id="x" * 3))
     audit_only["audit"].stop()
@@ -524,8 +526,8 @@ def test_a_producer_killed_before_it_saw_the_acknowledgement_duplicates_nothing(
         assert time.monotonic() < deadline, "the batch in flight never arrived"
         time.sleep(0.1)
     stack["session"].kill()
-    with sqlite3.connect(f"file:{stack.db_path('session')}?mode=ro", uri=True) as conn:
-        waiting = {row[0] for row in conn.execute("SELECT event_id FROM audit_outbox")}
+    with stack.raw_database("session") as conn:
+        waiting = {row[0] for row in conn.execute("SELECT event_id FROM audit_outbox").fetchall()}
     assert waiting & {e.event_id for e in operator_list(stack)}, "no acknowledgement was lost"
     stack["session"].start()
     assert_arrived_once_in_order(stack, sorted(users), logged)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -15,9 +16,12 @@ from securemsg.identity.v1 import identity_service_pb2 as pb
 
 from services.common.audit_events import AuditRecord
 from services.common.outbox import SqliteOutbox
+from services.common.postgres.keys import open_pg_database
+from services.common.postgres.outbox import PgOutbox
 from services.common.sqlite import open_database
+from services.identity import postgres_store
 from services.identity.keys import SignedKey
-from services.identity.model import NewUser
+from services.identity.model import IdentityStore, NewUser
 from services.identity.store import MIGRATIONS, SqliteIdentityStore
 from tests.support.stack import Stack
 from tests.support.users import bearer, new_user, user_client
@@ -27,24 +31,49 @@ SEEDED = 10_000
 
 def seed(stack: Stack, count: int) -> None:
     """Fills identity's database directly (registering over RPC would take minutes)."""
-    opened = open_database(
-        stack.db_path("identity"),
-        service="identity",
-        master_key=stack.layout.key_file("identity").read_text(),
-        kdf_iterations=100_000,
-        migrations=MIGRATIONS,
-        synchronous="NORMAL",
-    )
-    outbox = SqliteOutbox(opened.database, opened.keyring, "identity")
-    store = SqliteIdentityStore(opened.database, opened.keyring, outbox)
+    key_text = stack.layout.key_file("identity").read_text()
+    store: IdentityStore
+    if stack.backend == "postgres":
+        url = Path(stack["identity"].env["DATABASE_URL_FILE"]).read_text()
+        pg = open_pg_database(
+            url,
+            service="identity",
+            master_key=key_text,
+            kdf_iterations=100_000,
+            migrations=postgres_store.MIGRATIONS,
+        )
+        pg_outbox = PgOutbox(pg.database, pg.keyring, "identity", "seeder")
+        store, close = (
+            postgres_store.PostgresIdentityStore(pg.database, pg.keyring, pg_outbox),
+            pg.database.close,
+        )
+    else:
+        opened = open_database(
+            stack.db_path("identity"),
+            service="identity",
+            master_key=key_text,
+            kdf_iterations=100_000,
+            migrations=MIGRATIONS,
+            synchronous="NORMAL",
+        )
+        outbox = SqliteOutbox(opened.database, opened.keyring, "identity")
+        store, close = (
+            SqliteIdentityStore(opened.database, opened.keyring, outbox),
+            opened.database.close,
+        )
     key = SignedKey(1, bytes(32), bytes(64))
     pq = SignedKey(1, bytes(1184), bytes(64))
-    for i in range(count):
+
+    def add(i: int) -> None:
         store.add_user(
             NewUser(f"seed{i:05}", f"Seed {i}", {}, bytes(32), bytes(32), key, pq, [], time.time()),
             AuditRecord("user_registered", f"seed{i:05}"),
         )
-    opened.database.close()
+
+    # PostgreSQL takes concurrent writers (a round trip per statement); SQLite has one.
+    with ThreadPoolExecutor(8 if stack.backend == "postgres" else 1) as pool:
+        list(pool.map(add, range(count)))
+    close()
 
 
 def rotation_status(stack: Stack) -> admin_pb.GetKeyRotationStatusResponse:
@@ -65,6 +94,7 @@ def rotate_to_new_key(stack: Stack, **extra: str) -> str:
     return old
 
 
+@pytest.mark.timeout(300)  # seeding and re-encrypting 20,000 rows on a shared 2-core machine
 def test_rotation_under_load_fails_no_rpc_and_retires_the_old_key(tmp_path: Path) -> None:
     stack = Stack(tmp_path, ("identity", "session"), extra_env={
         "identity": {"KEY_ROTATION_BATCH_SIZE": "200", "KEY_ROTATION_PAUSE_SECONDS": "0.02"},

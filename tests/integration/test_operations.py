@@ -23,6 +23,7 @@ from tests.support.stack import ServiceProcess, Stack
 from tests.support.users import new_user, user_client
 
 
+@pytest.mark.sqlite_only
 def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path) -> None:
     stack = Stack(tmp_path / "live")
     stack.start()
@@ -103,6 +104,7 @@ def test_a_backup_taken_under_write_load_restores_and_reads_back(tmp_path: Path)
         stack.stop()
 
 
+@pytest.mark.sqlite_only
 def test_restore_refuses_a_backup_the_key_does_not_unlock(tmp_path: Path) -> None:
     stack = Stack(tmp_path / "live", ("identity",))
     stack.start()
@@ -130,6 +132,7 @@ def test_backups_need_the_operator_certificate(tmp_path: Path) -> None:
         stack.stop()
 
 
+@pytest.mark.sqlite_only
 def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path) -> None:
     stack = Stack(tmp_path, ("identity", "session"))
     stack.start()
@@ -175,6 +178,7 @@ def test_a_second_instance_on_the_same_database_refuses_to_start(tmp_path: Path)
         stack.stop()
 
 
+@pytest.mark.sqlite_only
 def test_data_and_log_directories_and_database_files_are_for_the_owner_only(
     stack: Stack, client: UserClient
 ) -> None:

@@ -66,3 +66,11 @@ def append(
         return ingest_grpc.AuditIngestServiceStub(channel).AppendAuditEvents(
             ingest_pb.AppendAuditEventsRequest(events=batch), timeout=10
         )
+
+
+def verify(stack: Stack) -> admin_pb.VerifyAuditLogResponse:
+    """The operator's VerifyAuditLog over the whole log."""
+    with stack.channel("audit", cert="operator") as channel:
+        return admin_grpc.AuditAdminServiceStub(channel).VerifyAuditLog(
+            admin_pb.VerifyAuditLogRequest(), timeout=30
+        )

@@ -17,41 +17,39 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import glob
 import os
-import pwd
 import secrets
 import shutil
-import subprocess
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from services.common.postgres.provision import provision_service
-from tests.support.stack import free_port
+from services.launcher.pgcluster import INSTALL, ClusterError, LocalCluster, bin_dir
+from services.launcher.topology import StackLayout
 
-INSTALL = "apt-get update && apt-get install -y postgresql"
 URL_VARIABLE = "TEST_POSTGRES_URL"
+# A test cluster never survives a machine crash: skip every fsync.
+FAST_OPTIONS = "-c fsync=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _bin_dir() -> Path:
-    """The server binaries: Debian keeps them off PATH, under /usr/lib/postgresql/N/bin."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
-    )
-    if found:
-        return Path(found[-1]).parent
-    on_path = shutil.which("initdb")
-    if on_path:
-        return Path(on_path).resolve().parent
-    raise AssertionError(
-        f"PostgreSQL server binaries (initdb, pg_ctl) not found; install them: {INSTALL} "
-        f"(or set {URL_VARIABLE} to an existing server's superuser URL)"
-    )
+    try:
+        return bin_dir()
+    except ClusterError as exc:
+        raise AssertionError(
+            f"{exc} (or set {URL_VARIABLE} to an existing server's superuser URL)"
+        ) from None
 
 
 def client_tool(name: str) -> str:
@@ -67,9 +65,8 @@ class PostgresServer:
 
     def __init__(self) -> None:
         self._external = os.environ.get(URL_VARIABLE, "").strip() or None
-        self._dir: Path | None = None
+        self._cluster: LocalCluster | None = None
         self.port = 0
-        self._owner: str | None = None
         self._created: list[tuple[str, str]] = []
 
     @property
@@ -90,79 +87,33 @@ class PostgresServer:
             with psycopg.connect(self.admin_url(), connect_timeout=5) as conn:
                 conn.execute("SELECT 1")
             return
-        bindir = _bin_dir()
-        self._dir = Path(tempfile.mkdtemp(prefix="securemsg-pg-"))
+        _bin_dir()  # fails with the install command when missing
+        directory = Path(tempfile.mkdtemp(prefix="securemsg-pg-"))
         atexit.register(self.stop)
-        if os.geteuid() == 0:
-            self._owner = "postgres"
-            entry = pwd.getpwnam("postgres")
-            os.chown(self._dir, entry.pw_uid, entry.pw_gid)
-        self._dir.chmod(0o700)
-        self._run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(self._dir / "data"),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ]
-        )
+        self._cluster = LocalCluster(directory, 0, options=FAST_OPTIONS)
+        try:
+            self._cluster.initialize()
+        except ClusterError as exc:
+            raise AssertionError(str(exc)) from None
         self._start_server()
 
     def _start_server(self) -> None:
-        assert self._dir is not None
+        assert self._cluster is not None
         for _ in range(5):  # another process may take the free port before we bind it
-            self.port = self.port or free_port()
-            options = (
-                f"-c fsync=off -c full_page_writes=off -p {self.port} -k {self._dir}"
-                " -c listen_addresses=127.0.0.1 -c max_connections=300"
-                " -c shared_buffers=32MB"
-            )
-            result = self._run(
-                [
-                    str(_bin_dir() / "pg_ctl"),
-                    "-D",
-                    str(self._dir / "data"),
-                    "-l",
-                    str(self._dir / "server.log"),
-                    "-w",
-                    "-t",
-                    "30",
-                    "-o",
-                    options,
-                    "start",
-                ],
-                check=False,
-            )
-            if result.returncode == 0:
+            self._cluster.port = self._cluster.port or _free_port()
+            if self._cluster.start():
+                self.port = self._cluster.port
                 return
-            self.port = 0
+            self._cluster.port = 0
         raise AssertionError(f"PostgreSQL did not start:\n{self.log()}")
 
-    def _run(self, argv: list[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
-        if self._owner is not None:
-            argv = ["runuser", "-u", self._owner, "--", *argv]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{argv[0]} failed: {result.stdout}{result.stderr}")
-        return result
-
     def log(self) -> str:
-        if self._dir is None:
-            return ""
-        path = self._dir / "server.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return "" if self._cluster is None else self._cluster.log()
 
     def halt(self) -> None:
         """Stops the server (fast shutdown: sessions are cut off), keeping its data."""
-        assert self._dir is not None, "only a private cluster can be stopped by a test"
-        self._run([str(_bin_dir() / "pg_ctl"), "-D", str(self._dir / "data"), "-m", "fast", "stop"])
+        assert self._cluster is not None, "only a private cluster can be stopped by a test"
+        self._cluster.stop("fast")
 
     def resume(self) -> None:
         """Starts a halted server again on the same port."""
@@ -170,15 +121,12 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Stops the private server and deletes everything it had."""
-        if self._dir is None:
+        if self._cluster is None:
             return
-        directory, self._dir = self._dir, None
+        cluster, self._cluster = self._cluster, None
         with contextlib.suppress(Exception):
-            argv = [str(_bin_dir() / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate"]
-            if self._owner is not None:
-                argv = ["runuser", "-u", self._owner, "--", *argv]
-            subprocess.run([*argv, "stop"], capture_output=True, check=False, timeout=30)
-        shutil.rmtree(directory, ignore_errors=True)
+            cluster.stop("immediate")
+        shutil.rmtree(cluster.directory, ignore_errors=True)
 
     # --- databases --------------------------------------------------------------------
 
@@ -215,6 +163,43 @@ class PostgresServer:
                     )
                 )
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+# Services that have a PostgreSQL store.
+POSTGRES_SERVICES = ("identity", "session", "audit")
+
+
+def database_env(
+    layout: StackLayout, services: Iterable[str], server: PostgresServer | None = None
+) -> dict[str, dict[str, str]]:
+    """DATABASE_URL_FILE for each persistent service: its own database and role on
+    `server` (the run's shared one by default), the URL (it holds the role's password) in
+    a 0600 file."""
+    server = server or shared_server()
+    envs: dict[str, dict[str, str]] = {}
+    for name in services:
+        if name in POSTGRES_SERVICES:
+            path = layout.secrets / f"{name}.database-url"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(server.service_database(name))
+            envs[name] = {"DATABASE_URL_FILE": str(path)}
+    return envs
+
+
+_shared: PostgresServer | None = None
+
+
+def shared_server() -> PostgresServer:
+    """The one server of this test run, started on first use and removed at exit
+    (unit fixtures and integration stacks share it; each takes its own databases)."""
+    global _shared
+    if _shared is None:
+        server = PostgresServer()
+        server.start()
+        atexit.register(server.stop if server.private else server.drop_all)
+        _shared = server
+    return _shared
 
 
 @contextlib.contextmanager

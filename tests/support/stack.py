@@ -5,20 +5,25 @@ Environments come from services.launcher.topology, the same code `make run` uses
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
+import psycopg
 
 from services.launcher.health import wait_serving
 from services.launcher.topology import StackLayout, open_log, service_env
+from tests.support.postgres import PostgresServer, database_env
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {
@@ -203,6 +208,33 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class RawConnection(Protocol):
+    def execute(self, sql: str, parameters: Sequence[object] = ..., /) -> Any: ...
+    def executescript(self, sql: str, /) -> Any: ...
+
+
+class _QmarkConnection:
+    """A psycopg connection that takes SQLite's `?` placeholders."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Sequence[object] = (), /) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), tuple(parameters))
+
+    def executescript(self, sql: str, /) -> Any:
+        return self._conn.execute(sql)  # without parameters: several statements at once
+
+
+def test_backend() -> str:
+    """Where the persistent services of test stacks keep their data: `sqlite` (files, the
+    default) or `postgres` (a private PostgreSQL server), from TEST_BACKEND."""
+    backend = os.environ.get("TEST_BACKEND", "sqlite").strip() or "sqlite"
+    if backend not in ("sqlite", "postgres"):
+        raise AssertionError(f"TEST_BACKEND must be sqlite or postgres, not {backend!r}")
+    return backend
+
+
 class Stack:
     """A set of services sharing one temporary layout (keys, certificates, data)."""
 
@@ -211,9 +243,17 @@ class Stack:
         root: Path,
         services: tuple[str, ...] = ("identity", "session"),
         extra_env: Mapping[str, Mapping[str, str]] | None = None,
+        backend: str | None = None,
+        postgres: PostgresServer | None = None,
     ) -> None:
         self.layout = StackLayout(root)
         self.layout.prepare()
+        self.backend = backend or test_backend()
+        if postgres is not None:
+            self.backend = "postgres"
+        databases = (
+            database_env(self.layout, services, postgres) if self.backend == "postgres" else {}
+        )
         # Ports for all four services, so that one not started here is simply absent
         # (calls to it fail and are retried) rather than a stray one on a default port.
         self.reservation = PortReservation(3 * len(PACKAGES))
@@ -226,7 +266,11 @@ class Stack:
                     self.layout,
                     name,
                     self.ports,
-                    extra={**FAST_KDF, **(extra_env or {}).get(name, {})},
+                    extra={
+                        **FAST_KDF,
+                        **databases.get(name, {}),
+                        **(extra_env or {}).get(name, {}),
+                    },
                 ),
                 self.layout.logs / f"{name}.log",
                 self.layout.tls / "ca.pem",
@@ -266,6 +310,23 @@ class Stack:
         use_internal = internal or cert is not None
         address = env["INTERNAL_LISTEN_ADDRESS"] if use_internal else env["LISTEN_ADDRESS"]
         return grpc.secure_channel(address, credentials)
+
+    @contextlib.contextmanager
+    def raw_database(self, name: str) -> Iterator[RawConnection]:
+        """A direct connection to a service's stored data (SQLite file or PostgreSQL
+        database), for tests that tamper with it; `?` placeholders on both, committed at
+        the end of the block."""
+        if self.backend == "postgres" and "DATABASE_URL_FILE" in self.services[name].env:
+            url = Path(self.services[name].env["DATABASE_URL_FILE"]).read_text()
+            with psycopg.connect(url) as pg:
+                yield _QmarkConnection(pg)
+        else:
+            conn = sqlite3.connect(self.db_path(name))
+            try:
+                with conn:
+                    yield conn
+            finally:
+                conn.close()
 
     def db_path(self, name: str) -> Path:
         return Path(self.services[name].env["DB_PATH"])

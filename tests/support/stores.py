@@ -9,24 +9,31 @@ class here and one more entry in BACKENDS; every contract test then runs against
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from services.audit import postgres_store as audit_pg
 from services.audit.model import AuditStore
 from services.audit.store import MIGRATIONS as AUDIT_MIGRATIONS
 from services.audit.store import SEALING as AUDIT_SEALING
 from services.audit.store import SqliteAuditStore
 from services.common.audit_events import AuditRecord
-from services.common.outbox import SqliteOutbox
+from services.common.outbox import Outbox, SqliteOutbox
+from services.common.postgres.database import PoolSettings
+from services.common.postgres.keys import OpenedPgDatabase, open_pg_database
+from services.common.postgres.outbox import PgOutbox
 from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_database
+from services.identity import postgres_store as identity_pg
 from services.identity.cache import CachedIdentityStore
 from services.identity.factor_store import SqliteFactorStore
 from services.identity.model import FactorStore, IdentityStore
+from services.identity.postgres_factors import PostgresFactorStore
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SEALING as IDENTITY_SEALING
 from services.identity.store import SqliteIdentityStore
+from services.session import postgres_store as session_pg
 from services.session.cache import CachedSessionStore
 from services.session.model import SessionStore
 from services.session.store import MIGRATIONS as SESSION_MIGRATIONS
@@ -35,6 +42,7 @@ from services.session.store import SqliteSessionStore
 from tests.fakes.audit import MemoryAuditStore
 from tests.fakes.identity import MemoryFactorStore, MemoryIdentityStore
 from tests.fakes.session import MemorySessionStore
+from tests.support.postgres import PostgresServer
 
 S = TypeVar("S")
 # What an audit event says, whichever way a backend keeps it: (action, user id, details).
@@ -106,7 +114,7 @@ class SqliteBackend:
         self._cleanup = place.cleanup
 
     def _open(
-        self, service: str, migrations: list[Migration], sealing: RowSealing | None = None
+        self, service: str, migrations: Sequence[Migration], sealing: RowSealing | None = None
     ) -> OpenedDatabase:
         opened = open_database(
             self._root / f"{service}.db",
@@ -162,11 +170,60 @@ class CachedSqliteBackend(SqliteBackend):
         return Harness(CachedSessionStore(harness.store), harness.events)
 
 
+class PostgresBackend:
+    """The PostgreSQL stores, each service on its own database and role of the run's
+    private server (the `postgres` fixture)."""
+
+    def __init__(self, place: Place) -> None:
+        self._server: PostgresServer = place.fixture("postgres")
+        self._cleanup = place.cleanup
+
+    def _open(self, service: str, migrations: Sequence[Migration]) -> OpenedPgDatabase:
+        opened = open_pg_database(
+            self._server.service_database(service),
+            service=service,
+            master_key="store contract test key",
+            kdf_iterations=1_000,
+            migrations=migrations,
+            settings=PoolSettings(size=4),
+        )
+        self._cleanup.callback(opened.database.close)
+        return opened
+
+    def _outbox(self, opened: OpenedPgDatabase, service: str) -> PgOutbox:
+        return PgOutbox(opened.database, opened.keyring, service, "contract")
+
+    def identity(self) -> Harness[IdentityStore]:
+        opened = self._open("identity", identity_pg.MIGRATIONS)
+        outbox = self._outbox(opened, "identity")
+        store = identity_pg.PostgresIdentityStore(opened.database, opened.keyring, outbox)
+        return Harness(store, lambda: _outbox_events(outbox))
+
+    def factors(self) -> FactorHarness:
+        opened = self._open("identity", identity_pg.MIGRATIONS)
+        outbox = self._outbox(opened, "identity")
+        return FactorHarness(
+            PostgresFactorStore(opened.database, opened.keyring, outbox),
+            identity_pg.PostgresIdentityStore(opened.database, opened.keyring, outbox),
+            lambda: _outbox_events(outbox),
+        )
+
+    def session(self) -> Harness[SessionStore]:
+        opened = self._open("session", session_pg.MIGRATIONS)
+        outbox = self._outbox(opened, "session")
+        store = session_pg.PostgresSessionStore(opened.database, opened.keyring, outbox)
+        return Harness(store, lambda: _outbox_events(outbox))
+
+    def audit(self) -> AuditStore:
+        opened = self._open("audit", audit_pg.MIGRATIONS)
+        return audit_pg.PostgresAuditStore(opened.database, opened.keyring)
+
+
 def _record_events(records: list[AuditRecord]) -> list[Event]:
     return [(e.action, e.user_id, dict(e.details)) for e in records]
 
 
-def _outbox_events(outbox: SqliteOutbox) -> list[Event]:
+def _outbox_events(outbox: Outbox) -> list[Event]:
     return [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(10_000)]
 
 
@@ -175,4 +232,5 @@ BACKENDS: dict[str, Callable[[Place], Backend]] = {
     "memory": MemoryBackend,
     "sqlite": SqliteBackend,
     "sqlite+cache": CachedSqliteBackend,
+    "postgres": PostgresBackend,
 }

@@ -17,7 +17,7 @@ from services.common.postgres.config import PostgresConfig
 from services.common.postgres.database import PoolSettings
 from services.common.postgres.keys import OpenedPgDatabase, open_pg_database, retire_versions
 from services.common.postgres.lease import Lease, LeaseLost
-from services.common.sqlite import Migration
+from services.common.schema import Migration
 from tests.support.postgres import PostgresServer, running_server
 
 MIGRATIONS = [Migration(1, "CREATE TABLE notes (id bigint PRIMARY KEY, body bytea NOT NULL);")]

@@ -33,7 +33,7 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 
-from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,13 @@ def translate_errors() -> Iterator[None]:
     except psycopg_pool.PoolTimeout:
         logger.warning("no database connection within the pool timeout")
         raise Unavailable(UNREACHABLE) from None
+    except psycopg.DataError as exc:
+        # A value PostgreSQL cannot hold (text with NUL, say) reached a statement: bad
+        # input the stores did not catch, not an internal failure.
+        logger.warning("value not storable", extra={"fields": {"error": type(exc).__name__}})
+        raise InvalidArgument(
+            "a field holds a value that cannot be stored (NUL characters are not allowed)"
+        ) from None
     except pg_errors.DiskFull:
         raise ResourceExhausted(
             "the service's storage is full; nothing was written. An operator must free "

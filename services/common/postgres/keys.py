@@ -25,7 +25,7 @@ from psycopg.rows import tuple_row
 
 from services.common import crypto
 from services.common.errors import StartupError, Unavailable
-from services.common.keyversions import Derivations, plan_unlock
+from services.common.keyversions import Derivations, KeyRow, plan_unlock
 from services.common.postgres.database import (
     Connection,
     KeyVersionGuard,
@@ -220,9 +220,12 @@ def check_unlocks(conn: psycopg.Connection[object], master_key: str) -> None:
         cursor.execute("SELECT version FROM key_retirements")
         retired = {int(r[0]) for r in cursor.fetchall()}
     except pg_errors.UndefinedTable:
-        raise StartupError(
-            "the database has no key metadata; it is not a SecureMsg database"
-        ) from None
+        raise StartupError(NOT_OURS) from None
+    check_key_rows(rows, retired, master_key, "the restored database")
+
+
+def check_key_rows(rows: list[KeyRow], retired: set[int], master_key: str, name: str) -> None:
+    """Raises StartupError unless `master_key` unlocks these key versions."""
     if not rows:
-        raise StartupError("the database has no key metadata; it is not a SecureMsg database")
-    plan_unlock("the restored database", rows, retired, Derivations(master_key), [])
+        raise StartupError(NOT_OURS)
+    plan_unlock(name, rows, retired, Derivations(master_key), [])
