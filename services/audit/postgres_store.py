@@ -112,7 +112,9 @@ class PostgresAuditStore:
         self._index = self._sealing.index
         self._chain = Chain(keyring.chain_keys(), keyring.primary_version)
         self._primary = keyring.primary_version
+        self._boundary_mac = keyring.mac("audit/rotation_boundary")
         self._fence = fence
+        self._head_at_last_batch: int | None = None  # see rotate_batch
 
     @staticmethod
     def _lock_head(conn: Connection) -> Head:
@@ -185,10 +187,14 @@ class PostgresAuditStore:
         in one snapshot; rows stream through a server-side cursor."""
         start = max(start, 1)
         with self._db.read() as conn:
-            boundary = self._boundary(conn)
-            head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
             count = conn.execute("SELECT count(*) AS n FROM audit_events").fetchone()
             total = int(count["n"]) if count else 0
+            try:
+                boundary = self._boundary(conn)
+            except IntegrityError:
+                problem = "the key rotation's boundary record was altered"
+                return Verification(False, 0, start, problem, 0, total)
+            head = conn.execute("SELECT sequence, link FROM audit_head WHERE id = 1").fetchone()
             previous: bytes | None = GENESIS
             if start > 1:
                 before = conn.execute(
@@ -223,10 +229,17 @@ class PostgresAuditStore:
                     numbering=numbering,
                 )
 
-    @staticmethod
-    def _boundary(conn: Connection) -> Boundary | None:
-        row = conn.execute("SELECT boundary, old_link FROM audit_rotation WHERE id = 1").fetchone()
-        return Boundary(int(row["boundary"]), bytes(row["old_link"])) if row else None
+    def _boundary(self, conn: Connection) -> Boundary | None:
+        """Where a rotation under way stands; IntegrityError if the record was altered
+        (it decides where verification switches from new links to old ones)."""
+        row = conn.execute(
+            "SELECT boundary, old_link, boundary_mac FROM audit_rotation WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return None
+        mac = None if row["boundary_mac"] is None else bytes(row["boundary_mac"])
+        self._boundary_mac.check(mac, int(row["boundary"]), bytes(row["old_link"]))
+        return Boundary(int(row["boundary"]), bytes(row["old_link"]))
 
     def counts(self) -> dict[str, int]:
         with self._db.connection() as conn:
@@ -251,6 +264,13 @@ class PostgresAuditStore:
                 boundary, old_prev = 0, GENESIS
             else:
                 boundary, old_prev = started.sequence, started.old_link
+            # Events appended during a rotation chain on old links and join its work: each
+            # batch also takes up those appended since this replica's last batch, so the
+            # distance to the head shrinks by a full batch every time and a steady stream of
+            # appends cannot keep the rotation from finishing (as on SQLite).
+            if self._head_at_last_batch is not None:
+                limit += max(0, head.sequence - self._head_at_last_batch)
+            self._head_at_last_batch = head.sequence
             rows = conn.execute(
                 "SELECT * FROM audit_events WHERE sequence > %s ORDER BY sequence LIMIT %s",
                 (boundary, limit),
@@ -275,10 +295,11 @@ class PostgresAuditStore:
                 conn.execute("DELETE FROM audit_rotation")
             else:
                 conn.execute(
-                    "INSERT INTO audit_rotation (id, boundary, old_link) VALUES (1, %s, %s)"
-                    " ON CONFLICT (id) DO UPDATE SET boundary = excluded.boundary,"
-                    " old_link = excluded.old_link",
-                    (last, old_prev),
+                    "INSERT INTO audit_rotation (id, boundary, old_link, boundary_mac)"
+                    " VALUES (1, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
+                    " boundary = excluded.boundary, old_link = excluded.old_link,"
+                    " boundary_mac = excluded.boundary_mac",
+                    (last, old_prev, self._boundary_mac.tag(last, old_prev)),
                 )
         return last, len(rows)
 

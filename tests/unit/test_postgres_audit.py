@@ -1,4 +1,5 @@
-"""The audit log on PostgreSQL: two replicas append at once; the chain stays gapless."""
+"""The audit log on PostgreSQL: two replicas append at once and the chain stays gapless;
+key rotation closes under steady appends; an altered rotation boundary is reported."""
 
 from __future__ import annotations
 
@@ -15,14 +16,19 @@ from services.common.postgres.database import PgDatabase, PoolSettings
 from services.common.postgres.keys import open_pg_database
 from tests.support.postgres import PostgresServer
 
+KEY, NEW_KEY = "unit test master key", "the next master key"
 
-def replica(url: str) -> tuple[PgDatabase, PostgresAuditStore]:
+
+def replica(
+    url: str, key: str = KEY, old: tuple[str, ...] = ()
+) -> tuple[PgDatabase, PostgresAuditStore]:
     opened = open_pg_database(
         url,
         service="audit",
-        master_key="unit test master key",
+        master_key=key,
         kdf_iterations=100_000,
         migrations=postgres_store.MIGRATIONS,
+        old_keys=old,
         settings=PoolSettings(size=4),
     )
     return opened.database, PostgresAuditStore(opened.database, opened.keyring)
@@ -91,3 +97,35 @@ def test_tampering_is_found_at_its_position(
         conn.execute("UPDATE audit_events SET action = 'user_logout' WHERE sequence = 4")
     result = stores[1].verify()
     assert (result.ok, result.first_bad_sequence) == (False, 4)
+
+
+def test_rotation_finishes_while_appends_outpace_each_batch(url: str) -> None:
+    db, before = replica(url)
+    before.append([event(f"e{i}") for i in range(100)], 2000.0)
+    db.close()
+    db, store = replica(url, NEW_KEY, (KEY,))
+    after, batches = 0, 0
+    while store.remaining() and batches < 50:
+        # more events arrive between two batches than one batch re-links
+        store.append([event(f"n{batches}-{i}") for i in range(15)], 2000.0)
+        after, _ = store.rotate_batch(after, 10)
+        batches += 1
+    assert store.remaining() == 0, "the rotation chased the head and never closed"
+    result = store.verify()
+    assert (result.ok, result.checked) == (True, 100 + 15 * batches)
+    db.close()
+
+
+def test_an_altered_rotation_boundary_is_reported(url: str) -> None:
+    db, before = replica(url)
+    before.append([event(f"e{i}") for i in range(30)], 2000.0)
+    db.close()
+    db, store = replica(url, NEW_KEY, (KEY,))
+    store.rotate_batch(0, 10)  # a rotation under way: events 1-10 re-linked
+    assert store.verify().ok
+    with psycopg.connect(url) as conn:  # moving the boundary would hide a re-linked forgery
+        conn.execute("UPDATE audit_rotation SET boundary = 5")
+    result = store.verify()
+    assert not result.ok
+    assert result.problem == "the key rotation's boundary record was altered"
+    db.close()
