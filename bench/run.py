@@ -15,11 +15,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import load, redis_queue, relay_memory, rpc_cases, scale, storage
+from bench import load, postgres, redis_queue, relay_memory, rpc_cases, scale, storage
 
 RESULTS = Path(__file__).parent / "results"
 CEILING = "echo (ceiling)"
-GROUPS = ("rpc", "storage", "scale", "memory")
+GROUPS = ("rpc", "postgres", "storage", "scale", "memory")
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,25 @@ async def _rpc(args: argparse.Namespace, root: Path) -> Part:
     )
 
 
+async def _postgres(args: argparse.Namespace, root: Path, sqlite: dict[str, float]) -> Part:
+    """The persistent services' hot paths on PostgreSQL with one and two replicas of each
+    (bench/postgres.py), each beside the same call on SQLite measured in this run."""
+    results = [
+        result
+        for replicas in (1, 2)
+        for result in await postgres.hot_paths(
+            root / f"postgres-{replicas}", replicas, args.concurrency, args.seconds
+        )
+    ]
+    ratios = {}
+    for result in results:
+        base = sqlite.get(result.name.split(" [")[0])
+        if base:
+            ratios[result.name] = result.per_second / base
+        print(_row(result, ratios.get(result.name), "of the same call on SQLite" if base else ""))
+    return Part(report={"postgres": [asdict(r) for r in results], "postgres_vs_sqlite": ratios})
+
+
 def _storage(root: Path) -> Part:
     stored = storage.compare(root / "storage")
     by_name = {r.name: r for r in stored}
@@ -245,6 +264,14 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         root = Path(tmp)
         if "rpc" in groups:
             parts.append(await _rpc(args, root))
+        if "postgres" in groups:
+            hot = parts[0].report.get("hot_paths", []) if parts else []
+            sqlite = {
+                str(h["name"]).split(" (")[0]: h["calls"] / h["seconds"]
+                for h in hot  # type: ignore[attr-defined]
+                if h["seconds"]
+            }
+            parts.append(await _postgres(args, root, sqlite))
         if "storage" in groups:
             parts.append(_storage(root))
         if "scale" in groups:
