@@ -99,7 +99,7 @@ lint: setup buf-lint buf-breaking
 # decides (the relay keeps no database; the authorization matrix is decided before any
 # store is read; the client CLI and the launcher of `make run`), which would only double
 # the run's time.
-PG_PASS_SKIPS := test_postgres test_relay test_relay_redis test_relay_disk test_polyglot \
+PG_PASS_SKIPS := test_postgres test_relay test_relay_redis test_relay_disk test_relay_batches test_polyglot \
   test_authorization test_cli test_launcher
 
 pytest: setup node_modules/.installed

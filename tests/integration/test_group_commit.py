@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from securemsg.identity.v1 import identity_internal_service_pb2 as internal_pb
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.identity.v1 import identity_service_pb2 as pb
@@ -29,6 +30,7 @@ POOL = 1000  # the most one user may hold
 FREEZES = 40
 
 
+@pytest.mark.sqlite_only  # group commit is SQLite's writer; the test reads identity.db itself
 def test_a_kill_9_under_concurrent_writes_loses_nothing_acknowledged(stack: Stack) -> None:
     client = user_client(stack)
     popular = new_user(client, "popular", one_time=100)
