@@ -18,6 +18,7 @@ from services.common.config import Env
 from services.common.crypto import Keyring
 from services.common.outbox import OutboxShipper, SqliteOutbox
 from services.common.postgres.config import PostgresConfig
+from services.common.postgres.keys import PgRowSealing
 from services.common.postgres.outbox import PgOutbox
 from services.common.postgres.service import PgService, open_pg_service
 from services.common.rotation import Rotatable, rotation_from_env
@@ -81,6 +82,7 @@ class PersistentService:
         audit_outbox: bool,
         sealing: RowSealing | None = None,
         postgres_migrations: Sequence[Migration] | None = None,
+        postgres_sealing: PgRowSealing | None = None,
     ) -> None:
         self.name = name
         self.env = env
@@ -93,7 +95,7 @@ class PersistentService:
         # The audit service keeps its own events in its log, so it has no outbox.
         self._outbox: DurableOutbox | None
         if config is not None and postgres_migrations is not None:
-            self.pg = open_pg_service(name, env, config, postgres_migrations)
+            self.pg = open_pg_service(name, env, config, postgres_migrations, postgres_sealing)
             self.keyring: Keyring = self.pg.keyring
             self._pg_outbox = self.pg.outbox() if audit_outbox else None
             self._outbox = self._pg_outbox

@@ -46,6 +46,7 @@ async def build(env: Env) -> App:
         audit_outbox=True,
         sealing=SEALING,
         postgres_migrations=postgres_store.MIGRATIONS,
+        postgres_sealing=postgres_store.SEALING,
     )
     store: IdentityStore
     factor_store: FactorStore

@@ -5,25 +5,36 @@ is how concurrent replicas are kept correct:
 
 - one registration wins per user id: the blind index is UNIQUE, and the losing INSERT
   becomes UserIdTaken;
+- every row's MAC is checked wherever it is read, and a row about to change is locked
+  (SELECT ... FOR UPDATE) and checked before it is changed and sealed again, so two
+  replicas never seal over each other's change;
 - a one-time prekey is handed out at most once: one DELETE takes the lowest key that no
   other transaction has locked (`FOR UPDATE SKIP LOCKED`), so concurrent fetches never
   wait for, or receive, the same key; if every remaining key was locked by fetches that
   then rolled back, the statement is retried while the pool is not empty;
-- the last login time only moves forward (GREATEST);
+- the last login time only moves forward (the later of the stored and the new time,
+  under the row lock: it is sealed, so SQL cannot compare it);
 - each change commits together with its audit event in the outbox.
+
+The layout (migration 5) is SQLite's since its row MACs: rows written before it are
+sealed once at that upgrade (SEALING).
 """
 
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from psycopg import errors as pg_errors
 
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
+from services.common.errors import IntegrityError
 from services.common.postgres.database import Connection, PgDatabase
-from services.common.postgres.outbox import OUTBOX_TABLE, PgOutbox
+from services.common.postgres.keys import PgRowSealing
+from services.common.postgres.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, PgOutbox
 from services.common.postgres.rotation import PgEncryptedTable
+from services.common.rotation import RowMac
 from services.common.schema import Migration
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
@@ -37,7 +48,17 @@ from services.identity.model import (
     User,
     UserIdTaken,
 )
-from services.identity.sealing import INSERT_COLUMNS, UserSealing
+from services.identity.sealing import (
+    DEACTIVATED,
+    NONE,
+    TIMES,
+    USER_COLUMNS,
+    UserSealing,
+    prekey_values,
+    user_values,
+)
+
+ROW_MACS_SINCE = 5
 
 MIGRATIONS = [
     Migration(
@@ -110,34 +131,69 @@ MIGRATIONS = [
         );
         """,
     ),
+    # SQLite's layout since its row MACs (see sealing.py): the times sealed in times_ct,
+    # each users row and one-time prekey with a MAC; older rows are sealed by SEALING.
+    Migration(
+        ROW_MACS_SINCE,
+        """
+        ALTER TABLE users ADD COLUMN times_ct bytea;
+        ALTER TABLE users ADD COLUMN row_mac bytea;
+        ALTER TABLE one_time_prekeys ADD COLUMN row_mac bytea;
+        """,
+    ),
+    Migration(6, OUTBOX_NUMBERING_TABLE),
 ]
 
-_USER_COLUMNS = """
-    id, user_index, user_id_ct, alias_ct, metadata_ct, identity_key, verify_key,
-    signed_prekey_id, signed_prekey, signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
-    create_time, last_login_time, deactivate_time,
-    (SELECT count(*) FROM one_time_prekeys WHERE user_row = users.id) AS prekeys
-"""
 
-# Takes the active user's lowest free prekey; returns the user's row id even when the
-# pool is empty (key_id NULL), and no row at all for an unknown or deactivated user.
+# Takes the lowest one-time prekey of a user row that no other transaction has locked.
 _TAKE_PREKEY = """
-WITH owner AS (
-    SELECT id FROM users WHERE user_index = ANY(%s) AND deactivate_time IS NULL
-), chosen AS (
-    SELECT p.user_row, p.key_id FROM one_time_prekeys p JOIN owner ON p.user_row = owner.id
-    ORDER BY p.key_id LIMIT 1 FOR UPDATE OF p SKIP LOCKED
-), taken AS (
-    DELETE FROM one_time_prekeys p USING chosen
-    WHERE p.user_row = chosen.user_row AND p.key_id = chosen.key_id
-    RETURNING p.key_id, p.public_key
+WITH chosen AS (
+    SELECT user_row, key_id FROM one_time_prekeys WHERE user_row = %(user_row)s
+    ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED
 )
-SELECT owner.id AS user_row, taken.key_id, taken.public_key,
-       (SELECT count(*) FROM one_time_prekeys WHERE user_row = owner.id) AS left_before
-FROM owner LEFT JOIN taken ON true
+DELETE FROM one_time_prekeys p USING chosen
+WHERE p.user_row = chosen.user_row AND p.key_id = chosen.key_id
+RETURNING p.user_row, p.key_id, p.public_key, p.row_mac
 """
 
 TAKE_ATTEMPTS = 5
+
+
+def _seal_legacy(conn: Connection, keyring: Keyring) -> int:
+    """Rows from before migration 5: times move into times_ct (the plaintext columns keep
+    only whether the account is active), then each row and prekey gets its MAC (as
+    SQLite's store.SEALING)."""
+    sealing = UserSealing(keyring)
+    rows = conn.execute("SELECT * FROM users WHERE row_mac IS NULL").fetchall()
+    for row in rows:
+        row["times_ct"] = sealing.times.encrypt(
+            TIMES.pack(
+                row["create_time"],
+                NONE if row["last_login_time"] is None else row["last_login_time"],
+                NONE if row["deactivate_time"] is None else row["deactivate_time"],
+            ),
+            row["user_index"],
+        )
+        row["create_time"], row["last_login_time"] = 0.0, None
+        if row["deactivate_time"] is not None:
+            row["deactivate_time"] = DEACTIVATED
+        row["row_mac"] = sealing.tag(row)
+        conn.execute(
+            "UPDATE users SET times_ct = %(times_ct)s, create_time = %(create_time)s,"
+            " last_login_time = %(last_login_time)s, deactivate_time = %(deactivate_time)s,"
+            " row_mac = %(row_mac)s WHERE id = %(id)s",
+            row,
+        )
+    keys = conn.execute("SELECT * FROM one_time_prekeys WHERE row_mac IS NULL").fetchall()
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "UPDATE one_time_prekeys SET row_mac = %s WHERE user_row = %s AND key_id = %s",
+            [(sealing.prekey_mac.tag(*prekey_values(k)), k["user_row"], k["key_id"]) for k in keys],
+        )
+    return len(rows) + len(keys)
+
+
+SEALING = PgRowSealing(ROW_MACS_SINCE, _seal_legacy)
 
 
 class PostgresIdentityStore:
@@ -159,155 +215,205 @@ class PostgresIdentityStore:
             "user_index",
             self._sealing.encrypted_fields(),
             self._sealing.reindex(),
+            RowMac("row_mac", self._sealing.user_mac, user_values),
         )
         revocations = PgEncryptedTable(
             self._db, "pending_revocations", "id", "row_key", [("user_id_ct", self._revoke_user)]
         )
-        return [users, revocations]
+        prekeys = PgEncryptedTable(
+            self._db,
+            "one_time_prekeys",
+            "user_row",
+            "user_row",
+            [],
+            row_mac=RowMac("row_mac", self._sealing.prekey_mac, prekey_values),
+            key_columns=("user_row", "key_id"),
+        )
+        return [users, prekeys, revocations]
+
+    # Reading rows: every row's MAC is checked before anything in it is used.
+
+    def _find(
+        self, conn: Connection, user_id: str, *, active: bool, lock: bool = False
+    ) -> dict[str, Any] | None:
+        query = f"SELECT {USER_COLUMNS} FROM users WHERE user_index = ANY(%s)"  # noqa: S608
+        if active:
+            query += " AND deactivate_time IS NULL"
+        if lock:
+            query += " FOR UPDATE"
+        row = conn.execute(query, (self._index.candidates(user_id),)).fetchone()
+        return None if row is None else self._sealing.check(row)
+
+    def _active_row(self, conn: Connection, user_id: str, *, lock: bool = True) -> dict[str, Any]:
+        row = self._find(conn, user_id, active=True, lock=lock)
+        if row is None:
+            raise NoSuchUser
+        return row
+
+    def _rewrite(
+        self, conn: Connection, current: dict[str, Any], change: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Writes `change` into a checked, locked row and seals the row again."""
+        row = {**current, **change}
+        row["row_mac"] = self._sealing.tag(row)
+        assignments = ", ".join(f"{column} = %({column})s" for column in (*change, "row_mac"))
+        conn.execute(f"UPDATE users SET {assignments} WHERE id = %(id)s", row)  # noqa: S608
+        return row
+
+    def _insert_prekeys(self, conn: Connection, user_row: int, keys: list[OneTimePrekey]) -> None:
+        if not keys:
+            return
+        tags = [self._sealing.prekey_tag(user_row, k.key_id, k.public_key) for k in keys]
+        try:
+            conn.execute(
+                "INSERT INTO one_time_prekeys (user_row, key_id, public_key, row_mac)"
+                " SELECT %s, * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[])",
+                (user_row, [k.key_id for k in keys], [k.public_key for k in keys], tags),
+            )
+        except pg_errors.UniqueViolation:
+            raise PrekeyIdsInUse from None
 
     def add_user(self, user: NewUser, audit: AuditRecord) -> None:
         candidates = self._index.candidates(user.user_id)
-        values = self._sealing.seal(user)
-        placeholders = ", ".join(["%s"] * len(INSERT_COLUMNS))
+        row = self._sealing.new_row(user)
         with self._db.write() as conn:
             taken = conn.execute(
                 "SELECT 1 FROM users WHERE user_index = ANY(%s)", (candidates,)
             ).fetchone()
             if taken:
                 raise UserIdTaken
+            # The MAC covers the row id: take it first, then insert the sealed row at once.
+            allocated = conn.execute(
+                "SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id"
+            ).fetchone()
+            assert allocated is not None
+            row["id"] = int(allocated["id"])
+            row["row_mac"] = self._sealing.tag(row)
             try:
-                row = conn.execute(
-                    f"INSERT INTO users ({', '.join(INSERT_COLUMNS)})"  # noqa: S608
-                    f" VALUES ({placeholders}) RETURNING id",
-                    values,
-                ).fetchone()
+                conn.execute(
+                    f"INSERT INTO users ({', '.join(row)})"  # noqa: S608 - fixed column names
+                    f" VALUES ({', '.join(f'%({c})s' for c in row)})",
+                    row,
+                )
             except pg_errors.UniqueViolation:
                 raise UserIdTaken from None  # a concurrent registration committed first
-            assert row is not None
-            self._insert_prekeys(conn, int(row["id"]), user.one_time_prekeys)
+            self._insert_prekeys(conn, row["id"], user.one_time_prekeys)
             self._outbox.add(conn, audit)
 
-    @staticmethod
-    def _insert_prekeys(conn: Connection, user_row: int, keys: list[OneTimePrekey]) -> None:
-        if keys:
-            conn.execute(
-                "INSERT INTO one_time_prekeys (user_row, key_id, public_key)"
-                " SELECT %s, * FROM unnest(%s::bigint[], %s::bytea[])",
-                (user_row, [k.key_id for k in keys], [k.public_key for k in keys]),
-            )
-
     def get_user(self, user_id: str) -> User | None:
+        # One statement (a consistent read on its own): the row and its pool's size.
         with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM users WHERE user_index = ANY(%s)",  # noqa: S608
+            found = conn.execute(
+                f"SELECT {USER_COLUMNS}, (SELECT count(*) FROM one_time_prekeys"  # noqa: S608
+                " WHERE user_row = users.id) AS prekeys FROM users WHERE user_index = ANY(%s)",
                 (self._index.candidates(user_id),),
             ).fetchone()
-        return None if row is None else self._sealing.open(row)
+        if found is None:
+            return None
+        row = self._sealing.check(found)
+        return self._sealing.open(row, int(row["prekeys"]))
 
     def get_verify_key(self, user_id: str) -> bytes | None:
-        """An active user's verify key, without decrypting anything (the login hot path)."""
+        """An active user's verify key, once its row's MAC holds (the login hot path).
+
+        An unknown user costs the same: another row is read and its MAC checked (and
+        ignored), so that the login's timing does not tell the two apart.
+        """
         with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                "SELECT verify_key FROM users WHERE user_index = ANY(%s)"
-                " AND deactivate_time IS NULL",
-                (self._index.candidates(user_id),),
-            ).fetchone()
-        return None if row is None else bytes(row["verify_key"])
+            row = self._find(conn, user_id, active=True)
+            if row is None:
+                decoy = conn.execute(f"SELECT {USER_COLUMNS} FROM users LIMIT 1").fetchone()  # noqa: S608
+                if decoy is not None:
+                    self._sealing.user_mac.valid(decoy["row_mac"], *user_values(decoy))
+                return None
+        return bytes(row["verify_key"])
 
     def is_active(self, user_id: str) -> bool | None:
         with self._db.read(snapshot=False) as conn:
-            row = conn.execute(
-                "SELECT deactivate_time IS NULL AS active FROM users WHERE user_index = ANY(%s)",
-                (self._index.candidates(user_id),),
-            ).fetchone()
-        return None if row is None else bool(row["active"])
+            row = self._find(conn, user_id, active=False)
+        return None if row is None else row["deactivate_time"] is None
 
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None:
-        # One autocommit statement: atomic on its own, and nothing it writes depends on
-        # the key version (so it needs no write guard).
-        candidates = self._index.candidates(user_id)
+        # One DELETE of a key no concurrent fetch has locked: two fetches through any
+        # replicas never receive the same key. A key whose MAC fails rolls the deletion
+        # back. Nothing written depends on the key version, so no write guard.
         for _ in range(TAKE_ATTEMPTS):
-            with self._db.connection() as conn:
-                row = conn.execute(_TAKE_PREKEY, (candidates,)).fetchone()
-            if row is None:
-                raise NoSuchUser
-            if row["key_id"] is not None:
-                return OneTimePrekey(int(row["key_id"]), bytes(row["public_key"]))
-            if row["left_before"] == 0:
+            with self._db.write(guard=False) as conn:
+                user_row = self._active_row(conn, user_id, lock=False)["id"]
+                row = conn.execute(_TAKE_PREKEY, {"user_row": user_row}).fetchone()
+                if row is not None:
+                    self._sealing.prekey_mac.check(row["row_mac"], *prekey_values(row))
+                    return OneTimePrekey(int(row["key_id"]), bytes(row["public_key"]))
+                left = conn.execute(
+                    "SELECT count(*) AS n FROM one_time_prekeys WHERE user_row = %s",
+                    (user_row,),
+                ).fetchone()
+            if left is None or left["n"] == 0:
                 return None
             # Every key left was locked by concurrent fetches; those that roll back
             # leave keys behind, so look again.
         return None
-
-    def _active_row(self, conn: Connection, user_id: str) -> int:
-        row = conn.execute(
-            "SELECT id FROM users WHERE user_index = ANY(%s) AND deactivate_time IS NULL"
-            " FOR UPDATE",
-            (self._index.candidates(user_id),),
-        ).fetchone()
-        if row is None:
-            raise NoSuchUser
-        return int(row["id"])
 
     def add_one_time_prekeys(
         self, user_id: str, keys: list[OneTimePrekey], cap: int, audit: AuditRecord
     ) -> int:
         with self._db.write() as conn:
             # The user row is locked: two uploads cannot both pass the cap check.
-            user_row = self._active_row(conn, user_id)
+            user_row = int(self._active_row(conn, user_id)["id"])
             row = conn.execute(
                 "SELECT count(*) AS n FROM one_time_prekeys WHERE user_row = %s", (user_row,)
             ).fetchone()
             current = int(row["n"]) if row else 0
             if current + len(keys) > cap:
                 raise PoolFull(current, cap)
-            try:
-                self._insert_prekeys(conn, user_row, keys)
-            except pg_errors.UniqueViolation:
-                raise PrekeyIdsInUse from None
+            self._insert_prekeys(conn, user_row, keys)
             self._outbox.add(conn, audit)
             return current + len(keys)
 
     def set_prekeys(
         self, user_id: str, signed: SignedKey, pq: SignedKey | None, audit: AuditRecord
     ) -> None:
+        change: dict[str, Any] = {
+            "signed_prekey_id": signed.key_id,
+            "signed_prekey": signed.public_key,
+            "signed_prekey_sig": signed.signature,
+        }
+        if pq is not None:
+            change |= {
+                "pq_prekey_id": pq.key_id,
+                "pq_prekey": pq.public_key,
+                "pq_prekey_sig": pq.signature,
+            }
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
-            conn.execute(
-                "UPDATE users SET signed_prekey_id = %s, signed_prekey = %s,"
-                " signed_prekey_sig = %s WHERE id = %s",
-                (signed.key_id, signed.public_key, signed.signature, user_row),
-            )
-            if pq is not None:
-                conn.execute(
-                    "UPDATE users SET pq_prekey_id = %s, pq_prekey = %s, pq_prekey_sig = %s"
-                    " WHERE id = %s",
-                    (pq.key_id, pq.public_key, pq.signature, user_row),
-                )
+            self._rewrite(conn, self._active_row(conn, user_id), change)
             self._outbox.add(conn, audit)
 
     def record_login(self, user_id: str, when: float) -> None:
-        # One statement; it writes no ciphertext, so it needs no write guard either.
-        with self._db.connection() as conn:
-            cursor = conn.execute(
-                "UPDATE users SET last_login_time = GREATEST(COALESCE(last_login_time, 0), %s)"
-                " WHERE user_index = ANY(%s) AND deactivate_time IS NULL",
-                (when, self._index.candidates(user_id)),
-            )
-            if cursor.rowcount != 1:
-                raise NoSuchUser
+        with self._db.write() as conn:
+            row = self._active_row(conn, user_id)
+            created, last_login, _ = self._sealing.times_of(row)
+            latest = max(last_login or 0.0, when)  # never back, whichever replica is late
+            times = self._sealing.seal_times(row, created, latest, None)
+            self._rewrite(conn, row, {"times_ct": times})
 
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float:
         with self._db.write() as conn:
-            row = conn.execute(
-                "SELECT id, deactivate_time FROM users WHERE user_index = ANY(%s) FOR UPDATE",
-                (self._index.candidates(user_id),),
-            ).fetchone()
+            row = self._find(conn, user_id, active=False, lock=True)
             if row is None:
                 raise NoSuchUser(active=False)
+            created, last_login, already = self._sealing.times_of(row)
             if row["deactivate_time"] is not None:
-                return float(row["deactivate_time"])
-            conn.execute("UPDATE users SET deactivate_time = %s WHERE id = %s", (when, row["id"]))
+                if already is None:
+                    raise IntegrityError("identity.users: deactivated without a time")
+                return already
+            self._rewrite(
+                conn,
+                row,
+                {
+                    "deactivate_time": DEACTIVATED,
+                    "times_ct": self._sealing.seal_times(row, created, last_login, when),
+                },
+            )
             conn.execute("DELETE FROM one_time_prekeys WHERE user_row = %s", (row["id"],))
             # A closed account keeps no secrets (recovery codes go with their row).
             conn.execute("DELETE FROM factors WHERE user_row = %s", (row["id"],))
@@ -338,32 +444,23 @@ class PostgresIdentityStore:
             conn.execute("DELETE FROM pending_revocations WHERE id = %s", (revocation_id,))
 
     def replace_keys(self, user_id: str, keys: NewKeys, audit: AuditRecord) -> int:
+        change = {
+            "identity_key": keys.identity_key,
+            "verify_key": keys.verify_key,
+            "signed_prekey_id": keys.signed_prekey.key_id,
+            "signed_prekey": keys.signed_prekey.public_key,
+            "signed_prekey_sig": keys.signed_prekey.signature,
+            "pq_prekey_id": keys.pq_prekey.key_id,
+            "pq_prekey": keys.pq_prekey.public_key,
+            "pq_prekey_sig": keys.pq_prekey.signature,
+        }
         with self._db.write() as conn:
-            user_row = self._active_row(conn, user_id)
-            conn.execute(
-                "UPDATE users SET identity_key = %s, verify_key = %s, signed_prekey_id = %s,"
-                " signed_prekey = %s, signed_prekey_sig = %s, pq_prekey_id = %s,"
-                " pq_prekey = %s, pq_prekey_sig = %s WHERE id = %s",
-                (
-                    keys.identity_key,
-                    keys.verify_key,
-                    keys.signed_prekey.key_id,
-                    keys.signed_prekey.public_key,
-                    keys.signed_prekey.signature,
-                    keys.pq_prekey.key_id,
-                    keys.pq_prekey.public_key,
-                    keys.pq_prekey.signature,
-                    user_row,
-                ),
-            )
+            row = self._rewrite(conn, self._active_row(conn, user_id), change)
             # The old one-time prekeys belong to the lost device's private keys.
             discarded = conn.execute(
-                "DELETE FROM one_time_prekeys WHERE user_row = %s", (user_row,)
+                "DELETE FROM one_time_prekeys WHERE user_row = %s", (row["id"],)
             ).rowcount
-            try:
-                self._insert_prekeys(conn, user_row, keys.one_time_prekeys)
-            except pg_errors.UniqueViolation:
-                raise PrekeyIdsInUse from None
+            self._insert_prekeys(conn, int(row["id"]), keys.one_time_prekeys)
             self._outbox.add(conn, audit)
             return discarded
 

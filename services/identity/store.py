@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-import struct
 from typing import Any
 
 from services.common.audit_events import AuditRecord
-from services.common.crypto import Keyring, MacValue
+from services.common.crypto import Keyring
 from services.common.errors import IntegrityError
 from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
-from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
+from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
@@ -39,6 +38,15 @@ from services.identity.model import (
     PrekeyIdsInUse,
     User,
     UserIdTaken,
+)
+from services.identity.sealing import (
+    DEACTIVATED,
+    NONE,
+    TIMES,
+    USER_COLUMNS,
+    or_none,
+    prekey_values,
+    user_values,
 )
 
 # Authentication factors (services/identity/factor_store.py): secrets sealed per row,
@@ -129,46 +137,6 @@ MIGRATIONS = [
     Migration(6, OUTBOX_NUMBERING_TABLE),
 ]
 
-_TIMES = struct.Struct(">ddd")  # creation, last login, deactivation; -1 for none
-_NONE = -1.0
-_DEACTIVATED = 0.0  # what deactivate_time holds once an account is closed
-
-_USER_COLUMNS = """
-    id, user_index, user_id_ct, alias_ct, metadata_ct, identity_key, verify_key,
-    signed_prekey_id, signed_prekey, signed_prekey_sig, pq_prekey_id, pq_prekey, pq_prekey_sig,
-    create_time, last_login_time, deactivate_time, times_ct, row_mac
-"""
-
-
-def _user_values(row: RowLike) -> tuple[MacValue, ...]:
-    return (
-        row["id"],
-        row["user_index"],
-        row["user_id_ct"],
-        row["alias_ct"],
-        row["metadata_ct"],
-        row["identity_key"],
-        row["verify_key"],
-        row["signed_prekey_id"],
-        row["signed_prekey"],
-        row["signed_prekey_sig"],
-        row["pq_prekey_id"],
-        row["pq_prekey"],
-        row["pq_prekey_sig"],
-        row["create_time"],
-        row["last_login_time"],
-        row["deactivate_time"],
-        row["times_ct"],
-    )
-
-
-def _prekey_values(row: RowLike) -> tuple[MacValue, ...]:
-    return (row["user_row"], row["key_id"], row["public_key"])
-
-
-def _or_none(value: float) -> float | None:
-    return None if value == _NONE else value
-
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
     return {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
@@ -183,16 +151,16 @@ def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
     rows = conn.execute("SELECT * FROM users WHERE row_mac IS NULL").fetchall()
     for legacy in rows:
         row = _row(legacy)
-        sealed = _TIMES.pack(
+        sealed = TIMES.pack(
             row["create_time"],
-            _NONE if row["last_login_time"] is None else row["last_login_time"],
-            _NONE if row["deactivate_time"] is None else row["deactivate_time"],
+            NONE if row["last_login_time"] is None else row["last_login_time"],
+            NONE if row["deactivate_time"] is None else row["deactivate_time"],
         )
         row["times_ct"] = times.encrypt(sealed, row["user_index"])
         row["create_time"], row["last_login_time"] = 0.0, None
         if row["deactivate_time"] is not None:
-            row["deactivate_time"] = _DEACTIVATED
-        row["row_mac"] = users.tag(*_user_values(row))
+            row["deactivate_time"] = DEACTIVATED
+        row["row_mac"] = users.tag(*user_values(row))
         conn.execute(
             """UPDATE users SET times_ct = :times_ct, create_time = :create_time,
                    last_login_time = :last_login_time, deactivate_time = :deactivate_time,
@@ -202,7 +170,7 @@ def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
     keys = conn.execute("SELECT * FROM one_time_prekeys WHERE row_mac IS NULL").fetchall()
     conn.executemany(
         "UPDATE one_time_prekeys SET row_mac = ? WHERE user_row = ? AND key_id = ?",
-        [(prekeys.tag(*_prekey_values(k)), k["user_row"], k["key_id"]) for k in keys],
+        [(prekeys.tag(*prekey_values(k)), k["user_row"], k["key_id"]) for k in keys],
     )
     return len(rows) + len(keys)
 
@@ -242,7 +210,7 @@ class SqliteIdentityStore:
                 ("times_ct", self._times),
             ],
             Reindex("user_index", self._index, "user_id_ct"),
-            RowMac("row_mac", self._user_mac, _user_values),
+            RowMac("row_mac", self._user_mac, user_values),
         )
         revocations = EncryptedTable(
             self._db,
@@ -257,7 +225,7 @@ class SqliteIdentityStore:
             "user_row",
             "user_row",
             [],
-            row_mac=RowMac("row_mac", self._prekey_mac, _prekey_values),
+            row_mac=RowMac("row_mac", self._prekey_mac, prekey_values),
             key_columns=("user_row", "key_id"),
         )
         return [users, prekeys, revocations]
@@ -268,13 +236,13 @@ class SqliteIdentityStore:
         if row is None:
             return None
         values = _row(row)
-        self._user_mac.check(values["row_mac"], *_user_values(values))
+        self._user_mac.check(values["row_mac"], *user_values(values))
         return values
 
     def _find(
         self, conn: sqlite3.Connection, user_id: str, *, active: bool
     ) -> dict[str, Any] | None:
-        query = f"SELECT {_USER_COLUMNS} FROM users WHERE {self._user_match}"  # noqa: S608
+        query = f"SELECT {USER_COLUMNS} FROM users WHERE {self._user_match}"  # noqa: S608
         if active:
             query += " AND deactivate_time IS NULL"
         return self._checked(conn.execute(query, self._index.candidates(user_id)).fetchone())
@@ -290,22 +258,22 @@ class SqliteIdentityStore:
     ) -> dict[str, Any]:
         """Writes `change` into a checked row and seals the row again."""
         row = {**current, **change}
-        row["row_mac"] = self._user_mac.tag(*_user_values(row))
+        row["row_mac"] = self._user_mac.tag(*user_values(row))
         assignments = ", ".join(f"{column} = :{column}" for column in (*change, "row_mac"))
         conn.execute(f"UPDATE users SET {assignments} WHERE id = :id", row)  # noqa: S608
         return row
 
     def _times_of(self, row: dict[str, Any]) -> tuple[float, float | None, float | None]:
-        created, last_login, deactivated = _TIMES.unpack(
+        created, last_login, deactivated = TIMES.unpack(
             self._times.decrypt(row["times_ct"], row["user_index"])
         )
-        return created, _or_none(last_login), _or_none(deactivated)
+        return created, or_none(last_login), or_none(deactivated)
 
     def _seal_times(
         self, row: dict[str, Any], created: float, last: float | None, closed: float | None
     ) -> bytes:
-        packed = _TIMES.pack(
-            created, _NONE if last is None else last, _NONE if closed is None else closed
+        packed = TIMES.pack(
+            created, NONE if last is None else last, NONE if closed is None else closed
         )
         return self._times.encrypt(packed, row["user_index"])
 
@@ -321,7 +289,7 @@ class SqliteIdentityStore:
                    VALUES (?, ?, ?, ?)""",
                 [
                     (r["user_row"], r["key_id"], r["public_key"],
-                     self._prekey_mac.tag(*_prekey_values(r)))
+                     self._prekey_mac.tag(*prekey_values(r)))
                     for r in rows
                 ],
             )  # fmt: skip
@@ -375,7 +343,7 @@ class SqliteIdentityStore:
             row["id"] = cursor.lastrowid
             conn.execute(
                 "UPDATE users SET row_mac = ? WHERE id = ?",
-                (self._user_mac.tag(*_user_values(row)), row["id"]),
+                (self._user_mac.tag(*user_values(row)), row["id"]),
             )
             self._insert_prekeys(conn, int(row["id"]), user.one_time_prekeys)
             self._outbox.add(conn, audit)
@@ -399,10 +367,10 @@ class SqliteIdentityStore:
         with self._db.read(snapshot=False) as conn:
             row = self._find(conn, user_id, active=True)
             if row is None:
-                decoy = conn.execute(f"SELECT {_USER_COLUMNS} FROM users LIMIT 1").fetchone()  # noqa: S608
+                decoy = conn.execute(f"SELECT {USER_COLUMNS} FROM users LIMIT 1").fetchone()  # noqa: S608
                 if decoy is not None:
                     values = _row(decoy)
-                    self._user_mac.valid(values["row_mac"], *_user_values(values))
+                    self._user_mac.valid(values["row_mac"], *user_values(values))
                 return None
         return bytes(row["verify_key"])
 
@@ -443,7 +411,7 @@ class SqliteIdentityStore:
                 (user_row,),
             ).fetchone()
             if row is not None:
-                self._prekey_mac.check(row["row_mac"], *_prekey_values(row))
+                self._prekey_mac.check(row["row_mac"], *prekey_values(row))
         return None if row is None else OneTimePrekey(row["key_id"], row["public_key"])
 
     def add_one_time_prekeys(
@@ -499,7 +467,7 @@ class SqliteIdentityStore:
                 conn,
                 row,
                 {
-                    "deactivate_time": _DEACTIVATED,
+                    "deactivate_time": DEACTIVATED,
                     "times_ct": self._seal_times(row, created, last_login, when),
                 },
             )

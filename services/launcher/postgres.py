@@ -29,6 +29,7 @@ from services.common.errors import StartupError
 from services.common.postgres.backup import restore_dump
 from services.common.postgres.config import PostgresConfig
 from services.common.postgres.copy import copy_sqlite_to_postgres
+from services.common.postgres.keys import PgRowSealing
 from services.common.postgres.provision import provision_service
 from services.common.postgres.service import open_pg_service
 from services.common.schema import Migration
@@ -40,6 +41,12 @@ MIGRATIONS: dict[str, Sequence[Migration]] = {
     "identity": identity_store.MIGRATIONS,
     "session": session_store.MIGRATIONS,
     "audit": audit_store.MIGRATIONS,
+}
+# How rows from before a layout's row MACs get them, at the migration that adds them.
+SEALING: dict[str, PgRowSealing | None] = {
+    "identity": identity_store.SEALING,
+    "session": session_store.SEALING,
+    "audit": None,
 }
 
 
@@ -97,7 +104,8 @@ def migrate(service: str) -> int:
         config = PostgresConfig.from_env(env)
         if config is None:
             raise StartupError("DATABASE_URL (or DATABASE_URL_FILE) is not set")
-        open_pg_service(service, env, config, MIGRATIONS[service]).database.close()
+        opened = open_pg_service(service, env, config, MIGRATIONS[service], SEALING[service])
+        opened.database.close()
     except StartupError as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         return 2

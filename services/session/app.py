@@ -53,6 +53,7 @@ async def build(env: Env) -> App:
         audit_outbox=True,
         sealing=SEALING,
         postgres_migrations=postgres_store.MIGRATIONS,
+        postgres_sealing=postgres_store.SEALING,
     )
     policy = SessionPolicy(
         idle_timeout=env.number("SESSION_IDLE_TIMEOUT_SECONDS", 1800.0, minimum=1.0),

@@ -1,23 +1,44 @@
 """Session storage in PostgreSQL, shared by any number of session replicas.
 
-The same columns and bytes as the SQLite store (see sealing.py). Across replicas:
+The same columns, bytes and row MACs as the SQLite store (see sealing.py). Across replicas:
 
-- a token is found by its hash (UNIQUE index), by whichever replica the call reaches;
-- sliding the idle deadline uses GREATEST, so a replica acting on an older read never
-  moves a deadline back that another replica moved forward;
+- a token is found by its hash (UNIQUE index), by whichever replica the call reaches, and
+  its row's MAC is checked before the session is used;
+- a row about to change is locked (SELECT ... FOR UPDATE) and checked, then changed and
+  sealed again, so replicas never seal over each other's change;
+- sliding the idle deadline keeps the later of the stored and the new deadline (under that
+  lock: the exact deadline is sealed, so SQL cannot compare it), so a replica acting on an
+  older read never moves a deadline back that another replica moved forward;
 - each change commits together with its audit event in the outbox.
+
+The layout (migration 4) is SQLite's since its row MACs: rows written before it are
+sealed once at that upgrade (SEALING).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
-from services.common.postgres.database import PgDatabase
-from services.common.postgres.outbox import OUTBOX_TABLE, PgOutbox
+from services.common.postgres.database import Connection, PgDatabase
+from services.common.postgres.keys import PgRowSealing
+from services.common.postgres.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, PgOutbox
 from services.common.postgres.rotation import PgEncryptedTable
+from services.common.rotation import RowMac
 from services.common.schema import Migration
 from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
-from services.session.sealing import INSERT_COLUMNS, SessionSealing, newest_first
+from services.session.sealing import (
+    EXPIRY_STEP,
+    LEGACY_TIMES,
+    TIMES,
+    SessionSealing,
+    coarse,
+    mac_values,
+    newest_first,
+)
+
+ROW_MACS_SINCE = 4
 
 MIGRATIONS = [
     Migration(
@@ -41,7 +62,32 @@ MIGRATIONS = [
     Migration(2, OUTBOX_TABLE),
     # Level, scope and step-up time, encrypted; NULL for sessions from before.
     Migration(3, "ALTER TABLE sessions ADD COLUMN assurance_ct bytea;"),
+    # Row MACs; existing rows are sealed once, at the upgrade (see SEALING).
+    Migration(ROW_MACS_SINCE, "ALTER TABLE sessions ADD COLUMN row_mac bytea;"),
+    Migration(5, OUTBOX_NUMBERING_TABLE),
 ]
+
+
+def _seal_legacy(conn: Connection, keyring: Keyring) -> int:
+    """Rows from before row MACs: the exact idle deadline moves into times_ct, the
+    plaintext one is rounded up, and each row gets its MAC (as SQLite's store.SEALING)."""
+    sealing = SessionSealing(keyring)
+    rows = conn.execute("SELECT * FROM sessions WHERE row_mac IS NULL").fetchall()
+    for row in rows:
+        row_key = row["session_id"].encode()
+        create_time, deadline = LEGACY_TIMES.unpack(sealing.times.decrypt(row["times_ct"], row_key))
+        row["times_ct"] = sealing.times.encrypt(
+            TIMES.pack(create_time, deadline, row["expire_time"]), row_key
+        )
+        row["expire_time"] = coarse(row["expire_time"])
+        conn.execute(
+            "UPDATE sessions SET times_ct = %s, expire_time = %s, row_mac = %s WHERE id = %s",
+            (row["times_ct"], row["expire_time"], sealing.mac.tag(*mac_values(row)), row["id"]),
+        )
+    return len(rows)
+
+
+SEALING = PgRowSealing(ROW_MACS_SINCE, _seal_legacy)
 
 
 def _storable(session_id: str) -> bool:
@@ -69,58 +115,75 @@ class PostgresSessionStore:
                 "session_id",
                 self._sealing.encrypted_fields(),
                 self._sealing.reindex(),
+                RowMac("row_mac", self._sealing.mac, mac_values),
             )
         ]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
-        placeholders = ", ".join(["%s"] * len(INSERT_COLUMNS))
+        row = self._sealing.new_row(record, token_hash)
         with self._db.write() as conn:
             conn.execute(
-                f"INSERT INTO sessions ({', '.join(INSERT_COLUMNS)})"  # noqa: S608
-                f" VALUES ({placeholders})",
-                self._sealing.seal(record, token_hash),
+                f"INSERT INTO sessions ({', '.join(row)})"  # noqa: S608 - fixed column names
+                f" VALUES ({', '.join(f'%({c})s' for c in row)})",
+                row,
             )
             self._outbox.add(conn, audit)
 
     def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
-        with self._db.connection() as conn:
+        with self._db.read(snapshot=False) as conn:
             row = conn.execute(
                 "SELECT * FROM sessions WHERE token_hash = %s AND expire_time > %s",
                 (token_hash, now),
             ).fetchone()
-        return None if row is None else self._sealing.open(row)
+        if row is None:
+            return None
+        record = self._sealing.open(self._sealing.check(row))
+        return record if record.expire_time > now else None
+
+    def _current(self, conn: Connection, session_id: str) -> dict[str, Any]:
+        """A row about to change, locked, once its MAC has been checked (NoSuchSession if
+        gone)."""
+        if not _storable(session_id):
+            raise NoSuchSession
+        row = conn.execute(
+            "SELECT * FROM sessions WHERE session_id = %s FOR UPDATE", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise NoSuchSession
+        return self._sealing.check(row)
+
+    def _rewrite(self, conn: Connection, current: dict[str, Any], change: dict[str, Any]) -> None:
+        """Writes `change` into a checked, locked row and seals the row again."""
+        row = {**current, **change}
+        row["row_mac"] = self._sealing.mac.tag(*mac_values(row))
+        assignments = ", ".join(f"{column} = %({column})s" for column in (*change, "row_mac"))
+        conn.execute(
+            f"UPDATE sessions SET {assignments} WHERE id = %(id)s",  # noqa: S608 - fixed names
+            row,
+        )
 
     def set_expiry(self, session_id: str, expire_time: float) -> None:
-        if not _storable(session_id):
-            raise NoSuchSession
-        # One statement, no ciphertext written: no transaction or write guard needed.
-        with self._db.connection() as conn:
-            cursor = conn.execute(
-                "UPDATE sessions SET expire_time = GREATEST(expire_time, %s) WHERE session_id = %s",
-                (expire_time, session_id),
-            )
-            if cursor.rowcount != 1:
-                raise NoSuchSession
+        with self._db.write() as conn:
+            current = self._current(conn, session_id)
+            _, _, stored = self._sealing.times_of(current)
+            if stored >= expire_time:
+                return  # another replica slid it further already: never back
+            self._rewrite(conn, current, self._sealing.slid(current, expire_time))
 
     def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
-        if not _storable(session_id):
-            raise NoSuchSession
+        sealed = self._sealing.seal_assurance(session_id, assurance)
         with self._db.write() as conn:
-            cursor = conn.execute(
-                "UPDATE sessions SET assurance_ct = %s WHERE session_id = %s",
-                (self._sealing.seal_assurance(session_id, assurance), session_id),
-            )
-            if cursor.rowcount != 1:
-                raise NoSuchSession
+            self._rewrite(conn, self._current(conn, session_id), {"assurance_ct": sealed})
             self._outbox.add(conn, audit)
 
     def for_user(self, user_id: str, now: float) -> list[SessionRecord]:
-        with self._db.connection() as conn:
+        with self._db.read(snapshot=False) as conn:
             rows = conn.execute(
                 "SELECT * FROM sessions WHERE user_index = ANY(%s) AND expire_time > %s",
                 (self._index.candidates(user_id), now),
             ).fetchall()
-        return newest_first([self._sealing.open(row) for row in rows])
+        records = [self._sealing.open(self._sealing.check(row)) for row in rows]
+        return newest_first([r for r in records if r.expire_time > now])
 
     def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> None:
         if not _storable(session_id):
@@ -150,17 +213,31 @@ class PostgresSessionStore:
                 self._outbox.add(conn, event)
             return count
 
+    def _lapsed(self, conn: Connection, now: float) -> list[int]:
+        """Rows whose exact idle deadline has passed while their rounded-up plaintext one
+        has not (at most a minute's worth)."""
+        rows = conn.execute(
+            "SELECT id, session_id, times_ct FROM sessions"
+            " WHERE expire_time > %s AND expire_time <= %s",
+            (now, now + EXPIRY_STEP),
+        ).fetchall()
+        return [int(row["id"]) for row in rows if self._sealing.times_of(row)[2] <= now]
+
     def delete_expired(self, now: float) -> int:
-        with self._db.connection() as conn:
-            return conn.execute("DELETE FROM sessions WHERE expire_time <= %s", (now,)).rowcount
+        with self._db.write(guard=False) as conn:  # deletes only: nothing sealed
+            lapsed = self._lapsed(conn, now)
+            count = conn.execute("DELETE FROM sessions WHERE expire_time <= %s", (now,)).rowcount
+            conn.execute("DELETE FROM sessions WHERE id = ANY(%s)", (lapsed,))
+            return count + len(lapsed)
 
     def counts(self, now: float) -> tuple[int, int]:
         """(live sessions, distinct users with one)."""
-        with self._db.connection() as conn:
+        with self._db.read() as conn:
+            lapsed = self._lapsed(conn, now)
             row = conn.execute(
                 "SELECT count(*) AS n, count(DISTINCT user_index) AS users FROM sessions"
-                " WHERE expire_time > %s",
-                (now,),
+                " WHERE expire_time > %s AND NOT id = ANY(%s)",
+                (now, lapsed),
             ).fetchone()
         assert row is not None
         return int(row["n"]), int(row["users"])

@@ -1,33 +1,46 @@
-"""How a session becomes columns and back: the same bytes on every storage backend.
+"""How a session becomes a row and back: the same bytes and MACs on every storage backend.
 
-Both stores (SQLite and PostgreSQL) seal and open sessions here, so a row copied from one
-to the other decrypts unchanged. The row key of the associated data is the session id.
+Both stores (SQLite and PostgreSQL) build, seal, check and open rows here, so a row copied
+from one to the other still opens and its MAC still holds. The row key of the associated
+data is the session id; the MAC (purpose key `mac/row/sessions`) covers every column but
+the row id.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any
 
-from services.common.crypto import FieldCipher, Keyring
-from services.common.rotation import Reindex
+from services.common.crypto import FieldCipher, Keyring, MacValue
+from services.common.rotation import Reindex, RowLike
 from services.session.model import Assurance, SessionRecord
 
-_TIMES = struct.Struct(">dd")  # login time, absolute deadline
+TIMES = struct.Struct(">ddd")  # login time, absolute deadline, idle deadline
+LEGACY_TIMES = struct.Struct(">dd")  # before row MACs: no idle deadline inside
+# The plaintext expiry (for cleanup and a first filter) is rounded up to this, so that it
+# is not the exact login time plus the idle timeout, which would link a row to its
+# user_login event in audit.db. The exact deadline is in times_ct.
+EXPIRY_STEP = 60.0
 
-# Columns written when a session is created, in this order (see `SessionSealing.seal`).
-INSERT_COLUMNS = (
-    "session_id",
-    "token_hash",
-    "user_index",
-    "user_id_ct",
-    "ip_ct",
-    "user_agent_ct",
-    "times_ct",
-    "expire_time",
-    "assurance_ct",
-)
+
+def coarse(expire_time: float) -> float:
+    return math.ceil(expire_time / EXPIRY_STEP) * EXPIRY_STEP
+
+
+def mac_values(row: RowLike) -> tuple[MacValue, ...]:
+    return (
+        row["session_id"],
+        row["token_hash"],
+        row["user_index"],
+        row["expire_time"],
+        row["user_id_ct"],
+        row["ip_ct"],
+        row["user_agent_ct"],
+        row["times_ct"],
+        row["assurance_ct"],
+    )
 
 
 def pack_assurance(value: Assurance) -> bytes:
@@ -41,6 +54,8 @@ def unpack_assurance(raw: bytes) -> Assurance:
 
 
 class SessionSealing:
+    """The ciphers and the row MAC of session's rows under one keyring."""
+
     def __init__(self, keyring: Keyring) -> None:
         self.index = keyring.blind_index("sessions.user_id")
         self.user_id = keyring.field("sessions", "user_id")
@@ -48,44 +63,72 @@ class SessionSealing:
         self.user_agent = keyring.field("sessions", "user_agent")
         self.times = keyring.field("sessions", "times")
         self.assurance = keyring.field("sessions", "assurance")
+        self.mac = keyring.mac("row/sessions")
 
-    def seal(self, record: SessionRecord, token_hash: bytes) -> tuple[object, ...]:
-        """Values for INSERT_COLUMNS."""
+    def new_row(self, record: SessionRecord, token_hash: bytes) -> dict[str, Any]:
+        """A new session's row, sealed (every column but the row id)."""
         row_key = record.session_id.encode()
-        return (
-            record.session_id,
-            token_hash,
-            self.index(record.user_id),
-            self.user_id.encrypt_text(record.user_id, row_key),
-            self.ip.encrypt_text(record.ip_address, row_key),
-            self.user_agent.encrypt_text(record.user_agent, row_key),
-            self.times.encrypt(_TIMES.pack(record.create_time, record.absolute_deadline), row_key),
-            record.expire_time,
-            self.assurance.encrypt(pack_assurance(record.assurance), row_key),
+        times = TIMES.pack(record.create_time, record.absolute_deadline, record.expire_time)
+        row: dict[str, Any] = {
+            "session_id": record.session_id,
+            "token_hash": token_hash,
+            "user_index": self.index(record.user_id),
+            "user_id_ct": self.user_id.encrypt_text(record.user_id, row_key),
+            "ip_ct": self.ip.encrypt_text(record.ip_address, row_key),
+            "user_agent_ct": self.user_agent.encrypt_text(record.user_agent, row_key),
+            "times_ct": self.times.encrypt(times, row_key),
+            "expire_time": coarse(record.expire_time),
+            "assurance_ct": self.assurance.encrypt(pack_assurance(record.assurance), row_key),
+        }
+        row["row_mac"] = self.mac.tag(*mac_values(row))
+        return row
+
+    def check(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The row as a dict, if its MAC binds all its columns together; IntegrityError
+        otherwise."""
+        values = dict(row)
+        self.mac.check(values["row_mac"], *mac_values(values))
+        return values
+
+    def times_of(self, row: Mapping[str, Any]) -> tuple[float, float, float]:
+        """(login time, absolute deadline, exact idle deadline)."""
+        create_time, deadline, expire_time = TIMES.unpack(
+            self.times.decrypt(row["times_ct"], row["session_id"].encode())
         )
+        return create_time, deadline, expire_time
+
+    def slid(self, row: Mapping[str, Any], expire_time: float) -> dict[str, Any]:
+        """The columns that set a session's idle deadline to `expire_time`."""
+        create_time, deadline, _ = self.times_of(row)
+        times = TIMES.pack(create_time, deadline, expire_time)
+        return {
+            "times_ct": self.times.encrypt(times, row["session_id"].encode()),
+            "expire_time": coarse(expire_time),
+        }
+
+    def seal_assurance(self, session_id: str, assurance: Assurance) -> bytes:
+        return self.assurance.encrypt(pack_assurance(assurance), session_id.encode())
 
     def open(self, row: Mapping[str, Any]) -> SessionRecord:
-        row_key = str(row["session_id"]).encode()
-        create_time, deadline = _TIMES.unpack(self.times.decrypt(bytes(row["times_ct"]), row_key))
+        """The session in a checked row."""
+        row_key = row["session_id"].encode()
+        create_time, deadline, expire_time = self.times_of(row)
         sealed = row["assurance_ct"]
         return SessionRecord(
-            session_id=str(row["session_id"]),
-            user_id=self.user_id.decrypt_text(bytes(row["user_id_ct"]), row_key),
-            ip_address=self.ip.decrypt_text(bytes(row["ip_ct"]), row_key),
-            user_agent=self.user_agent.decrypt_text(bytes(row["user_agent_ct"]), row_key),
+            session_id=row["session_id"],
+            user_id=self.user_id.decrypt_text(row["user_id_ct"], row_key),
+            ip_address=self.ip.decrypt_text(row["ip_ct"], row_key),
+            user_agent=self.user_agent.decrypt_text(row["user_agent_ct"], row_key),
             create_time=create_time,
             absolute_deadline=deadline,
-            expire_time=float(row["expire_time"]),
+            expire_time=expire_time,
             # Sessions stored before assurance levels existed read as the defaults.
             assurance=(
                 Assurance()
                 if sealed is None
-                else unpack_assurance(self.assurance.decrypt(bytes(sealed), row_key))
+                else unpack_assurance(self.assurance.decrypt(sealed, row_key))
             ),
         )
-
-    def seal_assurance(self, session_id: str, assurance: Assurance) -> bytes:
-        return self.assurance.encrypt(pack_assurance(assurance), session_id.encode())
 
     def encrypted_fields(self) -> list[tuple[str, FieldCipher]]:
         return [

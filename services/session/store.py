@@ -18,17 +18,24 @@ could not be recomputed, since the tokens themselves are never stored.
 
 from __future__ import annotations
 
-import math
 import sqlite3
-import struct
 from typing import Any
 
 from services.common.audit_events import AuditRecord
-from services.common.crypto import Keyring, MacValue
+from services.common.crypto import Keyring
 from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
-from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowLike, RowMac
+from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
+from services.session.sealing import (
+    EXPIRY_STEP,
+    LEGACY_TIMES,
+    TIMES,
+    coarse,
+    mac_values,
+    pack_assurance,
+    unpack_assurance,
+)
 
 ROW_MACS_SINCE = 4
 
@@ -59,41 +66,6 @@ MIGRATIONS = [
     Migration(5, OUTBOX_NUMBERING_TABLE),
 ]
 
-_TIMES = struct.Struct(">ddd")  # login time, absolute deadline, idle deadline
-_LEGACY_TIMES = struct.Struct(">dd")  # before row MACs: no idle deadline inside
-# The plaintext expiry (for cleanup and a first filter) is rounded up to this, so that it
-# is not the exact login time plus the idle timeout, which would link a row to its
-# user_login event in audit.db. The exact deadline is in times_ct.
-EXPIRY_STEP = 60.0
-
-
-def _coarse(expire_time: float) -> float:
-    return math.ceil(expire_time / EXPIRY_STEP) * EXPIRY_STEP
-
-
-def _mac_values(row: RowLike) -> tuple[MacValue, ...]:
-    return (
-        row["session_id"],
-        row["token_hash"],
-        row["user_index"],
-        row["expire_time"],
-        row["user_id_ct"],
-        row["ip_ct"],
-        row["user_agent_ct"],
-        row["times_ct"],
-        row["assurance_ct"],
-    )
-
-
-def _pack_assurance(value: Assurance) -> bytes:
-    step_up = "" if value.step_up_time is None else repr(value.step_up_time)
-    return f"{value.level}|{value.scope}|{step_up}".encode()
-
-
-def _unpack_assurance(raw: bytes) -> Assurance:
-    level, scope, step_up = raw.decode().split("|")
-    return Assurance(level, scope, float(step_up) if step_up else None)
-
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
     return {key: row[key] for key in row.keys()}  # noqa: SIM118 - a Row, not a dict
@@ -108,14 +80,14 @@ def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
     for legacy in rows:
         row = _row(legacy)
         row_key = row["session_id"].encode()
-        create_time, deadline = _LEGACY_TIMES.unpack(times.decrypt(row["times_ct"], row_key))
+        create_time, deadline = LEGACY_TIMES.unpack(times.decrypt(row["times_ct"], row_key))
         row["times_ct"] = times.encrypt(
-            _TIMES.pack(create_time, deadline, row["expire_time"]), row_key
+            TIMES.pack(create_time, deadline, row["expire_time"]), row_key
         )
-        row["expire_time"] = _coarse(row["expire_time"])
+        row["expire_time"] = coarse(row["expire_time"])
         conn.execute(
             "UPDATE sessions SET times_ct = ?, expire_time = ?, row_mac = ? WHERE id = ?",
-            (row["times_ct"], row["expire_time"], mac.tag(*_mac_values(row)), row["id"]),
+            (row["times_ct"], row["expire_time"], mac.tag(*mac_values(row)), row["id"]),
         )
     return len(rows)
 
@@ -155,13 +127,13 @@ class SqliteSessionStore:
                 ("assurance_ct", self._assurance),
             ],
             Reindex("user_index", self._index, "user_id_ct"),
-            RowMac("row_mac", self._mac, _mac_values),
+            RowMac("row_mac", self._mac, mac_values),
         )
         return [sessions]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
         row_key = record.session_id.encode()
-        times = _TIMES.pack(record.create_time, record.absolute_deadline, record.expire_time)
+        times = TIMES.pack(record.create_time, record.absolute_deadline, record.expire_time)
         row: dict[str, Any] = {
             "session_id": record.session_id,
             "token_hash": token_hash,
@@ -170,10 +142,10 @@ class SqliteSessionStore:
             "ip_ct": self._ip.encrypt_text(record.ip_address, row_key),
             "user_agent_ct": self._user_agent.encrypt_text(record.user_agent, row_key),
             "times_ct": self._times.encrypt(times, row_key),
-            "expire_time": _coarse(record.expire_time),
-            "assurance_ct": self._assurance.encrypt(_pack_assurance(record.assurance), row_key),
+            "expire_time": coarse(record.expire_time),
+            "assurance_ct": self._assurance.encrypt(pack_assurance(record.assurance), row_key),
         }
-        row["row_mac"] = self._mac.tag(*_mac_values(row))
+        row["row_mac"] = self._mac.tag(*mac_values(row))
         with self._db.write() as conn:
             conn.execute(
                 """INSERT INTO sessions (session_id, token_hash, user_index, user_id_ct, ip_ct,
@@ -186,12 +158,12 @@ class SqliteSessionStore:
 
     def _checked(self, row: sqlite3.Row) -> sqlite3.Row:
         """The row, if its MAC binds all its columns together; IntegrityError otherwise."""
-        self._mac.check(row["row_mac"], *_mac_values(row))
+        self._mac.check(row["row_mac"], *mac_values(row))
         return row
 
     def _decode(self, row: sqlite3.Row) -> SessionRecord:
         row_key = row["session_id"].encode()
-        create_time, deadline, expire_time = _TIMES.unpack(
+        create_time, deadline, expire_time = TIMES.unpack(
             self._times.decrypt(row["times_ct"], row_key)
         )
         sealed = row["assurance_ct"]
@@ -206,7 +178,7 @@ class SqliteSessionStore:
             assurance=(
                 Assurance()
                 if sealed is None
-                else _unpack_assurance(self._assurance.decrypt(sealed, row_key))
+                else unpack_assurance(self._assurance.decrypt(sealed, row_key))
             ),
         )
 
@@ -233,7 +205,7 @@ class SqliteSessionStore:
     ) -> None:
         """Writes `change` into a checked row and seals the row again."""
         row = {**current, **change}
-        row["row_mac"] = self._mac.tag(*_mac_values(row))
+        row["row_mac"] = self._mac.tag(*mac_values(row))
         assignments = ", ".join(f"{column} = :{column}" for column in (*change, "row_mac"))
         conn.execute(
             f"UPDATE sessions SET {assignments} WHERE id = :id",  # noqa: S608 - fixed names
@@ -244,18 +216,18 @@ class SqliteSessionStore:
         row_key = session_id.encode()
         with self._db.write() as conn:
             current = self._current(conn, session_id)
-            create_time, deadline, _ = _TIMES.unpack(
+            create_time, deadline, _ = TIMES.unpack(
                 self._times.decrypt(current["times_ct"], row_key)
             )
-            times = _TIMES.pack(create_time, deadline, expire_time)
+            times = TIMES.pack(create_time, deadline, expire_time)
             change = {
                 "times_ct": self._times.encrypt(times, row_key),
-                "expire_time": _coarse(expire_time),
+                "expire_time": coarse(expire_time),
             }
             self._rewrite(conn, current, change)
 
     def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
-        sealed = self._assurance.encrypt(_pack_assurance(assurance), session_id.encode())
+        sealed = self._assurance.encrypt(pack_assurance(assurance), session_id.encode())
         with self._db.write() as conn:
             self._rewrite(conn, self._current(conn, session_id), {"assurance_ct": sealed})
             self._outbox.add(conn, audit)
@@ -305,7 +277,7 @@ class SqliteSessionStore:
         return [
             int(row["id"])
             for row in rows
-            if _TIMES.unpack(self._times.decrypt(row["times_ct"], row["session_id"].encode()))[2]
+            if TIMES.unpack(self._times.decrypt(row["times_ct"], row["session_id"].encode()))[2]
             <= now
         ]
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -115,7 +113,6 @@ def verify(stack: Stack) -> admin_pb.VerifyAuditLogResponse:
         )
 
 
-@pytest.mark.sqlite_only  # producer numbering (L6): not yet on PostgreSQL
 def test_an_event_deleted_from_a_producers_outbox_is_reported_as_missing(
     stack_without_audit: Stack,
 ) -> None:
@@ -127,7 +124,7 @@ def test_an_event_deleted_from_a_producers_outbox_is_reported_as_missing(
     for _ in range(3):
         client.login("victim", keys)
     stack["session"].stop()
-    with contextlib.closing(sqlite3.connect(stack.db_path("session"))) as db, db:
+    with stack.raw_database("session") as db:
         middle = db.execute("SELECT id FROM audit_outbox ORDER BY id").fetchall()[1][0]
         db.execute("DELETE FROM audit_outbox WHERE id = ?", (middle,))
     stack["session"].start()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -137,7 +135,6 @@ def test_the_database_file_holds_no_user_id_alias_or_metadata(stack: Stack) -> N
         assert secret.decode().encode("utf-16-le") not in raw
 
 
-@pytest.mark.sqlite_only  # row MACs: not yet on PostgreSQL
 def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -> None:
     client = user_client(stack)
     new_user(client, "victim", alias="Victim Alias")
@@ -163,15 +160,15 @@ def test_a_ciphertext_moved_to_another_row_is_an_integrity_error(stack: Stack) -
     assert "Victim" not in details(error.value)
 
 
-def _edit_identity_db(stack: Stack, sql: str, *params: object) -> None:
-    """What someone with write access to identity.db but no master key can do."""
+def _edit_identity_db(stack: Stack, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """What someone with write access to identity's database but no master key can do."""
     stack["identity"].stop()
-    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db, db:
-        db.execute(sql, params)
+    with stack.raw_database("identity") as db:
+        for sql, params in statements:
+            db.execute(sql, params)
     stack["identity"].start()
 
 
-@pytest.mark.sqlite_only  # row MACs: not yet on PostgreSQL
 def test_a_verify_key_copied_into_a_victims_row_does_not_log_the_copier_in(
     stack: Stack, client: UserClient
 ) -> None:
@@ -181,10 +178,11 @@ def test_a_verify_key_copied_into_a_victims_row_does_not_log_the_copier_in(
     attacker = new_user(client, "attacker")
     _edit_identity_db(
         stack,
-        "UPDATE users SET verify_key = (SELECT verify_key FROM users WHERE identity_key = ?)"
-        " WHERE identity_key = ?",
-        attacker.identity_public,
-        victim.identity_public,
+        (
+            "UPDATE users SET verify_key = (SELECT verify_key FROM users WHERE identity_key = ?)"
+            " WHERE identity_key = ?",
+            (attacker.identity_public, victim.identity_public),
+        ),
     )
     with pytest.raises(grpc.RpcError) as refused:
         client.login("victim", attacker)  # signed with the attacker's own key
@@ -203,32 +201,33 @@ def test_a_verify_key_copied_into_a_victims_row_does_not_log_the_copier_in(
 @pytest.mark.parametrize(
     ("edit", "call"),
     [
-        ("UPDATE users SET deactivate_time = NULL WHERE deactivate_time IS NOT NULL", "status"),
-        ("UPDATE users SET identity_key = zeroblob(32)", "bundle"),
-        ("UPDATE users SET signed_prekey = zeroblob(32)", "bundle"),
-        ("UPDATE users SET pq_prekey_sig = zeroblob(64)", "bundle"),
-        ("UPDATE users SET row_mac = NULL", "bundle"),
-        ("UPDATE one_time_prekeys SET public_key = zeroblob(32)", "bundle"),
+        (
+            [("UPDATE users SET deactivate_time = NULL WHERE deactivate_time IS NOT NULL", ())],
+            "status",
+        ),
+        ([("UPDATE users SET identity_key = ?", (bytes(32),))], "bundle"),
+        ([("UPDATE users SET signed_prekey = ?", (bytes(32),))], "bundle"),
+        ([("UPDATE users SET pq_prekey_sig = ?", (bytes(64),))], "bundle"),
+        ([("UPDATE users SET row_mac = NULL", ())], "bundle"),
+        ([("UPDATE one_time_prekeys SET public_key = ?", (bytes(32),))], "bundle"),
         (  # another account's prekeys, moved to the target
-            "DELETE FROM one_time_prekeys WHERE user_row = 1;"
-            " UPDATE one_time_prekeys SET user_row = 1 WHERE user_row = 3;",
+            [
+                ("DELETE FROM one_time_prekeys WHERE user_row = 1", ()),
+                ("UPDATE one_time_prekeys SET user_row = 1 WHERE user_row = 3", ()),
+            ],
             "bundle",
         ),
     ],
 )
-@pytest.mark.sqlite_only  # row MACs: not yet on PostgreSQL
 def test_any_edit_of_a_key_status_or_prekey_in_the_file_is_an_integrity_error(
-    stack: Stack, client: UserClient, edit: str, call: str
+    stack: Stack, client: UserClient, edit: list[tuple[str, tuple[object, ...]]], call: str
 ) -> None:
     target = new_user(client, "target", one_time=3)  # row 1
     leaving = new_user(client, "leaving", one_time=3)  # row 2
     new_user(client, "other", one_time=3)  # row 3
     client.deactivate(client.login("leaving", leaving))
     caller = client.login("target", target)
-    stack["identity"].stop()
-    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db, db:
-        db.executescript(edit)
-    stack["identity"].start()
+    _edit_identity_db(stack, *edit)
     with stack.channel("identity", cert="relay") as channel:
         internal = internal_grpc.IdentityInternalServiceStub(channel)
         requests: dict[str, Callable[[], object]] = {
@@ -244,14 +243,13 @@ def test_any_edit_of_a_key_status_or_prekey_in_the_file_is_an_integrity_error(
     assert error.value.code() == grpc.StatusCode.DATA_LOSS
 
 
-@pytest.mark.sqlite_only  # row MACs: not yet on PostgreSQL
 def test_no_plaintext_column_holds_a_time_that_audit_events_carry(
     stack: Stack, client: UserClient
 ) -> None:
     keys = new_user(client, "timed")
     client.deactivate(client.login("timed", keys))
     stack["identity"].stop()
-    with contextlib.closing(sqlite3.connect(stack.db_path("identity"))) as db:
+    with stack.raw_database("identity") as db:
         rows = db.execute(
             "SELECT create_time, last_login_time, deactivate_time FROM users"
         ).fetchall()

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from securemsg.session.v1 import session_internal_service_pb2_grpc as internal_g
 from services.client.keys import UserKeys
 from services.client.sdk import Endpoints, UserClient
 from services.common.postgres.backup import libpq_environment
-from tests.support.audit import append, events, operator_list, verify
+from tests.support.audit import append, audit_total, events, operator_list, verify
 from tests.support.postgres import client_tool, running_server
 from tests.support.replicas import add_replica, channel_to
 from tests.support.stack import ServiceProcess, Stack
@@ -507,3 +508,57 @@ def _mixed_load_with_kills(stack: Stack, survivors: dict[str, ServiceProcess]) -
         )
     assert verdict.ok, verdict.problem
     assert verdict.checked_count == verdict.total_events == stats.total_events
+
+
+def test_a_sqlite_deployment_copied_with_the_cli_serves_on_postgresql(tmp_path: Path) -> None:
+    """The migration of an existing deployment: each service's SQLite file copied into its
+    PostgreSQL database by `launcher copy-to-postgres` (progress bar, rows verbatim); the
+    services then start on PostgreSQL with the same keys, and the account logs in, the
+    session validates (their row MACs hold) and the audit chain verifies, then grows."""
+    services = ("identity", "session", "audit")
+    fast = {"identity": FAST_SHIPPING, "session": FAST_SHIPPING}
+    before = Stack(tmp_path, services, extra_env=fast, backend="sqlite")
+    before.start()
+    try:
+        client = user_client(before)
+        keys = new_user(client, "mover", alias="Alias Mover")
+        token = client.login("mover", keys)
+        client.close()
+        for _ in range(100):  # the registration and the login reach the audit log
+            if audit_total(before) == 2:
+                break
+            time.sleep(0.1)
+        assert audit_total(before) == 2
+    finally:
+        before.stop()
+
+    after = Stack(tmp_path, services, extra_env=fast, backend="postgres")  # the same keys
+    for service in services:
+        copied = subprocess.run(
+            [
+                sys.executable, "-m", "services.launcher", "copy-to-postgres",
+                "--service", service,
+                "--source", str(before.db_path(service)),
+                "--database-url-file", after[service].env["DATABASE_URL_FILE"],
+                "--key-file", str(after.layout.key_file(service)),
+            ],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert copied.returncode == 0, copied.stderr
+        assert re.search(r"copied \d+ rows", copied.stdout)
+        assert f"{service} rows" in copied.stderr  # the progress bar
+    after.start()
+    try:
+        assert validate(after, token).user_id == "mover"
+        client = user_client(after)
+        assert client.login("mover", keys)  # the copied users row's MAC holds
+        client.close()
+        for _ in range(100):
+            if audit_total(after) == 3:
+                break
+            time.sleep(0.1)
+        result = verify(after)
+        assert result.ok, result.problem
+        assert audit_total(after) == 3  # the copied chain, continued by the new login
+    finally:
+        after.stop()

@@ -116,3 +116,19 @@ def test_only_the_lease_holder_ships_the_outbox(replicas: tuple[Replica, Replica
     a.outbox.remove([row_id for row_id, _ in first[:2]])
     a.outbox.release()
     assert [event.user_id for _, event in b.outbox.peek(10)] == ["user-2"]
+
+
+def test_outbox_events_of_both_replicas_are_numbered_gaplessly_in_shipping_order(
+    replicas: tuple[Replica, Replica],
+) -> None:
+    """The audit service reports a producer's missing or rewound number (L6): events
+    written through two replicas at once must come out 1, 2, 3, ... in outbox order."""
+
+    def register(n: int) -> None:
+        replicas[n % 2].identity.register(registration(f"user-{n}", UserKeys.generate(1)))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(register, range(40)))
+    shipped = [event for _, event in replicas[0].outbox.peek(100)]
+    assert len({event.source_epoch for event in shipped}) == 1
+    assert [event.source_sequence for event in shipped] == list(range(1, 41))

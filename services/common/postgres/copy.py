@@ -1,11 +1,13 @@
 """Moving an existing deployment: copy a service's SQLite file into its PostgreSQL database.
 
-Rows are copied verbatim, ciphertexts, blind indexes, audit links and key metadata
-included: the PostgreSQL columns are the SQLite ones (services/*/postgres_store.py), and
+Rows are copied verbatim, ids, ciphertexts, blind indexes, row MACs, audit links and key
+metadata included: the PostgreSQL columns are the SQLite ones (services/*/postgres_store.py),
 every ciphertext's associated data names only the service, table, column, row key and key
-version, so each still decrypts and the audit chain still verifies. Nothing is decrypted
-on the way, and no key version is created: the copied database is unlocked by the same
-master key as the file.
+version, and a row MAC covers the row's own values and id, so each still decrypts, each
+MAC still holds and the audit chain still verifies. A file with rows not yet sealed (from
+a release before row MACs) is refused: start the service on it once, which seals them.
+Nothing is decrypted on the way, and no key version is created: the copied database is
+unlocked by the same master key as the file.
 
 The copy runs in one transaction: a failure leaves the target as empty as it was. The
 source is opened read-only and must be unlocked by the key first, so a wrong key copies
@@ -30,13 +32,25 @@ from services.common.sqlite import check_unlocks
 
 # The key metadata first, then each service's tables, parents before children.
 KEY_TABLES = ("key_versions", "key_retirements")
+OUTBOX_TABLES = ("audit_outbox", "audit_outbox_numbering")
 SERVICE_TABLES = {
-    "identity": ("users", "one_time_prekeys", "audit_outbox"),
-    "session": ("sessions", "audit_outbox"),
+    "identity": (
+        "users",
+        "one_time_prekeys",
+        "factors",
+        "password_decoy",
+        "recovery_codes",
+        "pending_revocations",
+        *OUTBOX_TABLES,
+    ),
+    "session": ("sessions", *OUTBOX_TABLES),
     "audit": ("audit_events", "audit_head", "audit_rotation"),
 }
-# Tables that the PostgreSQL migrations seed with a row the copy replaces.
-SEEDED = ("audit_head",)
+# Tables that the PostgreSQL migrations seed with a row the copy replaces (when the file
+# has one: SQLite writes the audit head with the first event).
+SEEDED = ("audit_head", "password_decoy")
+# SQLite's own bookkeeping, not data: the schema version is PostgreSQL's own.
+NOT_COPIED = ("securemsg_schema",)
 BATCH_ROWS = 2000
 
 Progress = Callable[[int, int], None]  # (rows copied, rows in total)
@@ -59,6 +73,12 @@ def copy_sqlite_to_postgres(
         present = {
             row[0] for row in reader.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
+        unknown = sorted(present - {*tables, *NOT_COPIED} - _internal(present))
+        if unknown:
+            raise StartupError(
+                f"the file has tables this release does not copy ({', '.join(unknown)}); "
+                "copying would drop them. Nothing was copied"
+            )
         totals = {
             t: int(reader.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])  # noqa: S608
             for t in tables
@@ -71,13 +91,18 @@ def copy_sqlite_to_postgres(
                 if table not in totals:
                     continue
                 _check_columns(reader, target, table)
-                if table in SEEDED:
+                if table in SEEDED and totals[table]:
                     target.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
                 done = _copy_table(reader, target, table, done, total, progress)
+                _check_sealed(target, table)
             _reset_identities(target, tables)
     if progress:
         progress(done, total)
     return done
+
+
+def _internal(tables: set[str]) -> set[str]:
+    return {t for t in tables if t.startswith("sqlite_")}
 
 
 def _create_empty_schema(
@@ -113,6 +138,27 @@ def _check_columns(
         raise StartupError(
             f"{table} has columns the PostgreSQL layout of this release lacks "
             f"({', '.join(missing)}); copying would drop them. Nothing was copied"
+        )
+
+
+def _check_sealed(target: psycopg.Connection[TupleRow], table: str) -> None:
+    """Refuses rows without a MAC in a table that has them: on PostgreSQL they would read
+    as tampered (SQLite seals such rows once, when the service opens the file)."""
+    has_mac = target.execute(
+        "SELECT 1 FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = %s AND column_name = 'row_mac'",
+        (table,),
+    ).fetchone()
+    if not has_mac:
+        return
+    unsealed = target.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE row_mac IS NULL").format(sql.Identifier(table))
+    ).fetchone()
+    if unsealed and unsealed[0]:
+        raise StartupError(
+            f"{table} has {unsealed[0]} rows without a MAC (written before row MACs): start "
+            "the service on the file once with this release, which seals them, then copy. "
+            "Nothing was copied"
         )
 
 

@@ -124,15 +124,16 @@ class PgDatabase:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
+    def write(self, *, guard: bool = True) -> Iterator[Connection]:
         """A READ COMMITTED transaction, committed when the block ends, rolled back on error.
 
-        The key-version guard runs first, so a stale replica writes nothing.
+        The key-version guard runs first, so a stale replica writes nothing (`guard=False`
+        for a transaction that writes nothing sealed, only deletes, say).
         """
         with self.connection() as conn:
             conn.execute("BEGIN")
             try:
-                if self.guard is not None:
+                if guard and self.guard is not None:
                     self.guard.check(conn)
                 yield conn
             except BaseException:

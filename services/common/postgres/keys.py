@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -25,7 +25,7 @@ from psycopg.rows import tuple_row
 
 from services.common import crypto
 from services.common.errors import StartupError, Unavailable
-from services.common.keyversions import Derivations, KeyRow, plan_unlock
+from services.common.keyversions import Derivations, KeyRow, plan_unlock, rows_sealed
 from services.common.postgres.database import (
     Connection,
     KeyVersionGuard,
@@ -68,6 +68,18 @@ NOT_OURS = "the database has no key metadata; it is not a SecureMsg database"
 
 
 @dataclass(frozen=True)
+class PgRowSealing:
+    """How rows written before a service's PostgreSQL layout had row MACs get them (see
+    sqlite.RowSealing): `seal_legacy` runs once, in the opening transaction, then the
+    key-check values record that rows are sealed (only the master key can write that
+    variant), so a row without a MAC is an integrity failure from then on, and a database
+    rewound to an older schema (to have tampered rows sealed again) is refused."""
+
+    since: int
+    seal_legacy: Callable[[Connection, crypto.Keyring], int]
+
+
+@dataclass(frozen=True)
 class OpenedPgDatabase:
     database: PgDatabase
     keyring: crypto.Keyring
@@ -82,6 +94,7 @@ def open_pg_database(
     migrations: Sequence[Migration],
     old_keys: Sequence[str] = (),
     settings: PoolSettings | None = None,
+    sealing: PgRowSealing | None = None,
 ) -> OpenedPgDatabase:
     """Connects, migrates, unlocks the keyring; see open_database (SQLite) for the rules.
 
@@ -95,7 +108,7 @@ def open_pg_database(
         with db.connection() as conn:
             _create_base(conn)
             versions, primary = _migrate_and_unlock(
-                conn, migrations, master_key, old_keys, kdf_iterations
+                conn, service, migrations, master_key, old_keys, kdf_iterations, sealing
             )
     except Unavailable:
         db.close()
@@ -128,10 +141,12 @@ def _create_base(conn: Connection) -> None:
 
 def _migrate_and_unlock(
     conn: Connection,
+    service: str,
     migrations: Sequence[Migration],
     master_key: str,
     old_keys: Sequence[str],
     kdf_iterations: int,
+    sealing: PgRowSealing | None,
 ) -> tuple[list[crypto.KeyVersion], int]:
     primary = Derivations(master_key)
     olds = [Derivations(key) for key in old_keys if key != master_key]
@@ -146,11 +161,18 @@ def _migrate_and_unlock(
         known, loaded = (
             (None, {}) if not rows else plan_unlock("the database", rows, retired, primary, olds)
         )
+        sealed = bool(rows) and rows_sealed(rows, loaded)
         latest = migrations[-1].version
         if current > latest:
             raise StartupError(
                 f"the database has schema version {current}, newer than this release "
                 f"understands ({latest}); run the newer release"
+            )
+        if sealing is not None and sealed and current < sealing.since:
+            raise StartupError(
+                f"the database records that its rows carry MACs, but its schema (version "
+                f"{current}) is from before them: someone who can write the database rewound "
+                "it. Restore it from a backup; nothing was changed"
             )
         for migration in migrations:
             if migration.version > current:
@@ -160,9 +182,18 @@ def _migrate_and_unlock(
         if known is None:  # a new database, or a new primary key: record its version
             conn.execute("LOCK TABLE key_versions IN ACCESS EXCLUSIVE MODE")
             newest = max((int(r[0]) for r in rows), default=0)
-            known = _add_version(conn, primary, kdf_iterations, newest + 1)
+            known = _add_version(conn, primary, kdf_iterations, newest + 1, sealed=sealed)
             loaded[known.version] = known
             logger.info("key version added", extra={"fields": {"version": known.version}})
+        if sealing is not None and not sealed:
+            keyring = crypto.Keyring(service, list(loaded.values()), primary=known.version)
+            count = sealing.seal_legacy(conn, keyring)
+            _seal_versions(conn, list(loaded.values()))
+            if count:
+                logger.warning(
+                    "rows from before row MACs sealed as they are (once, at the upgrade)",
+                    extra={"fields": {"rows": count}},
+                )
     return list(loaded.values()), known.version
 
 
@@ -177,16 +208,25 @@ def _key_rows(conn: Connection) -> list[tuple[int, bytes, int, bytes]]:
 
 
 def _add_version(
-    conn: Connection, derived: Derivations, iterations: int, version: int
+    conn: Connection, derived: Derivations, iterations: int, version: int, *, sealed: bool
 ) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
     conn.execute(
         "INSERT INTO key_versions (version, salt, iterations, check_value, create_time)"
         " VALUES (%s, %s, %s, %s, %s)",
-        (version, salt, iterations, crypto.key_check_value(root), time.time()),
+        (version, salt, iterations, crypto.key_check_value(root, rows_sealed=sealed), time.time()),
     )
     return crypto.KeyVersion(version, root)
+
+
+def _seal_versions(conn: Connection, versions: Sequence[crypto.KeyVersion]) -> None:
+    """Records, in every loaded version's check value, that all rows now carry MACs."""
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            "UPDATE key_versions SET check_value = %s WHERE version = %s",
+            [(crypto.key_check_value(v.root_key, rows_sealed=True), v.version) for v in versions],
+        )
 
 
 def retire_versions(db: PgDatabase, keep: int) -> list[int]:

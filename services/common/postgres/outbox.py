@@ -7,10 +7,17 @@ any events (`peek` takes or renews the lease, and returns nothing without it): o
 ships, in id order, and when it dies the lease runs out and another takes over. Events it
 had sent but not yet deleted are sent again; the audit service ignores event ids it
 already has, so nothing is lost or stored twice.
+
+Events are numbered per producer as on SQLite (`audit_outbox_numbering`, one epoch per
+database): `add` locks the numbering row, so the audited writes of all replicas take
+their numbers, and their outbox ids, one at a time in commit order, and the shipper meets
+them in number order. The lock is held from the outbox insert to the commit (the end of
+the transaction), which bounds a service's audited writes to one commit at a time.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from securemsg.audit.v1 import audit_event_pb2
@@ -29,6 +36,16 @@ CREATE TABLE audit_outbox (
 );
 """
 
+# The producer's count of its events (AuditEvent.source_sequence), as on SQLite
+# (services.common.outbox): the audit service reports a number that never arrived.
+OUTBOX_NUMBERING_TABLE = """
+CREATE TABLE audit_outbox_numbering (
+    id    integer PRIMARY KEY CHECK (id = 1),
+    epoch text    NOT NULL,
+    last  bigint  NOT NULL
+);
+"""
+
 LEASE_SECONDS = 15.0
 
 
@@ -42,8 +59,19 @@ class PgOutbox:
         self.lease = Lease(db, f"outbox/{source}", holder, ttl=LEASE_SECONDS)
 
     def add(self, conn: Connection, record: AuditRecord) -> None:
-        """Adds an event inside the caller's open write transaction."""
+        """Adds an event inside the caller's open write transaction, numbered: the number
+        goes inside the encrypted event, so it cannot be changed without the key."""
         event = record.to_proto(self._source)
+        # One statement creates the numbering (first event: a new epoch) or moves it on,
+        # and locks its row until the caller commits.
+        numbering = conn.execute(
+            "INSERT INTO audit_outbox_numbering (id, epoch, last) VALUES (1, %s, 1)"
+            " ON CONFLICT (id) DO UPDATE SET last = audit_outbox_numbering.last + 1"
+            " RETURNING epoch, last",
+            (secrets.token_hex(16),),
+        ).fetchone()
+        assert numbering is not None
+        event.source_epoch, event.source_sequence = numbering["epoch"], int(numbering["last"])
         conn.execute(
             "INSERT INTO audit_outbox (event_id, event_ct) VALUES (%s, %s)",
             (

@@ -23,7 +23,7 @@ from typing import Any
 from services.common.crypto import FieldCipher
 from services.common.postgres.database import Connection, PgDatabase
 from services.common.postgres.lease import Lease
-from services.common.rotation import KeyRotation, Reindex, RotationStatus
+from services.common.rotation import KeyRotation, Reindex, RotationStatus, RowMac
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,14 @@ class PgEncryptedTable:
     row_key_column: str
     fields: Sequence[tuple[str, FieldCipher]]
     reindex: Reindex | None = None
+    row_mac: RowMac | None = None
+    key_columns: Sequence[str] = ()
 
     def _stale(self) -> tuple[str, bytes]:
+        if not self.fields:
+            assert self.row_mac is not None, "a table with nothing to rotate"
+            version = struct.pack(">I", self.row_mac.mac.primary_version)
+            return f"substring({self.row_mac.column} FROM 1 FOR 4) <> %s", version
         column, cipher = self.fields[0]
         # The key version sits in bytes 2-5 of the ciphertext header (see crypto.py).
         return f"substring({column} FROM 2 FOR 4) <> %s", struct.pack(">I", cipher.primary_version)
@@ -58,7 +64,9 @@ class PgEncryptedTable:
         return int(last), len(rows)
 
     def _rotate_row(self, conn: Connection, row: dict[str, Any]) -> None:
-        old_key = _as_bytes(row[self.row_key_column])
+        if self.row_mac is not None:  # a tampered row stops the rotation, never laundered
+            self.row_mac.mac.check(row[self.row_mac.column], *self.row_mac.values(row))
+        old_key = _as_bytes(row[self.row_key_column]) if self.fields else b""
         new_key = old_key
         updates: dict[str, object] = {}
         if self.reindex is not None:
@@ -70,10 +78,15 @@ class PgEncryptedTable:
         for column, cipher in self.fields:
             if row[column] is not None:
                 updates[column] = cipher.reencrypt(bytes(row[column]), old_key, new_key)
+        if self.row_mac is not None:
+            merged = {**row, **updates}
+            updates[self.row_mac.column] = self.row_mac.mac.tag(*self.row_mac.values(merged))
+        keys = list(self.key_columns) or [self.id_column]
         assignments = ", ".join(f"{column} = %s" for column in updates)
+        where = " AND ".join(f"{column} = %s" for column in keys)
         conn.execute(
-            f"UPDATE {self.table} SET {assignments} WHERE {self.id_column} = %s",  # noqa: S608
-            (*updates.values(), row[self.id_column]),
+            f"UPDATE {self.table} SET {assignments} WHERE {where}",  # noqa: S608
+            (*updates.values(), *(row[column] for column in keys)),
         )
 
     def remaining(self) -> int:

@@ -20,7 +20,7 @@ from services.common.crypto import Keyring
 from services.common.postgres.backup import PgBackupSource
 from services.common.postgres.config import PostgresConfig
 from services.common.postgres.database import PgDatabase
-from services.common.postgres.keys import open_pg_database, retire_versions
+from services.common.postgres.keys import PgRowSealing, open_pg_database, retire_versions
 from services.common.postgres.lease import Lease, replica_id
 from services.common.postgres.outbox import PgOutbox
 from services.common.postgres.rotation import LeasedRotation
@@ -82,7 +82,11 @@ class PgService:
 
 
 def open_pg_service(
-    service: str, env: Env, config: PostgresConfig, migrations: Sequence[Migration]
+    service: str,
+    env: Env,
+    config: PostgresConfig,
+    migrations: Sequence[Migration],
+    sealing: PgRowSealing | None = None,
 ) -> PgService:
     keys = DatabaseConfig.from_env(service, env)
     opened = open_pg_database(
@@ -93,5 +97,6 @@ def open_pg_service(
         migrations=migrations,
         old_keys=keys.old_keys,
         settings=config.pool,
+        sealing=sealing,
     )
     return PgService(service, opened.database, opened.keyring, config)
