@@ -167,7 +167,7 @@ async def _postgres(args: argparse.Namespace, root: Path, sqlite: dict[str, floa
     ]
     ratios = {}
     for result in results:
-        base = sqlite.get(result.name.split(" [")[0])
+        base = sqlite.get(result.name.split(" [")[0].split(" (")[0])
         if base:
             ratios[result.name] = result.per_second / base
         print(_row(result, ratios.get(result.name), "of the same call on SQLite" if base else ""))
