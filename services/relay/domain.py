@@ -20,7 +20,14 @@ from collections.abc import (
 
 from services.common import audit_events
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
-from services.relay.model import Message, Outgoing, QueueStore, RecipientDirectory, RelayStats
+from services.relay.model import (
+    Message,
+    Outgoing,
+    QueueStore,
+    RecipientDirectory,
+    RelayStats,
+    Signal,
+)
 
 DEFAULT_FETCH = 100
 MAX_FETCH = 1000
@@ -96,9 +103,7 @@ class Relay:
         for position, out in enumerate(messages):
             with _at(position):
                 ttl = await self._queues.admit(sender_id, out.recipient_id, out.body, requested_ttl)
-        active = await asyncio.gather(
-            *(self._recipients.is_active(m.recipient_id) for m in messages)
-        )
+        active = await self._recipients.are_active([m.recipient_id for m in messages])
         for position, is_active in enumerate(active):
             if not is_active:
                 raise NotFound(
@@ -234,18 +239,28 @@ class Relay:
         return await self._queues.stats()
 
 
-async def _first_of(
-    first: asyncio.Event, second: asyncio.Event, task: asyncio.Task[None] | None = None
-) -> None:
-    """Returns when either event is set (or `task`, if given, is done)."""
-    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+async def _first_of(first: Signal, second: Signal, task: asyncio.Task[None] | None = None) -> None:
+    """Returns when either signal is set (or `task`, if given, is done): one future,
+    resolved by whichever comes first, and no task per signal."""
+    if first.is_set() or second.is_set() or (task is not None and task.done()):
+        return
+    bell: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(_: object) -> None:
+        if not bell.done():
+            bell.set_result(None)
+
+    first.ring(bell)
+    second.ring(bell)
+    if task is not None:
+        task.add_done_callback(done)
     try:
-        await asyncio.wait(
-            [*waits, *([task] if task is not None else [])], return_when=asyncio.FIRST_COMPLETED
-        )
+        await bell
     finally:
-        for wait in waits:
-            wait.cancel()
+        first.unring(bell)
+        second.unring(bell)
+        if task is not None:
+            task.remove_done_callback(done)
 
 
 def _failed_or_running(task: asyncio.Task[None]) -> asyncio.Task[None] | None:

@@ -45,6 +45,7 @@ from services.relay.model import (
     Outgoing,
     RelayLimits,
     RelayStats,
+    Signal,
 )
 
 # How many recipients the relay remembers as having connected (least recent forgotten;
@@ -76,7 +77,7 @@ class _Mailbox:
         self.recipient = recipient  # one string per recipient, shared by the schedule
         self.messages: dict[int, bytearray] = {}  # seq -> record, oldest first
         self.cost = 0
-        self.wakeups: set[asyncio.Event] = set()
+        self.wakeups: set[Signal] = set()
         # No message expires before this (it may be earlier than the first real expiry:
         # deletions and longer lives do not raise it; the sweep corrects it).
         self.due = math.inf
@@ -123,7 +124,7 @@ class MessageQueues:
         # message's TTL) by `expire`.
         self._sent: dict[tuple[str, str, str], tuple[int, float, float]] = {}
         self._sent_expiry: list[tuple[float, tuple[str, str, str]]] = []
-        self.closing = asyncio.Event()
+        self.closing = Signal()
 
     async def admit(
         self, sender_id: str, recipient_id: str, body: bytes, requested_ttl: float | None
@@ -442,7 +443,7 @@ class MessageQueues:
             heapq.heapify(self._due)
         return removed
 
-    async def watch(self, recipient_id: str) -> asyncio.Event:
+    async def watch(self, recipient_id: str) -> Signal:
         """An event set whenever a message arrives for the recipient.
 
         Each open stream costs memory whatever it carries, so they are capped per user and
@@ -462,7 +463,7 @@ class MessageQueues:
                 "the relay has too many live subscriptions; fetch instead, or subscribe later",
                 retry_after=30,
             )
-        wakeup = asyncio.Event()
+        wakeup = Signal()
         if box is None:
             box = self._boxes[recipient_id] = _Mailbox(recipient_id)
         box.wakeups.add(wakeup)

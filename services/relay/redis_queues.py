@@ -40,6 +40,7 @@ from services.relay.model import (
     Outgoing,
     RelayLimits,
     RelayStats,
+    Signal,
 )
 from services.relay.queues import capacity_error, check_send
 from services.relay.redis_push import PushListener
@@ -68,7 +69,7 @@ class RedisQueues:
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.limits = limits
-        self.closing = asyncio.Event()
+        self.closing = Signal()
         self._client = client
         self._audit = audit
         self._seal = seal
@@ -290,7 +291,7 @@ class RedisQueues:
             if queues < SWEEP_QUEUES_PER_CALL:
                 return removed
 
-    async def watch(self, recipient_id: str) -> asyncio.Event:
+    async def watch(self, recipient_id: str) -> Signal:
         """Caps count streams on this replica (each costs this process's memory)."""
         open_here = len(self._streams.get(recipient_id, ()))
         if open_here >= self.limits.max_streams_per_user:
@@ -305,7 +306,7 @@ class RedisQueues:
                 "the relay has too many live subscriptions; fetch instead, or subscribe later",
                 retry_after=30,
             )
-        wakeup = asyncio.Event()
+        wakeup = Signal()
         self._streams.setdefault(recipient_id, set()).add(wakeup)
         self._subscribers += 1
         try:

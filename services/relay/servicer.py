@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from securemsg.relay.v1 import relay_admin_service_pb2 as admin_pb
 from securemsg.relay.v1 import relay_admin_service_pb2_grpc as admin_grpc
 from securemsg.relay.v1 import relay_service_pb2 as pb
@@ -20,13 +21,20 @@ from services.relay.model import Message, Outgoing
 
 
 def _envelope(message: Message) -> pb.Envelope:
-    return pb.Envelope(
-        message_id=message.message_id,
-        sender_id=message.sender_id,
-        body=bytes(message.body),
-        send_time=convert.timestamp(message.send_time),
-        expire_time=convert.timestamp(message.expire_time),
+    envelope = pb.Envelope(
+        message_id=message.message_id, sender_id=message.sender_id, body=bytes(message.body)
     )
+    # Set in place: a Timestamp built apart and then copied in cost twice as much, once
+    # per message streamed.
+    _set_time(envelope.send_time, message.send_time)
+    _set_time(envelope.expire_time, message.expire_time)
+    return envelope
+
+
+def _set_time(field: Timestamp, seconds: float) -> None:
+    """convert.timestamp's value, written into a message's own field."""
+    nanos = int(seconds * 1e9)
+    field.seconds, field.nanos = divmod(nanos, 1_000_000_000)
 
 
 class _AuditedTokens:
@@ -99,14 +107,11 @@ class RelayServicer(pb_grpc.RelayServiceServicer):
         requested = asked.seconds + asked.nanos / 1e9 if request.HasField("ttl") else None
         outgoing = [Outgoing(m.recipient_id, m.body, m.client_message_id) for m in request.messages]
         messages = await self._relay.send_many(sender.user_id, outgoing, requested)
-        return pb.SendMessagesResponse(
-            results=[
-                pb.SendMessageResponse(
-                    message_id=m.message_id, expire_time=convert.timestamp(m.expire_time)
-                )
-                for m in messages
-            ]
-        )
+        response = pb.SendMessagesResponse()
+        for message in messages:
+            result = response.results.add(message_id=message.message_id)
+            _set_time(result.expire_time, message.expire_time)
+        return response
 
     async def StreamMessages(
         self, request_iterator: AsyncIterator[pb.StreamMessagesRequest], context: Context

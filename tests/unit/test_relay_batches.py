@@ -231,6 +231,31 @@ async def test_an_oversized_acknowledgement_ends_the_stream(relay: Build) -> Non
     assert (await queues.stats()).subscribers == 0
 
 
+async def test_an_idle_stream_ends_on_a_bad_acknowledgement_or_a_shutdown_without_a_recheck(
+    relay: Build,
+) -> None:
+    """The stream waits for an arrival, the shutdown and its acknowledgements at once, so
+    either ends it when it comes, not at the next revalidation (an hour away here)."""
+    _, queues = await relay(Directory("bob"))
+    r = Relay(queues, Directory("bob"), revalidate_seconds=3600, fetch_budget_bytes=1 << 20)
+    acks = Acks()
+    stream = r.exchange("bob", aiter(acks), allowed)
+    async with contextlib.aclosing(stream):
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.01)  # idle: waiting for something to happen
+        acks.send(["x"] * (MAX_ACK_IDS + 1))
+        with pytest.raises(InvalidArgument, match=f"at most {MAX_ACK_IDS} ids"):
+            async with asyncio.timeout(5):
+                await waiting
+    waiting = asyncio.ensure_future(anext(r.exchange("bob", aiter(Acks()), allowed)))
+    await asyncio.sleep(0.01)
+    queues.closing.set()
+    with pytest.raises(Unavailable, match="subscribe again"):
+        async with asyncio.timeout(5):
+            await waiting
+    assert (await queues.stats()).subscribers == 0
+
+
 async def test_a_client_that_stops_acknowledging_still_receives(relay: Build) -> None:
     r, _ = await relay(Directory("bob"))
     acks = Acks()
