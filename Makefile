@@ -10,7 +10,7 @@ PROTOS := $(shell find protos -name '*.proto')
 help:
 	@echo "make run     set up, start every service locally, print how to try it"
 	@echo "make demo    start the stack, then alice messages bob end to end, with audit trail"
-	@echo "make run-scaled  the same, with identity, session and audit on a local PostgreSQL"
+	@echo "make run-scaled  the same addresses, scaled out: PostgreSQL, Redis, 2 replicas each, nginx"
 	@echo "make stop    stop the local services"
 	@echo "make status  health of the local services"
 	@echo "make test    set up, lint, and run every test"
@@ -53,7 +53,7 @@ run: setup
 # The same stack with identity, session and audit on a local PostgreSQL (var/postgres,
 # 127.0.0.1:55432) instead of SQLite files; needs Debian's postgresql. `make stop` stops it.
 run-scaled: setup
-	$(BIN)/python -m services.launcher up --postgres
+	$(BIN)/python -m services.launcher up --scaled
 
 # Benchmarks: peers (Redis, SQLCipher) and the chart come from requirements-bench.txt;
 # redis-server from Debian's package.

@@ -3,8 +3,9 @@
 Creates development secrets and TLS material under var/ on first run, starts every
 service as its own background process (logs in var/log/), waits for each to report
 SERVING, and prints where they listen and how to try them (`up --postgres`: on a local
-PostgreSQL). Also the operator's work on the server host: `rotate <service>`, `restore`
-of a backup (a SQLite file, or a pg_dump into PostgreSQL), and `copy-to-postgres`.
+PostgreSQL; `up --scaled`, `make run-scaled`: replicas behind a proxy, see scaled.py).
+Also the operator's work on the server host: `rotate <service>`, `restore` of a backup
+(a SQLite file, or a pg_dump into PostgreSQL), and `copy-to-postgres`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from services.common import catalog
 from services.common.errors import StartupError
-from services.launcher import postgres
+from services.launcher import postgres, scaled
 from services.launcher.diagnose import explain
 from services.launcher.health import check, wait_serving
 from services.launcher.pgcluster import ClusterError
@@ -132,9 +133,13 @@ def up(
 
 
 def down(layout: StackLayout = LAYOUT) -> int:
-    for service in SERVICES:
+    """Stops every service process the launcher started (`make run`'s, or each replica of
+    `make run-scaled`), then the proxy, Redis and PostgreSQL if they run."""
+    names = [*SERVICES, *(p.stem for p in scaled.running(layout) if p.stem not in SERVICES)]
+    for service in names:
         pid = _running_pid(service, layout)
         if pid is None:
+            _pid_file(service, layout).unlink(missing_ok=True)
             continue
         os.kill(pid, signal.SIGTERM)
         for _ in range(150):
@@ -145,6 +150,8 @@ def down(layout: StackLayout = LAYOUT) -> int:
                 os.waitpid(pid, os.WNOHANG)
         print(f"{service:9} stopped")
         _pid_file(service, layout).unlink(missing_ok=True)
+    for what in scaled.down_extras(layout):
+        print(f"{what} stopped")
     if postgres.stop_local(layout.root):
         print("PostgreSQL stopped")
     return 0
@@ -205,7 +212,12 @@ def main() -> int:
     up_cmd.add_argument(
         "--postgres",
         action="store_true",
-        help="identity, session and audit on a local PostgreSQL (make run-scaled)",
+        help="identity, session and audit on a local PostgreSQL, one process each",
+    )
+    up_cmd.add_argument(
+        "--scaled",
+        action="store_true",
+        help="make run-scaled: PostgreSQL, Redis, two replicas of each service, nginx in front",
     )
     for name, text in (
         ("down", "stop the services"),
@@ -262,6 +274,8 @@ def main() -> int:
         return postgres.copy_to_postgres(
             args.service, args.source, args.database_url_file, args.key_file
         )
+    if args.command == "up" and args.scaled:
+        return scaled.up(LAYOUT, PORTS)
     if args.command in (None, "up"):
         return up(on_postgres=getattr(args, "postgres", False))
     simple = {"down": down, "status": status, "compose-secrets": compose_secrets}
