@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.launcher.topology import SERVICES, default_ports
+
 INSTALL = "apt-get install -y nginx libnginx-mod-stream"
 STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")  # Debian's path
 FAIL_SECONDS = 5  # how long a replica that refused a connection is left out
@@ -82,7 +84,8 @@ def config(
         f"load_module {STREAM_MODULE};",
         f"worker_processes {workers};",
         f"pid {files.pid};",
-        f"error_log {files.error_log} warn;",
+        # Only nginx's own failures: a failed call's log line names the client's address.
+        f"error_log {files.error_log} crit;",
     ]
     if user is not None:
         lines.append(f"user {user};")
@@ -92,7 +95,13 @@ def config(
         "http {",
         "    access_log off;  # no client addresses or call names on disk",
         "    server_tokens off;",
-        f"    client_body_temp_path {files.temp};",
+        # Temporary files only if a body outgrows memory; every module's path is set, as
+        # nginx creates them all at start (in a read-only container only /tmp is writable).
+        f"    client_body_temp_path {files.temp}/body;",
+        f"    proxy_temp_path {files.temp}/proxy;",
+        f"    fastcgi_temp_path {files.temp}/fastcgi;",
+        f"    uwsgi_temp_path {files.temp}/uwsgi;",
+        f"    scgi_temp_path {files.temp}/scgi;",
         "    client_max_body_size 8m;",
         "    client_body_buffer_size 8m;  # request bodies stay in memory",
         "    http2_max_concurrent_streams 1024;",
@@ -110,6 +119,8 @@ def config(
     ]
     for route in routes:
         lines.append(f"    upstream {route.service}_public {{")
+        # Shared by the workers: one round robin, and one view of which replica failed.
+        lines.append(f"        zone {route.service}_public 64k;")
         for address in route.replicas_public:
             lines.append(f"        server {address} max_fails=1 fail_timeout={FAIL_SECONDS}s;")
         lines.append("    }")
@@ -139,6 +150,7 @@ def config(
     lines += ["}", "", "stream {"]
     for route in routes:
         lines.append(f"    upstream {route.service}_operator {{")
+        lines.append(f"        zone {route.service}_operator 64k;")
         for address in route.replicas_internal:
             lines.append(f"        server {address} max_fails=1 fail_timeout={FAIL_SECONDS}s;")
         lines.append("    }")
@@ -153,6 +165,46 @@ def config(
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+COMPOSE_HEALTH_PORT = 8080
+
+
+def compose_config() -> str:
+    """deploy/nginx/nginx.conf, for docker-compose.scale.yml: the replicas are found by
+    their service name (every replica's address, resolved when nginx starts), the
+    certificates are compose secrets, and nginx runs unprivileged in a read-only container.
+
+    Regenerate with `python -m services.launcher.proxy > deploy/nginx/nginx.conf`."""
+    ports = default_ports()
+    routes = [
+        Route(
+            name,
+            ports[name][0],
+            ports[name][1],
+            [f"{name}:{ports[name][0]}"],
+            [f"{name}:{ports[name][1]}"],
+        )
+        for name in SERVICES
+    ]
+    files = Files(
+        tls="/run/secrets",
+        pid="/tmp/nginx.pid",  # noqa: S108 - a private tmpfs in the container
+        error_log="stderr",
+        temp="/tmp",  # noqa: S108 - a private tmpfs in the container
+        cert_names={
+            name: (f"/run/secrets/{name}_tls_cert", f"/run/secrets/{name}_tls_key")
+            for name in SERVICES
+        },
+    )
+    return config(
+        routes,
+        files,
+        listen_host="0.0.0.0",  # noqa: S104 - published by compose as it says
+        ca_file="/run/secrets/ca_cert",
+        health_port=COMPOSE_HEALTH_PORT,
+        workers=2,
+    )
 
 
 class ProxyError(Exception):
@@ -254,3 +306,7 @@ class LocalProxy:
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+if __name__ == "__main__":
+    print(compose_config(), end="")

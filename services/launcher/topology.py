@@ -18,6 +18,7 @@ from services.common.channels import address_variable
 from services.common.config import DEFAULT_PORTS, internal_port, metrics_port
 from services.common.peers import OPERATOR
 from services.launcher.pki import ensure_pki
+from services.launcher.redis_server import hardened_config
 from services.protocol.ports import PERSISTENT as PERSISTENT
 from services.protocol.ports import SERVICES as SERVICES
 
@@ -93,6 +94,9 @@ class StackLayout:
             destination = target / name
             destination.write_bytes(source.read_bytes())
             os.chmod(destination, 0o644)
+        for name, text in scale_out_secrets(target).items():
+            _write_secret(target / name, text)
+            os.chmod(target / name, 0o644)
 
     def prepare(self) -> None:
         """Creates TLS material and per-service master keys (0600) that do not exist yet."""
@@ -140,6 +144,52 @@ def service_env(
             env["DB_ENCRYPTION_OLD_KEYS_FILE"] = str(layout.old_keys_file(service))
     env.update(extra or {})
     return env
+
+
+# The compose scale-out's own secrets (docker-compose.scale.yml): PostgreSQL's superuser,
+# each service's database URL (its own role), Redis' configuration and its users' URLs,
+# and the relay's key for what it keeps in Redis.
+COMPOSE_POSTGRES = "postgres:5432"
+COMPOSE_REDIS = "redis:6379"
+REDIS_USERS = ("relay", "session")
+
+
+def scale_out_secrets(target: Path) -> dict[str, str]:
+    """The files docker-compose.scale.yml needs beyond docker-compose.yml's, by name.
+
+    Passwords already in `target` are kept: PostgreSQL keeps its roles in its volume, so
+    a second `make compose-secrets` must not change them."""
+
+    def password(name: str) -> str:
+        kept = target / f"{name}.password"
+        if kept.exists():
+            return kept.read_text().strip()
+        return secrets.token_urlsafe(24)
+
+    passwords = {name: password(name) for name in ("postgres", *PERSISTENT)}
+    redis_passwords = {user: password(f"redis-{user}") for user in REDIS_USERS}
+    files = {f"{name}.password": value for name, value in passwords.items()}
+    files.update({f"redis-{user}.password": value for user, value in redis_passwords.items()})
+    files["postgres-admin.url"] = (
+        f"postgresql://postgres:{passwords['postgres']}@{COMPOSE_POSTGRES}/postgres"
+    )
+    for name in PERSISTENT:
+        files[f"{name}.database-url"] = (
+            f"postgresql://{name}:{passwords[name]}@{COMPOSE_POSTGRES}/{name}"
+        )
+    for user in REDIS_USERS:
+        files[f"{user}.redis-url"] = f"redis://{user}:{redis_passwords[user]}@{COMPOSE_REDIS}/0"
+    files["redis.conf"] = hardened_config(
+        port=6379,
+        directory=Path("/data"),
+        passwords=redis_passwords,
+        bind="0.0.0.0",  # noqa: S104 - inside the compose network only
+    )
+    kept_key = target / "relay-store.key"
+    files["relay-store.key"] = (
+        kept_key.read_text().strip() if kept_key.exists() else secrets.token_urlsafe(32)
+    )
+    return files
 
 
 def open_log(path: Path) -> int:

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -108,17 +109,24 @@ def base_image(podman: Podman) -> str:
 
 def prometheus_image(podman: Podman, base: str) -> str:
     """Prometheus from Debian's package on the base, from the cache or built now."""
-    recipe = PROMETHEUS_CONTAINERFILE.read_text()
-    tag = f"{PROMETHEUS_REPOSITORY}:{_key(base, recipe)}"
-    with _machine_lock("prometheus-image"):
+    return debian_image(podman, base, PROMETHEUS_CONTAINERFILE.parent, PROMETHEUS_REPOSITORY)
+
+
+def debian_image(podman: Podman, base: str, folder: Path, repository: str) -> str:
+    """The image `folder`'s Containerfile makes from Debian's packages on the base, from
+    the cache (tagged by the base, the Containerfile and the files it copies) or built now."""
+    containerfile = (folder / "Containerfile").read_text()
+    copied = re.findall(r"^COPY\s+(\S+)", containerfile, re.MULTILINE)
+    tag = f"{repository}:{_key(base, containerfile, *((folder / c).read_text() for c in copied))}"
+    with _machine_lock(repository.rsplit("/", 1)[-1]):
         if not podman.image_exists(tag):
             podman.run(
                 "build",
                 "--network=host",  # apt reaches Debian's mirror the way the host does
                 "--build-arg", f"BASE_IMAGE={base}",
-                "--file", str(PROMETHEUS_CONTAINERFILE),
+                "--file", str(folder / "Containerfile"),
                 "--tag", tag,
-                str(PROMETHEUS_CONTAINERFILE.parent),
+                str(folder),
                 timeout=900,
             )  # fmt: skip
     return tag

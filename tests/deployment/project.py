@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from tests.deployment.podman import REPO, Podman
 
@@ -35,10 +36,11 @@ class ComposeProject:
         name: str,
         env: Mapping[str, str],
         profiles: Sequence[str] = (),
+        file: Path = COMPOSE_FILE,
     ) -> None:
         self.podman = podman
         self.name = name
-        self._command = [podman_compose, "--project-name", name, "--file", str(COMPOSE_FILE)]
+        self._command = [podman_compose, "--project-name", name, "--file", str(file)]
         for profile in profiles:
             self._command += ["--profile", profile]
         self.env = {**podman.env, **env}
@@ -95,9 +97,10 @@ class ComposeProject:
         listed = self.podman.json("volume", "ls", "--filter", self._label, "--format", "json")
         return sorted(v["Name"] for v in listed or [])
 
-    def wait_healthy(self, timeout: float = 120) -> None:
+    def wait_healthy(self, timeout: float = 120, *, completed: Sequence[str] = ()) -> None:
         """Runs every container's health check until all pass (no systemd schedules them
-        here); a container without one must be running. Fails with the logs otherwise."""
+        here); a container without one must be running, and one of a `completed` service
+        (a one-shot step) must have exited with status 0. Fails with the logs otherwise."""
         deadline = time.monotonic() + timeout
         pending = self.containers()
         assert pending, f"project {self.name} has no containers"
@@ -105,6 +108,12 @@ class ComposeProject:
             still = []
             for container in pending:
                 state = self.podman.inspect(container.id)
+                if container.service in completed:
+                    if state["State"]["Status"] not in ("exited", "stopped"):
+                        still.append(container)
+                    elif state["State"]["ExitCode"] != 0:
+                        raise AssertionError(f"{container.name} failed:\n{self.logs(container)}")
+                    continue
                 if state["State"]["Status"] in ("exited", "dead") or state["RestartCount"]:
                     # A service that dies while starting is restarted by its policy: that is
                     # a failure too, and its log says why.

@@ -31,13 +31,13 @@ import pytest
 import yaml
 
 from services.launcher.topology import SERVICES, StackLayout
-from services.launcher.walkthrough import try_it_lines
 from services.protocol.ports import DEFAULT_PORTS, internal_port
 from tests.deployment.images import base_image, build_project_image, prometheus_image
 from tests.deployment.podman import REPO, Podman
 from tests.deployment.project import ComposeProject, Container, published
 from tests.deployment.timing import phase
 from tests.deployment.tools import COMPOSE_STACK, require
+from tests.deployment.walkthrough import walk_through
 from tests.support.stack import PortReservation
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
@@ -174,35 +174,8 @@ def test_the_readme_walkthrough_works_against_the_published_ports(
     deployment: Deployment,
 ) -> None:
     """Every line of the README's "Try it", as `make run` prints it, against the
-    containers; only the live wait is shortened (`--follow 30` becomes 1 s)."""
-    commands = [
-        shlex.split(line.replace("--follow 30", "--follow 1"), comments=True)
-        for line in try_it_lines()
-    ]
-    assert all(words[:3] == [".venv/bin/python", "-m", "services.cli"] for words in commands)
-    walked = {words[3] for words in commands}
-    assert {"register", "login", "send", "inbox", "stats", "verify"} <= walked
-    sent: dict[str, list[str]] = {}
-    for words in commands:
-        command = words[3:]
-        out = deployment.cli(*command)
-        match command:
-            case ["register", user, *_]:
-                assert f"registered {user}" in out
-            case ["login", user]:
-                assert f"logged in as {user}" in out
-            case ["send", sender, recipient, text]:
-                assert f"encrypted bytes to {recipient}" in out
-                sent.setdefault(recipient, []).append(f"{sender}: {text}")
-            case ["inbox", user, *_]:
-                for line in sent.pop(user, []):
-                    assert line in out
-            case ["stats"]:
-                for name in SERVICES:
-                    assert re.search(rf"^{name}\s", out, re.MULTILINE), out
-            case ["verify"]:
-                assert "audit log intact" in out
-    assert not sent, f"the walkthrough never read {sent}"
+    containers; only the live wait is shortened."""
+    walk_through(deployment.cli)
 
 
 @pytest.mark.parametrize("service", SERVICES)
