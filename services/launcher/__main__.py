@@ -63,7 +63,13 @@ def up(
 ) -> int:
     """Starts what is not running yet and waits for all; 0 once every service serves.
 
-    `on_postgres`: identity, session and audit on a local PostgreSQL (make run-scaled)."""
+    `on_postgres`: identity, session and audit on a local PostgreSQL, one process each."""
+    if scaled.running(layout) or scaled.local_proxy(layout).pid() is not None:
+        # Its proxy would answer the health checks on these very ports.
+        print(
+            "make run-scaled is running on these addresses; `make stop` stops it", file=sys.stderr
+        )
+        return 1
     layout.prepare()
     databases: dict[str, dict[str, str]] = {}
     if on_postgres:
@@ -135,7 +141,8 @@ def up(
 def down(layout: StackLayout = LAYOUT) -> int:
     """Stops every service process the launcher started (`make run`'s, or each replica of
     `make run-scaled`), then the proxy, Redis and PostgreSQL if they run."""
-    names = [*SERVICES, *(p.stem for p in scaled.running(layout) if p.stem not in SERVICES)]
+    replicas = sorted(layout.run.glob("*-?.pid")) if layout.run.exists() else []
+    names = [*SERVICES, *(p.stem for p in replicas)]
     for service in names:
         pid = _running_pid(service, layout)
         if pid is None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from services.common import catalog
 from services.launcher import postgres
+from services.launcher.diagnose import port_holder
 from services.launcher.health import wait_serving
 from services.launcher.pgcluster import ClusterError
 from services.launcher.proxy import LocalProxy, ProxyError, nginx_binary
@@ -64,6 +65,11 @@ def pid_file(layout: StackLayout, replica: Replica) -> Path:
 def up(layout: StackLayout, ports: Mapping[str, tuple[int, int, int]]) -> int:
     """Starts everything; 0 once every service answers SERVING through the proxy."""
     layout.prepare()
+    replicas = plan(local_replica_ports(REPLICAS))
+    taken = _taken_ports(replicas, ports)
+    if taken:
+        print(f"error: {taken}; is `make run` running? `make stop` stops it", file=sys.stderr)
+        return 1
     try:
         nginx_binary()  # before anything starts: a missing tool says how to install it
         databases = postgres.start_local(layout.root, layout.secrets, PERSISTENT)
@@ -71,7 +77,6 @@ def up(layout: StackLayout, ports: Mapping[str, tuple[int, int, int]]) -> int:
     except (ClusterError, OSError, ProxyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    replicas = plan(local_replica_ports(REPLICAS))
     key = relay_store_key(layout)
     started: dict[str, tuple[Replica, subprocess.Popen[bytes]]] = {}
     for service in SERVICES:
@@ -132,6 +137,20 @@ def up(layout: StackLayout, ports: Mapping[str, tuple[int, int, int]]) -> int:
     return 0
 
 
+def _taken_ports(
+    replicas: Mapping[str, list[Replica]], ports: Mapping[str, tuple[int, int, int]]
+) -> str | None:
+    """Which port the stack needs is already listened on, and by whom, if any."""
+    wanted = [port for service in SERVICES for port in ports[service][:2]]
+    wanted += [p for group in replicas.values() for r in group for p in (r.public, r.internal)]
+    for port in wanted:
+        holder = port_holder(port)
+        if holder is not None:
+            pid, name = holder
+            return f"port {port} is in use by pid {pid} ({name})"
+    return None
+
+
 def _print_summary(
     replicas: Mapping[str, list[Replica]], ports: Mapping[str, tuple[int, int, int]]
 ) -> None:
@@ -151,8 +170,15 @@ def _print_summary(
 
 
 def running(layout: StackLayout) -> list[Path]:
-    """The pid files of replicas that run (any service, any label)."""
-    return sorted(layout.run.glob("*-?.pid")) if layout.run.exists() else []
+    """The pid files of replicas (any service, any label) whose process still runs."""
+    alive = []
+    for path in sorted(layout.run.glob("*-?.pid")) if layout.run.exists() else []:
+        try:
+            os.kill(int(path.read_text()), 0)
+        except (OSError, ValueError):
+            continue
+        alive.append(path)
+    return alive
 
 
 def down_extras(layout: StackLayout) -> list[str]:
