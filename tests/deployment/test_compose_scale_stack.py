@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +115,8 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledDeploymen
             project.up(scale=f"relay={RELAYS}")
             project.wait_healthy(timeout=240, completed=ONE_SHOT)
         deployment = ScaledDeployment(project, podman, root, ports)
-        with phase("scale-out first login"):
-            _first_login(deployment)
+        with phase("scale-out warm-up"):
+            _warm_up(deployment)
         yield deployment
     finally:
         reservation.close()
@@ -127,23 +127,33 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledDeploymen
         assert not left, f"teardown left {left}"
 
 
-def _first_login(deployment: ScaledDeployment, seconds: float = 90) -> None:
-    """Waits for a login to work end to end (proxy, session, identity, PostgreSQL, Redis).
+def _warm_up(deployment: ScaledDeployment, seconds: float = 120) -> None:
+    """Waits until each path between services answers once (login: session to identity;
+    profile and bundle: identity to session; send and fetch through every relay replica:
+    relay to session and identity), retrying what answers UNAVAILABLE.
 
-    Healthy containers are not yet warm: the first call between two freshly started
-    replicas (DNS, TLS, the database pool) can outlast its deadline on a loaded host
-    and is answered UNAVAILABLE "retry", as a client would then do."""
-    with UserClient(deployment.endpoints()) as client:
-        keys = new_user(client, "warmup")
-        give_up = time.monotonic() + seconds
+    Healthy containers are not yet warm: the first calls between freshly started replicas
+    (connections, TLS, database pools) can outlast their deadline on a loaded host and
+    are answered UNAVAILABLE "retry", which is what a client then does."""
+    give_up = time.monotonic() + seconds
+
+    def retried(call: Callable[[], object]) -> object:
         while True:
             try:
-                client.login("warmup", keys)
-                return
+                return call()
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > give_up:
                     raise
                 time.sleep(1)
+
+    with UserClient(deployment.endpoints()) as client:
+        keys = new_user(client, "warmup")
+        token = str(retried(lambda: client.login("warmup", keys)))
+        retried(lambda: client.profile(token))
+        retried(lambda: client.bundle(token, "warmup"))
+        for _ in range(2 * RELAYS):
+            retried(lambda: client.send(token, "warmup", b"warm"))
+            retried(lambda: client.fetch(token))
 
 
 def test_every_service_runs_and_the_relay_three_times(scaled: ScaledDeployment) -> None:
