@@ -40,8 +40,11 @@ class PushListener:
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._chores: set[asyncio.Task[None]] = set()  # unsubscriptions under way
+        self._closing = False
 
     def _ensure_running(self) -> None:
+        if self._closing:
+            return
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="relay-push-listener")
 
@@ -113,6 +116,8 @@ class PushListener:
                     self._handle(message)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self._connected.clear()
+                if self._closing:
+                    return
                 # Confirmations are void: streams added now wait for the resubscription.
                 for channel, future in list(self._confirmed.items()):
                     if future.done():
@@ -143,8 +148,13 @@ class PushListener:
                 wakeup.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._closing = True
+        task, self._task = self._task, None
+        # The redis client can turn a cancellation that lands mid-read into a connection
+        # error, which the loop takes for a lost connection: cancel until it has ended.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task

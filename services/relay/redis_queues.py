@@ -100,8 +100,12 @@ class RedisQueues:
 
     async def _run(self, name: str, queue: str, *args: str | int | bytes) -> Any:
         with mapped_errors(STORE):
-            return await self._scripts[name](
-                keys=[], args=[self._prefix, queue, self._now_arg(), *args]
+            # Shielded: the redis client can hold on to a cancellation that lands mid-read
+            # until its socket times out, which kept a closed stream open for seconds. Each
+            # script is atomic in Redis, so it finishes there either way; the caller that
+            # was cancelled stops waiting for its reply at once.
+            return await asyncio.shield(
+                self._scripts[name](keys=[], args=[self._prefix, queue, self._now_arg(), *args])
             )
 
     # --- QueueStore -------------------------------------------------------------------
