@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in one run, printed as ratios measured side by side.
 
 python -m bench.run [--seconds 3] [--concurrency 16] [--rounds 6] [--small 10000]
-                    [--large 100000] [--only rpc,storage,scale,memory]
+                    [--large 100000] [--only rpc,postgres,redis,storage,scale,memory]
 Writes bench/results/latest.json and latest.png.
 """
 
@@ -15,11 +15,20 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import load, postgres, redis_queue, relay_memory, rpc_cases, scale, storage
+from bench import (
+    load,
+    postgres,
+    redis_queue,
+    redis_relay,
+    relay_memory,
+    rpc_cases,
+    scale,
+    storage,
+)
 
 RESULTS = Path(__file__).parent / "results"
 CEILING = "echo (ceiling)"
-GROUPS = ("rpc", "postgres", "storage", "scale", "memory")
+GROUPS = ("rpc", "postgres", "redis", "storage", "scale", "memory")
 
 
 @dataclass(frozen=True)
@@ -174,6 +183,40 @@ async def _postgres(args: argparse.Namespace, root: Path, sqlite: dict[str, floa
     return Part(report={"postgres": [asdict(r) for r in results], "postgres_vs_sqlite": ratios})
 
 
+async def _redis(args: argparse.Namespace, root: Path) -> Part:
+    """Relay delivery on Redis with one and two replicas, beside the in-memory relay and
+    a bare Redis list, interleaved (bench/redis_relay.py)."""
+    pids = {"client": os.getpid()}
+    results = await redis_relay.compare(
+        root, concurrency=args.concurrency, seconds=args.seconds, rounds=args.rounds, pids=pids
+    )
+    by_name = {r.name: r for r in results}
+    memory, one, two = (by_name[n] for n in (redis_relay.MEMORY, redis_relay.ONE, redis_relay.TWO))
+    bare = by_name[redis_queue.NAME]
+    ratios = {
+        "redis_x1_vs_memory": one.per_second / memory.per_second,
+        "redis_x2_vs_x1": two.per_second / one.per_second,
+        "redis_x2_vs_memory": two.per_second / memory.per_second,
+        "memory_vs_redis_list": memory.per_second / bare.per_second,
+        "redis_x1_vs_redis_list": one.per_second / bare.per_second,
+        "redis_x2_vs_redis_list": two.per_second / bare.per_second,
+    }
+    print(_row(bare, 1.0, "peer"))
+    print(_row(memory, ratios["memory_vs_redis_list"], "of the Redis list"))
+    print(_row(one, ratios["redis_x1_vs_memory"],
+               f"of memory; {ratios['redis_x1_vs_redis_list']:.2f} of the Redis list"))  # fmt: skip
+    print(_row(two, ratios["redis_x2_vs_x1"],
+               f"of x1; {ratios['redis_x2_vs_memory']:.2f} of memory, "
+               f"{ratios['redis_x2_vs_redis_list']:.2f} of the Redis list"))  # fmt: skip
+    return Part(
+        report={"relay_on_redis": [asdict(r) for r in results], "relay_on_redis_ratios": ratios},
+        bars=[
+            ("relay delivery, Redis x1 / memory", ratios["redis_x1_vs_memory"], 1.0),
+            ("relay delivery, Redis x2 / Redis x1", ratios["redis_x2_vs_x1"], 1.0),
+        ],
+    )
+
+
 def _storage(root: Path) -> Part:
     stored = storage.compare(root / "storage")
     by_name = {r.name: r for r in stored}
@@ -272,6 +315,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 if h["seconds"]
             }
             parts.append(await _postgres(args, root, sqlite))
+        if "redis" in groups:
+            parts.append(await _redis(args, root))
         if "storage" in groups:
             parts.append(_storage(root))
         if "scale" in groups:
