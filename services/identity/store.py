@@ -44,7 +44,7 @@ from services.identity.sealing import (
     NONE,
     TIMES,
     USER_COLUMNS,
-    or_none,
+    UserSealing,
     prekey_values,
     user_values,
 )
@@ -192,6 +192,7 @@ class SqliteIdentityStore:
         self._alias = keyring.field("users", "alias")
         self._metadata = keyring.field("users", "metadata")
         self._times = keyring.field("users", "times")
+        self._sealing = UserSealing(keyring)  # the row format, shared with PostgreSQL
         self._revoke_user = keyring.field("pending_revocations", "user_id")
         self._user_mac = keyring.mac("row/users")
         self._prekey_mac = keyring.mac("row/one_time_prekeys")
@@ -263,20 +264,6 @@ class SqliteIdentityStore:
         conn.execute(f"UPDATE users SET {assignments} WHERE id = :id", row)  # noqa: S608
         return row
 
-    def _times_of(self, row: dict[str, Any]) -> tuple[float, float | None, float | None]:
-        created, last_login, deactivated = TIMES.unpack(
-            self._times.decrypt(row["times_ct"], row["user_index"])
-        )
-        return created, or_none(last_login), or_none(deactivated)
-
-    def _seal_times(
-        self, row: dict[str, Any], created: float, last: float | None, closed: float | None
-    ) -> bytes:
-        packed = TIMES.pack(
-            created, NONE if last is None else last, NONE if closed is None else closed
-        )
-        return self._times.encrypt(packed, row["user_index"])
-
     def _insert_prekeys(
         self, conn: sqlite3.Connection, user_row: int, keys: list[OneTimePrekey]
     ) -> None:
@@ -317,7 +304,7 @@ class SqliteIdentityStore:
             "last_login_time": None,
             "deactivate_time": None,
         }
-        row["times_ct"] = self._seal_times(row, user.create_time, None, None)
+        row["times_ct"] = self._sealing.seal_times(row, user.create_time, None, None)
         with self._db.write() as conn:
             taken = conn.execute(
                 f"SELECT 1 FROM users WHERE user_index IN {any_of(candidates)}",  # noqa: S608
@@ -356,7 +343,7 @@ class SqliteIdentityStore:
             prekeys = conn.execute(
                 "SELECT COUNT(*) FROM one_time_prekeys WHERE user_row = ?", (row["id"],)
             ).fetchone()[0]
-        return self._decode(row, int(prekeys))
+        return self._sealing.open(row, int(prekeys))
 
     def get_verify_key(self, user_id: str) -> bytes | None:
         """An active user's verify key, once its row's MAC holds (the login hot path).
@@ -378,25 +365,6 @@ class SqliteIdentityStore:
         with self._db.read(snapshot=False) as conn:
             row = self._find(conn, user_id, active=False)
         return None if row is None else row["deactivate_time"] is None
-
-    def _decode(self, row: dict[str, Any], prekeys: int) -> User:
-        index = row["user_index"]
-        created, last_login, deactivated = self._times_of(row)
-        return User(
-            user_id=self._user_id.decrypt_text(row["user_id_ct"], index),
-            alias=self._alias.decrypt_text(row["alias_ct"], index),
-            metadata=json.loads(self._metadata.decrypt_text(row["metadata_ct"], index)),
-            identity_key=row["identity_key"],
-            verify_key=row["verify_key"],
-            signed_prekey=SignedKey(
-                row["signed_prekey_id"], row["signed_prekey"], row["signed_prekey_sig"]
-            ),
-            pq_prekey=SignedKey(row["pq_prekey_id"], row["pq_prekey"], row["pq_prekey_sig"]),
-            create_time=created,
-            last_login_time=last_login,
-            deactivate_time=deactivated,
-            one_time_prekey_count=prekeys,
-        )
 
     def take_one_time_prekey(self, user_id: str) -> OneTimePrekey | None:
         # One statement inside the single-writer transaction: two fetches can never
@@ -449,16 +417,18 @@ class SqliteIdentityStore:
     def record_login(self, user_id: str, when: float) -> None:
         with self._db.write() as conn:
             row = self._active_row(conn, user_id)
-            created, last_login, _ = self._times_of(row)
+            created, last_login, _ = self._sealing.times_of(row)
             latest = max(last_login or 0.0, when)
-            self._rewrite(conn, row, {"times_ct": self._seal_times(row, created, latest, None)})
+            self._rewrite(
+                conn, row, {"times_ct": self._sealing.seal_times(row, created, latest, None)}
+            )
 
     def deactivate(self, user_id: str, when: float, audit: AuditRecord) -> float:
         with self._db.write() as conn:
             row = self._find(conn, user_id, active=False)
             if row is None:
                 raise NoSuchUser(active=False)
-            created, last_login, already = self._times_of(row)
+            created, last_login, already = self._sealing.times_of(row)
             if row["deactivate_time"] is not None:
                 if already is None:
                     raise IntegrityError("identity.users: deactivated without a time")
@@ -468,7 +438,7 @@ class SqliteIdentityStore:
                 row,
                 {
                     "deactivate_time": DEACTIVATED,
-                    "times_ct": self._seal_times(row, created, last_login, when),
+                    "times_ct": self._sealing.seal_times(row, created, last_login, when),
                 },
             )
             conn.execute("DELETE FROM one_time_prekeys WHERE user_row = ?", (row["id"],))
