@@ -99,13 +99,17 @@ class PushListener:
             pubsub = self._client.pubsub()
             try:
                 self._pubsub = pubsub
-                if self._streams:
-                    await pubsub.ssubscribe(*self._streams)
-                else:
-                    # Keeps the connection open (and `get_message` waiting) with nothing
-                    # of interest subscribed yet.
-                    await pubsub.ssubscribe(f"{id(self)}:idle")
+                # With nothing of interest yet, an idle channel keeps the connection open
+                # (and `get_message` waiting).
+                subscribing = list(self._streams) or [f"{id(self)}:idle"]
+                await pubsub.ssubscribe(*subscribing)
                 self._connected.set()
+                # Streams added while that was under way were not in it, and did not
+                # subscribe themselves (not connected yet): left out, they would wait for
+                # a confirmation until UNAVAILABLE. Found opening 8 streams at once.
+                late = set(self._streams).difference(subscribing)
+                if late:
+                    await pubsub.ssubscribe(*late)
                 if failures:
                     logger.info("live delivery reconnected to redis")
                 while True:
