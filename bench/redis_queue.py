@@ -21,8 +21,10 @@ from tests.support.stack import free_port
 
 
 @asynccontextmanager
-async def redis_server(pids: dict[str, int] | None = None) -> AsyncIterator[int]:
-    """A private redis-server; its pid goes into `pids` (as "redis") when given."""
+async def redis_server(
+    pids: dict[str, int] | None = None, pid_name: str = "redis"
+) -> AsyncIterator[int]:
+    """A private redis-server; its pid goes into `pids` (as `pid_name`) when given."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not found (apt install redis-server)")
@@ -32,7 +34,7 @@ async def redis_server(pids: dict[str, int] | None = None) -> AsyncIterator[int]
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     if pids is not None:
-        pids["redis"] = process.pid
+        pids[pid_name] = process.pid
     try:
         client = redis.Redis(port=port)
         for _ in range(100):
@@ -89,11 +91,12 @@ async def delivery(pids: dict[str, int] | None = None) -> AsyncIterator[load.Cal
 
 @asynccontextmanager
 async def batched_delivery(
-    recipients: int, pids: dict[str, int] | None = None
+    recipients: int, pids: dict[str, int] | None = None, pid_name: str = "redis"
 ) -> AsyncIterator[load.Call]:
     """One call = one message to each of `recipients` lists in one pipelined round trip;
-    each list's consumer takes up to 100 at a time (BLMPOP). Latency: until all arrived."""
-    async with redis_server(pids) as port:
+    each list's consumer takes up to 100 at a time (BLMPOP). Latency: until all arrived.
+    Its server's pid goes into `pids` as `pid_name`."""
+    async with redis_server(pids, pid_name) as port:
         producer = redis.Redis(port=port)
         consumers = [redis.Redis(port=port) for _ in range(recipients)]
         arrivals: dict[bytes, asyncio.Future[None]] = {}

@@ -185,14 +185,21 @@ async def _postgres(args: argparse.Namespace, root: Path, sqlite: dict[str, floa
 
 async def _redis(args: argparse.Namespace, root: Path) -> Part:
     """Relay delivery on Redis with one and two replicas, beside the in-memory relay and
-    a bare Redis list, interleaved (bench/redis_relay.py)."""
+    a bare Redis list, per message and batched, all interleaved (bench/redis_relay.py);
+    fails unless every relay case delivered each message exactly once."""
     pids = {"client": os.getpid()}
-    results = await redis_relay.compare(
+    results, ledgers = await redis_relay.compare(
         root, concurrency=args.concurrency, seconds=args.seconds, rounds=args.rounds, pids=pids
     )
-    by_name = {r.name: r for r in results}
+    by_name = {
+        r.name: rpc_cases.per_message(r, rpc_cases.GROUP)
+        if r.name in redis_relay.BATCHED_CASES
+        else r
+        for r in results
+    }
     memory, one, two = (by_name[n] for n in (redis_relay.MEMORY, redis_relay.ONE, redis_relay.TWO))
     bare = by_name[redis_queue.NAME]
+    b_memory, b_one, b_two, b_bare = (by_name[n] for n in redis_relay.BATCHED_CASES)
     ratios = {
         "redis_x1_vs_memory": one.per_second / memory.per_second,
         "redis_x2_vs_x1": two.per_second / one.per_second,
@@ -200,6 +207,17 @@ async def _redis(args: argparse.Namespace, root: Path) -> Part:
         "memory_vs_redis_list": memory.per_second / bare.per_second,
         "redis_x1_vs_redis_list": one.per_second / bare.per_second,
         "redis_x2_vs_redis_list": two.per_second / bare.per_second,
+        # Batched, in messages delivered per second.
+        "batched_memory_vs_pipeline": b_memory.per_second / b_bare.per_second,
+        "batched_x1_vs_memory": b_one.per_second / b_memory.per_second,
+        "batched_x1_vs_pipeline": b_one.per_second / b_bare.per_second,
+        "batched_x2_vs_x1": b_two.per_second / b_one.per_second,
+        "batched_x2_vs_memory": b_two.per_second / b_memory.per_second,
+        "batched_x2_vs_pipeline": b_two.per_second / b_bare.per_second,
+        # What batching gives each relay over its own per-message delivery.
+        "batched_vs_single_memory": b_memory.per_second / memory.per_second,
+        "batched_vs_single_x1": b_one.per_second / one.per_second,
+        "batched_vs_single_x2": b_two.per_second / two.per_second,
     }
     print(_row(bare, 1.0, "peer"))
     print(_row(memory, ratios["memory_vs_redis_list"], "of the Redis list"))
@@ -208,11 +226,31 @@ async def _redis(args: argparse.Namespace, root: Path) -> Part:
     print(_row(two, ratios["redis_x2_vs_x1"],
                f"of x1; {ratios['redis_x2_vs_memory']:.2f} of memory, "
                f"{ratios['redis_x2_vs_redis_list']:.2f} of the Redis list"))  # fmt: skip
+    print(f"batched, {rpc_cases.GROUP} recipients per call, in messages/s:")
+    print(_row(b_bare, 1.0, "peer"))
+    print(_row(b_memory, ratios["batched_memory_vs_pipeline"],
+               f"of the pipeline; {ratios['batched_vs_single_memory']:.2f}x per message"))  # fmt: skip
+    print(_row(b_one, ratios["batched_x1_vs_memory"],
+               f"of memory; {ratios['batched_x1_vs_pipeline']:.2f} of the pipeline, "
+               f"{ratios['batched_vs_single_x1']:.2f}x per message"))  # fmt: skip
+    print(_row(b_two, ratios["batched_x2_vs_x1"],
+               f"of x1; {ratios['batched_x2_vs_memory']:.2f} of memory, "
+               f"{ratios['batched_x2_vs_pipeline']:.2f} of the pipeline, "
+               f"{ratios['batched_vs_single_x2']:.2f}x per message"))  # fmt: skip
+    print("exactly once (every relay case; the relays' Redis empty afterwards):")
+    for ledger in ledgers:
+        print(f"    {ledger.summary()}")
     return Part(
-        report={"relay_on_redis": [asdict(r) for r in results], "relay_on_redis_ratios": ratios},
+        report={
+            "relay_on_redis": [asdict(r) for r in by_name.values()],
+            "relay_on_redis_ratios": ratios,
+            "relay_on_redis_ledgers": [ledger.summary() for ledger in ledgers],
+        },
         bars=[
             ("relay delivery, Redis x1 / memory", ratios["redis_x1_vs_memory"], 1.0),
             ("relay delivery, Redis x2 / Redis x1", ratios["redis_x2_vs_x1"], 1.0),
+            ("relay batched, Redis x1 / memory", ratios["batched_x1_vs_memory"], 1.0),
+            ("relay batched, Redis x2 / Redis x1", ratios["batched_x2_vs_x1"], 1.0),
         ],
     )
 
