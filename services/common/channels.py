@@ -24,6 +24,18 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+    # gRPC's defaults suit clients of far-away services, not peers on one network that
+    # start, restart and move together. A connection that fails asks for the name to be
+    # resolved again, but by default not sooner than 30 s after the last resolution: a
+    # peer whose container came back with a new address stayed unreachable that long.
+    # Resolving a name inside the deployment is cheap, so allow it every second.
+    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
+    # Reconnecting to a peer that refuses backs off by 1.6 times per attempt up to 120 s
+    # by default: after a minute of a peer starting or restarting, the next attempt was
+    # up to tens of seconds after it served again. A few seconds at most between
+    # attempts costs a refused connection per peer and replica, and nothing once up.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.deployment.timing import PHASES
+from tests.deployment.timing import FIRST_ANSWERS, PHASES
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -12,3 +12,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("-", "compose test phases")
         for phase, seconds in PHASES.items():
             terminalreporter.write_line(f"{phase:28} {seconds:6.1f} s")
+    if FIRST_ANSWERS:
+        terminalreporter.write_sep("-", "first answers after healthy")
+        for path, (seconds, refused) in FIRST_ANSWERS.items():
+            terminalreporter.write_line(f"{path:42} {seconds:6.1f} s  ({refused} refused)")

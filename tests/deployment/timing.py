@@ -7,6 +7,9 @@ import time
 from collections.abc import Iterator
 
 PHASES: dict[str, float] = {}
+# A path between services -> (seconds after every container was healthy until it first
+# answered, how many calls it refused before).
+FIRST_ANSWERS: dict[str, tuple[float, int]] = {}
 
 
 @contextlib.contextmanager
