@@ -25,6 +25,7 @@ from services.common.errors import StartupError
 from services.launcher import postgres, scaled
 from services.launcher.diagnose import explain
 from services.launcher.health import check, wait_serving
+from services.launcher.held_ports import HeldPorts
 from services.launcher.pgcluster import ClusterError
 from services.launcher.restore import restore_backup
 from services.launcher.topology import (
@@ -71,6 +72,15 @@ def up(
         )
         return 1
     layout.prepare()
+    # No outgoing connection made while the stack starts may take one of its ports.
+    held = [p for service in SERVICES for p in ports[service]]
+    with HeldPorts([*held, postgres.LOCAL_PORT] if on_postgres else held, skip_taken=True):
+        return _start(layout, ports, on_postgres=on_postgres)
+
+
+def _start(
+    layout: StackLayout, ports: Mapping[str, tuple[int, int, int]], *, on_postgres: bool
+) -> int:
     databases: dict[str, dict[str, str]] = {}
     if on_postgres:
         try:

@@ -21,6 +21,7 @@ from services.common import catalog
 from services.launcher import postgres
 from services.launcher.diagnose import port_holder
 from services.launcher.health import wait_serving
+from services.launcher.held_ports import HeldPorts
 from services.launcher.pgcluster import ClusterError
 from services.launcher.proxy import LocalProxy, ProxyError, nginx_binary
 from services.launcher.redis_server import LocalRedis
@@ -70,6 +71,20 @@ def up(layout: StackLayout, ports: Mapping[str, tuple[int, int, int]]) -> int:
     if taken:
         print(f"error: {taken}; is `make run` running? `make stop` stops it", file=sys.stderr)
         return 1
+    # No outgoing connection made while the stack starts may take one of its ports.
+    every_port = [postgres.LOCAL_PORT, REDIS_PORT, *(p for s in SERVICES for p in ports[s])]
+    every_port += [
+        p for group in replicas.values() for r in group for p in (r.public, r.internal, r.metrics)
+    ]
+    with HeldPorts(every_port, skip_taken=True):
+        return _start(layout, ports, replicas)
+
+
+def _start(
+    layout: StackLayout,
+    ports: Mapping[str, tuple[int, int, int]],
+    replicas: Mapping[str, list[Replica]],
+) -> int:
     try:
         nginx_binary()  # before anything starts: a missing tool says how to install it
         databases = postgres.start_local(layout.root, layout.secrets, PERSISTENT)

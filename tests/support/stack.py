@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +20,7 @@ import grpc
 import psycopg
 
 from services.launcher.health import wait_serving
+from services.launcher.held_ports import HeldPorts
 from services.launcher.topology import StackLayout, open_log, service_env
 from tests.support.postgres import PostgresServer, database_env
 
@@ -56,38 +55,18 @@ FAST_KDF = {
 BASE_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8"}
 
 
-class PortReservation:
-    """Loopback ports held bound (never listening) until `close`.
+class PortReservation(HeldPorts):
+    """`count` free loopback ports, held bound (never listening) until `close`.
 
-    Each socket is bound with SO_REUSEADDR, so a service started with that port can still
-    bind and listen on it (Linux allows that while no other socket listens), but the
-    kernel hands none of these ports to anyone else's bind(0) or outgoing connection.
-    Picking a port and releasing it before the service binds would leave a window in
-    which another test run could take it; holding it for the stack's life closes it,
-    across restarts too.
+    A service started with one of them can still bind and listen on it (see
+    services.launcher.held_ports), but the kernel hands none of them to anyone else's
+    bind(0) or outgoing connection. Picking a port and releasing it before the service
+    binds would leave a window in which another test run could take it; holding it for
+    the stack's life closes it, across restarts too.
     """
 
     def __init__(self, count: int) -> None:
-        self._sockets: list[socket.socket] = []
-        try:
-            for _ in range(count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                self._sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", 0))
-        except BaseException:
-            self.close()
-            raise
-        self.ports = [int(sock.getsockname()[1]) for sock in self._sockets]
-        self._finalizer = weakref.finalize(self, _close_all, self._sockets)
-
-    def close(self) -> None:
-        _close_all(self._sockets)
-
-
-def _close_all(sockets: list[socket.socket]) -> None:
-    for sock in sockets:
-        sock.close()
+        super().__init__([0] * count)
 
 
 _HELD: list[PortReservation] = []
