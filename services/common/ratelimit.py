@@ -76,6 +76,29 @@ class SlidingWindowLimiter:
             self._events.pop(key, None)
 
 
+class WindowCounter(Protocol):
+    """A sliding-window limit for synchronous rules that run in worker threads
+    (identity's): this process's `SlidingWindowLimiter`, or Redis shared by replicas
+    (services.common.shared_state.ThreadWindow)."""
+
+    limit: int
+    window: float
+
+    def retry_after(self, key: str) -> float | None: ...
+    def hit(self, key: str) -> None: ...
+    def acquire(self, key: str) -> float | None: ...
+    def reset(self, key: str) -> None: ...
+
+
+# Builds a named limit: (name, events allowed, window seconds). The name tells shared
+# limits apart in Redis; a local limit ignores it.
+CounterFactory = Callable[[str, int, float], WindowCounter]
+
+
+def local_counters(clock: Callable[[], float] = time.monotonic) -> CounterFactory:
+    return lambda _name, limit, window: SlidingWindowLimiter(limit, window, clock=clock)
+
+
 class WindowLimit(Protocol):
     """A sliding-window limit as the rules see it, awaited: this process's memory
     (`LocalWindowLimit`) or Redis shared by replicas

@@ -12,12 +12,15 @@ replicas' clocks differ, and a limit must not depend on which replica a call rea
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,7 +28,9 @@ from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.config import Env
+from services.common.crypto import Keyring
 from services.common.errors import ResourceExhausted, StartupError, Unavailable
+from services.common.ratelimit import CounterFactory, WindowCounter
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +109,25 @@ class KeyNames:
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()[:32]
 
 
+async def open_from_env(
+    env: Env, keyring: Keyring, default_prefix: str
+) -> tuple[redis.Redis, KeyNames] | None:
+    """The service's Redis when REDIS_URL is set (else None), reachable and usable, with
+    its key names: HMACs under a key derived from the service's master key, the same on
+    every replica, so Redis holds no user id or address. Keys begin with
+    `REDIS_KEY_PREFIX` (`default_prefix` unless set), so services can share one server."""
+    url = url_from_env(env)
+    if url is None:
+        return None
+    client = connect(url)
+    await check_reachable(client)
+    names = KeyNames(
+        keyring.blind_index("shared-state")("redis key names"),
+        env.string("REDIS_KEY_PREFIX", default_prefix),
+    )
+    return client, names
+
+
 _WINDOW_SCRIPT = (Path(__file__).parent / "lua" / "window.lua").read_text()
 
 
@@ -152,3 +176,68 @@ class SharedWindowLimiter:
 
     async def reset(self, key: str) -> None:
         await self._run(key, "reset")
+
+
+_T = TypeVar("_T")
+
+# A worker thread waits at most this long for a limit's answer: a free connection
+# (SOCKET_TIMEOUT_SECONDS), the command (the same again), and a moment for the loop.
+_THREAD_WAIT_SECONDS = 2 * SOCKET_TIMEOUT_SECONDS + 1.0
+
+
+class ThreadWindow:
+    """A `SharedWindowLimiter` for synchronous rules running in worker threads
+    (identity's domain runs under asyncio.to_thread): each operation runs on the event
+    loop that owns the Redis client, and the calling thread waits for its answer.
+
+    Satisfies services.common.ratelimit.WindowCounter. Never call it on the loop's own
+    thread: that thread would wait for work only it can do.
+    """
+
+    def __init__(self, shared: SharedWindowLimiter, loop: asyncio.AbstractEventLoop) -> None:
+        self._shared = shared
+        self._loop = loop
+        self.limit = shared.limit
+        self.window = shared.window
+
+    def _wait(self, operation: Coroutine[object, object, _T]) -> _T:
+        if _running_loop() is self._loop:
+            operation.close()
+            raise RuntimeError("a shared limit was called on its event loop's thread")
+        future = asyncio.run_coroutine_threadsafe(operation, self._loop)
+        try:
+            return future.result(timeout=_THREAD_WAIT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            logger.warning("redis too slow", extra={"fields": {"state": "rate limit"}})
+            raise Unavailable("the rate limit store is unreachable; try again shortly") from None
+
+    def retry_after(self, key: str) -> float | None:
+        return self._wait(self._shared.retry_after(key))
+
+    def hit(self, key: str) -> None:
+        self._wait(self._shared.hit(key))
+
+    def acquire(self, key: str) -> float | None:
+        return self._wait(self._shared.acquire(key))
+
+    def reset(self, key: str) -> None:
+        self._wait(self._shared.reset(key))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def thread_counters(
+    client: redis.Redis, names: KeyNames, loop: asyncio.AbstractEventLoop
+) -> CounterFactory:
+    """Limits in Redis for rules that run in worker threads, the loop being `loop`."""
+
+    def counter(name: str, limit: int, window: float) -> WindowCounter:
+        return ThreadWindow(SharedWindowLimiter(client, names, name, limit, window), loop)
+
+    return counter

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from securemsg.identity.v1 import identity_admin_service_pb2_grpc as admin_grpc
 from securemsg.identity.v1 import identity_internal_service_pb2_grpc as internal_grpc
 from securemsg.identity.v1 import identity_service_pb2_grpc as pb_grpc
 
-from services.common import catalog
+from services.common import catalog, shared_state
 from services.common.addresses import ClientAddresses
 from services.common.config import Env
 from services.common.errors import Unavailable
+from services.common.ratelimit import CounterFactory, local_counters
 from services.common.rotation import Rotatable
 from services.common.server import App
 from services.common.wiring import PersistentService, bind
@@ -68,6 +71,7 @@ async def build(env: Env) -> App:
         factors_ = SqliteFactorStore(service.database, service.keyring, service.outbox)
         factor_store = factors_
         rotatable = [*sqlite_store.rotatables(), factors_.rotatable()]
+    windows, close_shared = await shared_limits(env, service)
     factors = Factors(
         factor_store,
         store,
@@ -88,6 +92,7 @@ async def build(env: Env) -> App:
                 "PASSWORD_BUDGET_WINDOW_SECONDS", 86400.0, minimum=1.0
             ),
         ),
+        windows=windows,
     )
     identity = Identity(
         store,
@@ -101,6 +106,7 @@ async def build(env: Env) -> App:
         ),
         on_login=factors.refill_password_budget,
         published=published,
+        windows=windows,
     )
     retry_seconds = env.number("REVOCATION_RETRY_SECONDS", 1.0, minimum=0.05)
 
@@ -144,4 +150,24 @@ async def build(env: Env) -> App:
         # Rotation is a concern of these SQLite stores, not of the store protocols.
         rotatable=rotatable,
         background=[revoke_forever],
+        on_stop=[close_shared],
     )
+
+
+async def shared_limits(
+    env: Env, service: PersistentService
+) -> tuple[CounterFactory, Callable[[], Awaitable[None]]]:
+    """The limits' windows, and what closes them: in Redis when REDIS_URL is set, so that
+    N replicas allow what one would (the 11th wrong code is refused wherever it lands);
+    else in this process's memory."""
+    shared = await shared_state.open_from_env(env, service.keyring, "identity:")
+    if shared is None:
+
+        async def nothing() -> None:
+            return None
+
+        return local_counters(time.time), nothing
+    client, names = shared
+    logger.info("identity's limits in redis, shared by every identity replica")
+    # The rules run in worker threads; the client belongs to this (the serving) loop.
+    return shared_state.thread_counters(client, names, asyncio.get_running_loop()), client.aclose

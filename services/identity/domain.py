@@ -14,7 +14,7 @@ from services.common import audit_events, validation
 from services.common.addresses import limit_key
 from services.common.audit_events import AuditRecord
 from services.common.errors import ResourceExhausted, Unavailable
-from services.common.ratelimit import SlidingWindowLimiter
+from services.common.ratelimit import CounterFactory, local_counters
 from services.identity import keys
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
@@ -95,6 +95,7 @@ class Identity:
         limits: IdentityLimits | None = None,
         on_login: Callable[[str], None] = lambda user_id: None,
         published: PublishedKeys | None = None,
+        windows: CounterFactory | None = None,
     ) -> None:
         self._store = store
         # Where a key bundle's account comes from: memory when the wiring gives one.
@@ -104,10 +105,12 @@ class Identity:
         # A device-key login also refills the password budget (see factors.py).
         self._on_login = on_login
         limits = limits or IdentityLimits(2**31, 2**31, 2**31)
-        self._registrations = SlidingWindowLimiter(limits.registrations_per_minute, 60.0)
-        self._bundles = SlidingWindowLimiter(limits.bundles_per_minute, 60.0)
-        self._prekeys_per_target = SlidingWindowLimiter(
-            limits.prekeys_per_target_per_hour, 3600.0, clock=clock
+        # In this process's memory unless the wiring shares them between replicas.
+        windows = windows or local_counters(clock)
+        self._registrations = windows("registrations", limits.registrations_per_minute, 60.0)
+        self._bundles = windows("bundles", limits.bundles_per_minute, 60.0)
+        self._prekeys_per_target = windows(
+            "prekeys-per-target", limits.prekeys_per_target_per_hour, 3600.0
         )
 
     def register(self, request: Registration, address: str = "") -> User:

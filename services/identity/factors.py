@@ -19,7 +19,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from services.common.ratelimit import SlidingWindowLimiter
+from services.common.ratelimit import CounterFactory, local_counters
 from services.identity import passwords, recovery_codes, totp
 from services.identity.model import FactorState, FactorStore, IdentityStore, NoSuchUser
 from services.identity.passwords import PasswordHasher
@@ -82,6 +82,7 @@ class Factors:
         audit: AuditSink,
         clock: Callable[[], float] = time.time,
         limits: FactorLimits | None = None,
+        windows: CounterFactory | None = None,
     ) -> None:
         self._store = store
         self._users = users
@@ -89,12 +90,18 @@ class Factors:
         self._audit = audit
         self._clock = clock
         self._limits = limits or FactorLimits()
-        self._code_failures = SlidingWindowLimiter(
-            self._limits.code_failures_per_account, self._limits.code_failure_window
+        # In this process's memory unless the wiring shares them between replicas.
+        windows = windows or local_counters(clock)
+        self._code_failures = windows(
+            "code-failures",
+            self._limits.code_failures_per_account,
+            self._limits.code_failure_window,
         )
         # Unknown user ids have no row to count in; their budget lives here.
-        self._unknown_budget = SlidingWindowLimiter(
-            self._limits.password_budget, self._limits.password_budget_window
+        self._unknown_budget = windows(
+            "unknown-password-budget",
+            self._limits.password_budget,
+            self._limits.password_budget_window,
         )
 
     def _state(self, user_id: str) -> FactorState:

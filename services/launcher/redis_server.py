@@ -38,7 +38,7 @@ def hardened_config(
     maxmemory: str = "512mb",
     admin_password: str | None = None,
 ) -> str:
-    """redis.conf text. `passwords` maps each service user (relay, session) to its
+    """redis.conf text. `passwords` maps each service user (identity, relay, session) to its
     password; `admin_password` adds an operator user with every command, for
     inspection only (tests, `redis-cli`): never give it to a service."""
     lines = [

@@ -16,10 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from services.launcher.proxy import Route
-from services.launcher.topology import ADDRESS_VARIABLES, CALLS, PERSISTENT, SERVICES, default_ports
+from services.launcher.topology import (
+    ADDRESS_VARIABLES,
+    CALLS,
+    PERSISTENT,
+    REDIS_USERS,
+    SERVICES,
+    default_ports,
+)
 
-# What lives in Redis: the relay's queues, and session's challenges and limits.
-ON_REDIS = ("relay", "session")
+# The services that keep state in Redis: one ACL user each.
+ON_REDIS = REDIS_USERS
 LABELS = "abcdefgh"
 
 

@@ -151,7 +151,9 @@ def service_env(
 # and the relay's key for what it keeps in Redis.
 COMPOSE_POSTGRES = "postgres:5432"
 COMPOSE_REDIS = "redis:6379"
-REDIS_USERS = ("relay", "session")
+# What lives in Redis, each under its own ACL user: identity's limits, the relay's queues,
+# and session's challenges and limits.
+REDIS_USERS = ("identity", "relay", "session")
 
 
 def scale_out_secrets(target: Path) -> dict[str, str]:

@@ -157,11 +157,9 @@ async def shared_login_state(
     env: Env, keyring: Keyring, *, ttl: float, capacity: int, per_group: int
 ) -> tuple[Challenges, WindowFactory, Callable[[], Awaitable[None]]]:
     """The challenge book and the limits' windows: in Redis when REDIS_URL is set, else in
-    memory; and what closes them. Redis keys are HMACs under a key derived from the
-    service's master key (the same on every replica), so Redis holds no user id or
-    address."""
-    url = shared_state.url_from_env(env)
-    if url is None:
+    memory; and what closes them."""
+    shared = await shared_state.open_from_env(env, keyring, "session:")
+    if shared is None:
 
         async def nothing() -> None:
             return None
@@ -171,12 +169,7 @@ async def shared_login_state(
             local_windows(),
             nothing,
         )
-    client = shared_state.connect(url)
-    await shared_state.check_reachable(client)
-    names = shared_state.KeyNames(
-        keyring.blind_index("shared-state")("redis key names"),
-        env.string("REDIS_KEY_PREFIX", "session:"),
-    )
+    client, names = shared
 
     def window(name: str, limit: int, seconds: float) -> WindowLimit:
         return shared_state.SharedWindowLimiter(client, names, name, limit, seconds)

@@ -30,11 +30,12 @@ from urllib.parse import urlsplit
 import redis
 
 from services.launcher.redis_server import SERVICE_RULES, hardened_config
+from services.launcher.topology import REDIS_USERS
 from tests.support.stack import free_port
 
 INSTALL = "apt-get update && apt-get install -y redis-server"
 URL_VARIABLE = "TEST_REDIS_URL"
-USERS = ("relay", "session")
+USERS = REDIS_USERS
 
 
 def redis_binary() -> str:

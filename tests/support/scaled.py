@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -41,7 +41,10 @@ def _private_file(path: Path, text: str) -> str:
 
 class ScaledStack:
     """`count` replicas of each service, and the proxy; `replicas[service][i]` is a
-    ServiceProcess, `endpoints` where clients and the operator connect (the proxy)."""
+    ServiceProcess, `endpoints` where clients and the operator connect (the proxy).
+
+    With `services`, only those services' replicas run, and no proxy: a test then calls
+    each replica directly (`replica_endpoints`)."""
 
     def __init__(
         self,
@@ -50,7 +53,9 @@ class ScaledStack:
         redis: RedisServer,
         count: int = 2,
         extra_env: Mapping[str, Mapping[str, str]] | None = None,
+        services: Sequence[str] = SERVICES,
     ) -> None:
+        self.with_proxy = tuple(services) == tuple(SERVICES)
         self.layout = StackLayout(root)
         self.layout.prepare()
         databases = database_env(self.layout, PERSISTENT, postgres)
@@ -63,7 +68,7 @@ class ScaledStack:
         }
         store_key = _private_file(self.layout.secrets / "relay-store.key", secrets.token_hex(16))
         # Each service's replicas share a key prefix of their own on the run's Redis.
-        prefixes = {name: f"t{secrets.token_hex(4)}:{name}:" for name in ON_REDIS}
+        self.prefixes = prefixes = {name: f"t{secrets.token_hex(4)}:{name}:" for name in ON_REDIS}
         self.reservation = PortReservation(3 * len(SERVICES) * (count + 1))
         ports = iter(self.reservation.ports)
         self.proxy_ports = {name: (next(ports), next(ports), next(ports)) for name in SERVICES}
@@ -73,7 +78,7 @@ class ScaledStack:
         }
         self.plan: dict[str, list[Replica]] = plan(plan_ports)
         self.replicas: dict[str, list[ServiceProcess]] = {}
-        for name in SERVICES:
+        for name in services:
             self.replicas[name] = []
             for replica in self.plan[name]:
                 extra = {
@@ -106,6 +111,8 @@ class ScaledStack:
             process.start(wait=False)
         for process in every:
             process.wait_serving(timeout=90)
+        if not self.with_proxy:
+            return
         self.proxy.write(routes(self.plan, self.proxy_ports), self.layout.tls)
         self.proxy.start()
         for name in SERVICES:  # through the proxy, as a client sees it
@@ -117,7 +124,8 @@ class ScaledStack:
             )
 
     def stop(self) -> None:
-        self.proxy.stop()
+        if self.with_proxy:
+            self.proxy.stop()
         for processes in self.replicas.values():
             for process in processes:
                 process.stop()
@@ -132,12 +140,21 @@ class ScaledStack:
             internal_ports={name: op for name, (_, op, _) in self.proxy_ports.items()},
         )
 
+    def replica_endpoints(self, service: str, index: int) -> Endpoints:
+        """Where a client reaches one replica itself, past the proxy."""
+        replica = self.plan[service][index]
+        return Endpoints(
+            ca_file=self.layout.tls / "ca.pem",
+            ports={service: replica.public},
+            internal_ports={service: replica.internal},
+        )
+
     def operator_channel(self, service: str, cert: str) -> grpc.Channel:
         """Mutual TLS with certificate `cert` to a service's operator port on the proxy."""
         return self.endpoints.channel(service, client_cert=self.layout.tls / f"{cert}.pem")
 
     def logs(self) -> str:
-        parts = [f"--- proxy\n{self.proxy.log()[-3000:]}"]
+        parts = [f"--- proxy\n{self.proxy.log()[-3000:]}"] if self.with_proxy else []
         for processes in self.replicas.values():
             for process in processes:
                 parts.append(f"--- {process.log_path.name}\n{process.log()[-3000:]}")
