@@ -58,6 +58,11 @@ def factors(store: MemoryFactorStore, audit: RecordingAuditSink, clock: FakeCloc
     )
 
 
+def wrong_code(code: str) -> str:
+    """`code` with its last character changed (to one it surely is not)."""
+    return code[:-1] + ("Y" if code.endswith("Z") else "Z")
+
+
 def enrol(factors: Factors, clock: FakeClock) -> tuple[str, list[str]]:
     secret = factors.begin_totp("alice").secret
     codes = factors.activate_totp("alice", totp.code_at(secret, clock.now))
@@ -196,7 +201,7 @@ def test_the_budget_is_spent_by_anyone_and_refilled_by_the_owner(
         with pytest.raises(Unauthenticated):
             factors.verify_password("alice", "a stranger's guess", "", "")
     with pytest.raises(ResourceExhausted, match="device key"):
-        factors.verify_password("alice", PASSWORD, "", codes[0][:-1] + "Z")  # wrong code
+        factors.verify_password("alice", PASSWORD, "", wrong_code(codes[0]))
     # A recovery code refills it (and counts as the second factor).
     assert factors.verify_password("alice", PASSWORD, "", codes[1]) == "recovery_code"
     for _ in range(4):
