@@ -97,11 +97,12 @@ lint: setup buf-lint buf-breaking
 # suites again with identity, session and audit on a private PostgreSQL server
 # (tests/support/postgres.py). Left out of that second pass: suites whose outcome no store
 # decides (the relay keeps no database; the authorization matrix is decided before any
-# store is read; the client CLI and the launcher of `make run`), which would only double
-# the run's time, and those on PostgreSQL whatever the pass (the replicas, the compose
-# migration step).
+# store is read; the client CLI and the launcher of `make run`; channels between services),
+# which would only double the run's time, and those on PostgreSQL whatever the pass (the
+# replicas, the compose migration step).
 PG_PASS_SKIPS := test_postgres test_relay test_relay_redis test_relay_disk test_relay_batches test_polyglot \
-  test_authorization test_cli test_launcher test_replicas test_migrate_step
+  test_authorization test_cli test_launcher test_replicas test_migrate_step \
+  test_channel_recovery
 
 pytest: setup node_modules/.installed
 	$(BIN)/pytest -m "not compose"

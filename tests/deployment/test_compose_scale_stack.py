@@ -127,17 +127,19 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledDeploymen
         assert not left, f"teardown left {left}"
 
 
-def _warm_up(deployment: ScaledDeployment, seconds: float = 15) -> None:
+def _warm_up(deployment: ScaledDeployment, seconds: float = 60) -> None:
     """Waits until each path between services answers once (login: session to identity;
     profile and bundle: identity to session; send and fetch through every relay replica:
-    relay to session and identity), retrying what answers UNAVAILABLE for a few seconds,
-    and records how long after every container was healthy each path first answered
-    (printed at the end of the run).
+    relay to session and identity), retrying what answers UNAVAILABLE, and records how
+    long after every container was healthy each path first answered (printed at the end
+    of the run).
 
-    A user of a freshly started stack should not wait: the first calls between fresh
-    replicas pay for connections and TLS, and a peer reached before it served is tried
-    again within seconds (services.common.channels), not after gRPC's default 30 s
-    resolution cooldown and a reconnect backoff growing towards 120 s."""
+    What is waited for is podman's DNS server (aardvark-dns 1.4 in Debian 12): on a busy
+    host it can leave lookups of a healthy peer's name unanswered for seconds after the
+    stack is up (traced once: 9 s, each lookup given up after 3 s). gRPC alone looks a
+    name up again only 1.6 times later after each failure, so such a silence grew into
+    the 40-60 s of UNAVAILABLE seen before; channels now look it up again every second
+    (services.common.channels), and a path answers within a second of its name."""
     healthy = time.monotonic()
     give_up = healthy + seconds
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import struct
+import time
 from typing import cast
 
 _RESPONSE_FLAGS = 0x8180  # response, recursion desired and available, NOERROR
@@ -24,6 +25,7 @@ class LoopbackDns(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.records: dict[str, str] = {}  # lower-case name without the final dot -> IPv4
         self.queries = 0
+        self.asked_at: list[float] = []  # when each A query came (time.monotonic())
         self.port = 0
         self._transport: asyncio.DatagramTransport | None = None
 
@@ -65,6 +67,8 @@ class LoopbackDns(asyncio.DatagramProtocol):
         qtype, qclass = struct.unpack("!HH", query[offset : offset + 4])
         question = query[12 : offset + 4]
         self.queries += 1
+        if qtype == _TYPE_A:
+            self.asked_at.append(time.monotonic())
         address = self.records.get(".".join(labels).lower())
         if address is None:
             return struct.pack("!6H", query_id, _RESPONSE_FLAGS | _NXDOMAIN, 1, 0, 0, 0) + question
