@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.config import Env
@@ -156,14 +156,35 @@ class SharedWindowLimiter:
         self._clock = clock
         self._script = client.register_script(_WINDOW_SCRIPT)
 
-    async def _run(self, key: str, mode: str) -> float | None:
+    def _call(self, key: str, mode: str) -> tuple[list[str], list[str | int]]:
+        """The script's keys and arguments for `key` and `mode`."""
         redis_key = f"{self._names.prefix}rl:{self._name}:{self._names.tag(self._name, key)}"
         now = "" if self._clock is None else str(int(self._clock() * 1000))
+        return [redis_key], [self.limit, int(self.window * 1000), now, mode]
+
+    async def _run(self, key: str, mode: str) -> float | None:
+        keys, args = self._call(key, mode)
         with mapped_errors("rate limit"):
-            wait = await self._script(
-                keys=[redis_key], args=[self.limit, int(self.window * 1000), now, mode]
-            )
+            wait = await self._script(keys=keys, args=args)
         return None if int(wait) < 0 else int(wait) / 1000
+
+    async def acquire_many(self, key: str, count: int) -> list[float | None]:
+        """`acquire` `count` times in one round trip (a pipeline; each one atomic, as
+        ever): for each, None if recorded, else the wait. Unlike `count` calls one after
+        another, those after a refusal are tried too; they are refused as well unless an
+        old event left the window in between."""
+        keys, args = self._call(key, "acquire")
+        with mapped_errors("rate limit"):
+            pipe = self._client.pipeline(transaction=False)
+            for _ in range(count):
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            waits = await pipe.execute(raise_on_error=False)
+            for position, wait in enumerate(waits):
+                if isinstance(wait, NoScriptError):  # Redis restarted: this call loads it
+                    waits[position] = await self._script(keys=keys, args=args)
+                elif isinstance(wait, Exception):
+                    raise wait
+        return [None if int(wait) < 0 else int(wait) / 1000 for wait in waits]
 
     async def retry_after(self, key: str) -> float | None:
         return await self._run(key, "check")

@@ -14,12 +14,11 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
-    Iterator,
     Sequence,
 )
 
 from services.common import audit_events
-from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.relay.model import (
     Message,
     Outgoing,
@@ -27,6 +26,7 @@ from services.relay.model import (
     RecipientDirectory,
     RelayStats,
     Signal,
+    at_position,
 )
 
 DEFAULT_FETCH = 100
@@ -91,7 +91,7 @@ class Relay:
             raise InvalidArgument(f"messages may hold at most {MAX_SEND_BATCH} messages")
         recipients: set[str] = set()
         for position, out in enumerate(messages):
-            with _at(position):
+            with at_position(position):
                 _check_client_message_id(out.client_message_id)
                 if out.recipient_id in recipients:
                     raise InvalidArgument(
@@ -99,10 +99,7 @@ class Relay:
                         "one message"
                     )
             recipients.add(out.recipient_id)
-        ttl = 0.0
-        for position, out in enumerate(messages):
-            with _at(position):
-                ttl = await self._queues.admit(sender_id, out.recipient_id, out.body, requested_ttl)
+        ttl = await self._queues.admit_many(sender_id, messages, requested_ttl)
         active = await self._recipients.are_active([m.recipient_id for m in messages])
         for position, is_active in enumerate(active):
             if not is_active:
@@ -281,14 +278,3 @@ def _check_client_message_id(client_message_id: str) -> None:
             f"client_message_id must be at most {MAX_CLIENT_MESSAGE_ID_CHARS} printable "
             "ASCII characters (a UUID, say)"
         )
-
-
-@contextlib.contextmanager
-def _at(position: int) -> Iterator[None]:
-    """Names the message of a batch that an error is about."""
-    try:
-        yield
-    except ServiceError as exc:
-        exc.message = f"messages[{position}]: {exc.message}"
-        exc.args = (exc.message,)
-        raise

@@ -6,9 +6,12 @@ module imports none of them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from services.common.errors import ServiceError
 
 
 class Signal(asyncio.Event):
@@ -133,6 +136,13 @@ class QueueStore(Protocol):
         returns the TTL to use. Counts against the sender's rate."""
         ...
 
+    async def admit_many(
+        self, sender_id: str, messages: Sequence[Outgoing], requested_ttl: float | None
+    ) -> float:
+        """`admit` for each message of a batch, in order, each counting against the
+        sender's rate; a refusal names the message's position (`at_position`)."""
+        ...
+
     async def send(
         self,
         sender_id: str,
@@ -208,3 +218,14 @@ class RecipientDirectory(Protocol):
     async def are_active(self, user_ids: Sequence[str]) -> list[bool]:
         """`is_active` for each of them, in order."""
         ...
+
+
+@contextlib.contextmanager
+def at_position(position: int) -> Iterator[None]:
+    """Names the message of a batch that an error is about."""
+    try:
+        yield
+    except ServiceError as exc:
+        exc.message = f"messages[{position}]: {exc.message}"
+        exc.args = (exc.message,)
+        raise

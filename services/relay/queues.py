@@ -46,6 +46,7 @@ from services.relay.model import (
     RelayLimits,
     RelayStats,
     Signal,
+    at_position,
 )
 
 # How many recipients the relay remembers as having connected (least recent forgotten;
@@ -139,6 +140,15 @@ class MessageQueues:
         if wait is not None:
             self.announce(audit_events.RATE_LIMIT_EXCEEDED, sender_id, {"limit": "relay_sends"})
             raise ResourceExhausted("you are sending too fast", retry_after=wait)
+        return ttl
+
+    async def admit_many(
+        self, sender_id: str, messages: Sequence[Outgoing], requested_ttl: float | None
+    ) -> float:
+        ttl = 0.0
+        for position, out in enumerate(messages):
+            with at_position(position):
+                ttl = await self.admit(sender_id, out.recipient_id, out.body, requested_ttl)
         return ttl
 
     def announce(self, action: str, user_id: str, details: dict[str, str]) -> None:

@@ -41,6 +41,7 @@ from services.relay.model import (
     RelayLimits,
     RelayStats,
     Signal,
+    at_position,
 )
 from services.relay.queues import capacity_error, check_send
 from services.relay.redis_push import PushListener
@@ -114,11 +115,28 @@ class RedisQueues:
         self, sender_id: str, recipient_id: str, body: bytes, requested_ttl: float | None
     ) -> float:
         ttl = check_send(self.limits, recipient_id, body, requested_ttl)
-        wait = await self._senders.acquire(sender_id)
+        self._refuse_if_waiting(sender_id, await self._senders.acquire(sender_id))
+        return ttl
+
+    async def admit_many(
+        self, sender_id: str, messages: Sequence[Outgoing], requested_ttl: float | None
+    ) -> float:
+        """The sender's rate counts every message of the batch in one round trip to
+        Redis, not one each (SharedWindowLimiter.acquire_many)."""
+        ttl = 0.0
+        for position, out in enumerate(messages):
+            with at_position(position):
+                ttl = check_send(self.limits, out.recipient_id, out.body, requested_ttl)
+        waits = await self._senders.acquire_many(sender_id, len(messages))
+        for position, wait in enumerate(waits):
+            with at_position(position):
+                self._refuse_if_waiting(sender_id, wait)
+        return ttl
+
+    def _refuse_if_waiting(self, sender_id: str, wait: float | None) -> None:
         if wait is not None:
             self.announce(audit_events.RATE_LIMIT_EXCEEDED, sender_id, {"limit": "relay_sends"})
             raise ResourceExhausted("you are sending too fast", retry_after=wait)
-        return ttl
 
     def announce(self, action: str, user_id: str, details: dict[str, str]) -> None:
         key = f"{action}:{user_id}:{sorted(details.items())}"
