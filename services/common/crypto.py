@@ -62,15 +62,22 @@ def _hkdf(root_key: bytes, info: str) -> bytes:
     ).derive(root_key)
 
 
-def key_check_value(root_key: bytes, *, rows_sealed: bool = False) -> bytes:
+# The most sealing levels a database can record (see key_check_value); unlocking tries each.
+MAX_SEAL_LEVEL = 8
+
+
+def key_check_value(root_key: bytes, *, sealed: int = 0) -> bytes:
     """A value stored beside the salt that shows, at start, whether the key is right.
 
-    `rows_sealed` gives the variant stored once every row carries a MAC: only the master
-    key can turn one variant into the other, so whoever can write the file but lacks the
-    key cannot make a sealed database look like one from before row MACs (and have its
-    rows trusted and sealed again as they are).
+    `sealed` gives the variant stored once the rows of the first `sealed` row-MAC upgrades
+    carry MACs (a service's RowSealing steps: level 1 is the first, as before later
+    tables had MACs): only the master key can turn one variant into another, so whoever
+    can write the file but lacks the key cannot make a sealed database look like one from
+    before an upgrade (and have its rows trusted and sealed again as they are).
     """
-    message = b"key check|rows sealed v1" if rows_sealed else b"key check"
+    if not 0 <= sealed <= MAX_SEAL_LEVEL:
+        raise ValueError(f"a sealing level is 0 to {MAX_SEAL_LEVEL}")
+    message = b"key check|rows sealed v%d" % sealed if sealed else b"key check"
     return hmac.digest(_hkdf(root_key, "securemsg/key-check/v1"), message, "sha256")
 
 

@@ -33,23 +33,32 @@ class Derivations:
         return self._cache[key]
 
     def unlocks(self, salt: bytes, iterations: int, check: bytes) -> bool:
-        """Whether this key matches the version's check value (either variant)."""
+        """Whether this key matches the version's check value (any sealing level)."""
+        return self.sealed_level(salt, iterations, check) is not None
+
+    def sealed_level(self, salt: bytes, iterations: int, check: bytes) -> int | None:
+        """The sealing level the check value records, or None when it is not this key's."""
         root = self.root(salt, iterations)
-        return hmac.compare_digest(crypto.key_check_value(root), check) or hmac.compare_digest(
-            crypto.key_check_value(root, rows_sealed=True), check
-        )
+        for level in range(crypto.MAX_SEAL_LEVEL + 1):
+            if hmac.compare_digest(crypto.key_check_value(root, sealed=level), check):
+                return level
+        return None
 
 
-def rows_sealed(rows: Sequence[KeyRow], loaded: dict[int, crypto.KeyVersion]) -> bool:
-    """Whether a loaded version's check value says the database's rows carry MACs."""
+def sealed_level(rows: Sequence[KeyRow], loaded: dict[int, crypto.KeyVersion]) -> int:
+    """How many row-MAC upgrades the loaded versions' check values say are sealed (the
+    highest any records: a version added later copies the level it was added at)."""
     by_version = {version: check for version, _, _, check in rows}
-    return any(
-        hmac.compare_digest(
-            crypto.key_check_value(key.root_key, rows_sealed=True), by_version[version]
-        )
+    levels = [
+        level
         for version, key in loaded.items()
         if version in by_version
-    )
+        for level in range(crypto.MAX_SEAL_LEVEL + 1)
+        if hmac.compare_digest(
+            crypto.key_check_value(key.root_key, sealed=level), by_version[version]
+        )
+    ]
+    return max(levels, default=0)
 
 
 def plan_unlock(

@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from services.audit.chain import GENESIS, Chain, ChainedRow, canonical
-from services.common.crypto import Keyring, KeyVersion, derive_root_key, key_check_value
+from services.common.crypto import (
+    MAX_SEAL_LEVEL,
+    Keyring,
+    KeyVersion,
+    derive_root_key,
+    key_check_value,
+)
 from services.common.errors import IntegrityError
 
 SALT = bytes(range(16))
@@ -33,6 +39,13 @@ def test_the_root_key_and_the_key_check_value() -> None:
     assert key_check_value(ROOT).hex() == (
         "65d898e700dffac134b9f73e51684b421e1d93bbc1599f80413282443bb6e7d6"
     )
+    # Level 1 (rows sealed, before factors rows had MACs) is the value databases already
+    # hold; each later level is a value of its own.
+    assert key_check_value(ROOT, sealed=1).hex() == (
+        "6d86eae0fd698812486e6741b28201d836a4aec24d2675526d2b85d20d023b19"
+    )
+    levels = {key_check_value(ROOT, sealed=n) for n in range(MAX_SEAL_LEVEL + 1)}
+    assert len(levels) == MAX_SEAL_LEVEL + 1
 
 
 def test_a_ciphertext_written_by_this_release_decrypts() -> None:

@@ -25,7 +25,7 @@ from psycopg.rows import tuple_row
 
 from services.common import crypto
 from services.common.errors import StartupError, Unavailable
-from services.common.keyversions import Derivations, KeyRow, plan_unlock, rows_sealed
+from services.common.keyversions import Derivations, KeyRow, plan_unlock, sealed_level
 from services.common.postgres.database import (
     Connection,
     KeyVersionGuard,
@@ -77,6 +77,12 @@ class PgRowSealing:
 
     since: int
     seal_legacy: Callable[[Connection, crypto.Keyring], int]
+    # Later upgrades that gave more tables MACs, in order (levels 2, 3, ...).
+    later: Sequence[PgRowSealing] = ()
+
+    @property
+    def steps(self) -> list[PgRowSealing]:
+        return [self, *self.later]
 
 
 @dataclass(frozen=True)
@@ -161,14 +167,14 @@ def _migrate_and_unlock(
         known, loaded = (
             (None, {}) if not rows else plan_unlock("the database", rows, retired, primary, olds)
         )
-        sealed = bool(rows) and rows_sealed(rows, loaded)
+        sealed = sealed_level(rows, loaded) if rows else 0
         latest = migrations[-1].version
         if current > latest:
             raise StartupError(
                 f"the database has schema version {current}, newer than this release "
                 f"understands ({latest}); run the newer release"
             )
-        if sealing is not None and sealed and current < sealing.since:
+        if sealing is not None and any(current < s.since for s in sealing.steps[:sealed]):
             raise StartupError(
                 f"the database records that its rows carry MACs, but its schema (version "
                 f"{current}) is from before them: someone who can write the database rewound "
@@ -185,10 +191,10 @@ def _migrate_and_unlock(
             known = _add_version(conn, primary, kdf_iterations, newest + 1, sealed=sealed)
             loaded[known.version] = known
             logger.info("key version added", extra={"fields": {"version": known.version}})
-        if sealing is not None and not sealed:
+        if sealing is not None and sealed < len(sealing.steps):
             keyring = crypto.Keyring(service, list(loaded.values()), primary=known.version)
-            count = sealing.seal_legacy(conn, keyring)
-            _seal_versions(conn, list(loaded.values()))
+            count = sum(step.seal_legacy(conn, keyring) for step in sealing.steps[sealed:])
+            _seal_versions(conn, list(loaded.values()), len(sealing.steps))
             if count:
                 logger.warning(
                     "rows from before row MACs sealed as they are (once, at the upgrade)",
@@ -208,24 +214,25 @@ def _key_rows(conn: Connection) -> list[tuple[int, bytes, int, bytes]]:
 
 
 def _add_version(
-    conn: Connection, derived: Derivations, iterations: int, version: int, *, sealed: bool
+    conn: Connection, derived: Derivations, iterations: int, version: int, *, sealed: int
 ) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
     conn.execute(
         "INSERT INTO key_versions (version, salt, iterations, check_value, create_time)"
         " VALUES (%s, %s, %s, %s, %s)",
-        (version, salt, iterations, crypto.key_check_value(root, rows_sealed=sealed), time.time()),
+        (version, salt, iterations, crypto.key_check_value(root, sealed=sealed), time.time()),
     )
     return crypto.KeyVersion(version, root)
 
 
-def _seal_versions(conn: Connection, versions: Sequence[crypto.KeyVersion]) -> None:
-    """Records, in every loaded version's check value, that all rows now carry MACs."""
+def _seal_versions(conn: Connection, versions: Sequence[crypto.KeyVersion], level: int) -> None:
+    """Records, in every loaded version's check value, that the rows of the first `level`
+    row-MAC upgrades now carry MACs."""
     with conn.cursor() as cursor:
         cursor.executemany(
             "UPDATE key_versions SET check_value = %s WHERE version = %s",
-            [(crypto.key_check_value(v.root_key, rows_sealed=True), v.version) for v in versions],
+            [(crypto.key_check_value(v.root_key, sealed=level), v.version) for v in versions],
         )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.common import crypto
 from services.common.errors import StartupError
-from services.common.keyversions import Derivations, KeyRow, plan_unlock, rows_sealed
+from services.common.keyversions import Derivations, KeyRow, plan_unlock, sealed_level
 from services.common.schema import Migration
 from services.common.sqlite.database import Database, connect, migrate, table_exists
 
@@ -155,8 +155,8 @@ def check_unlocks(path: Path, master_key: str) -> None:
 class Unlocked:
     versions: list[crypto.KeyVersion]
     primary: int
-    # Whether the check values say every row carries a MAC (see crypto.key_check_value).
-    rows_sealed: bool
+    # How many row-MAC upgrades the check values say are sealed (crypto.key_check_value).
+    sealed: int
 
 
 def unlock(
@@ -169,32 +169,35 @@ def unlock(
     transaction; a primary key new to the database is recorded as the next version."""
     rows = _key_rows(conn)
     if not rows:
-        return Unlocked([_add_version(conn, primary, iterations, 1, sealed=False)], 1, False)
+        return Unlocked([_add_version(conn, primary, iterations, 1, sealed=0)], 1, 0)
     known, loaded = plan_unlock("the database", rows, _retired(conn), primary, olds)
-    sealed = rows_sealed(rows, loaded)
+    sealed = sealed_level(rows, loaded)
     if known is None:  # a new primary key: record it as the next version
         known = _add_version(conn, primary, iterations, rows[-1][0] + 1, sealed=sealed)
         loaded[known.version] = known
     return Unlocked(list(loaded.values()), known.version, sealed)
 
 
-def seal_versions(conn: sqlite3.Connection, versions: Sequence[crypto.KeyVersion]) -> None:
-    """Records, in every loaded version's check value, that all rows now carry MACs."""
+def seal_versions(
+    conn: sqlite3.Connection, versions: Sequence[crypto.KeyVersion], level: int
+) -> None:
+    """Records, in every loaded version's check value, that the rows of the first `level`
+    row-MAC upgrades now carry MACs."""
     conn.executemany(
         "UPDATE key_versions SET check_value = ? WHERE version = ?",
-        [(crypto.key_check_value(v.root_key, rows_sealed=True), v.version) for v in versions],
+        [(crypto.key_check_value(v.root_key, sealed=level), v.version) for v in versions],
     )
 
 
 def _add_version(
-    conn: sqlite3.Connection, derived: Derivations, iterations: int, version: int, *, sealed: bool
+    conn: sqlite3.Connection, derived: Derivations, iterations: int, version: int, *, sealed: int
 ) -> crypto.KeyVersion:
     salt = os.urandom(crypto.SALT_BYTES)
     root = derived.root(salt, iterations)
     conn.execute(
         "INSERT INTO key_versions (version, salt, iterations, check_value, create_time)"
         " VALUES (?, ?, ?, ?, ?)",
-        (version, salt, iterations, crypto.key_check_value(root, rows_sealed=sealed), time.time()),
+        (version, salt, iterations, crypto.key_check_value(root, sealed=sealed), time.time()),
     )
     return crypto.KeyVersion(version, root)
 

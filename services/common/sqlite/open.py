@@ -57,6 +57,13 @@ class RowSealing:
 
     since: int
     seal_legacy: Callable[[sqlite3.Connection, crypto.Keyring], int]
+    # Later upgrades that gave more tables MACs, in order: each seals its own older rows
+    # once, and the key-check values record how many are done (levels 2, 3, ...).
+    later: Sequence[RowSealing] = ()
+
+    @property
+    def steps(self) -> list[RowSealing]:
+        return [self, *self.later]
 
 
 def open_database(
@@ -115,7 +122,7 @@ def open_database(
             migrate(conn, migrations, before)
             conn.execute(f"PRAGMA user_version={migrations[-1].version}")
             keyring = crypto.Keyring(service, unlocked.versions, primary=unlocked.primary)
-            if sealing is not None and not unlocked.rows_sealed:
+            if sealing is not None and unlocked.sealed < len(sealing.steps):
                 _seal(conn, keyring, unlocked, sealing)
         except BaseException:
             conn.execute("ROLLBACK")
@@ -129,7 +136,7 @@ def open_database(
 
 
 def _refuse_rewound(path: Path, unlocked: Unlocked, before: int, sealing: RowSealing) -> None:
-    if unlocked.rows_sealed and before < sealing.since:
+    if any(before < step.since for step in sealing.steps[: unlocked.sealed]):
         raise StartupError(
             f"{path.name} records that its rows carry MACs, but its schema (version "
             f"{before}) is from before them: someone who can write the file rewound it. "
@@ -140,8 +147,8 @@ def _refuse_rewound(path: Path, unlocked: Unlocked, before: int, sealing: RowSea
 def _seal(
     conn: sqlite3.Connection, keyring: crypto.Keyring, unlocked: Unlocked, sealing: RowSealing
 ) -> None:
-    count = sealing.seal_legacy(conn, keyring)
-    seal_versions(conn, unlocked.versions)
+    count = sum(step.seal_legacy(conn, keyring) for step in sealing.steps[unlocked.sealed :])
+    seal_versions(conn, unlocked.versions, len(sealing.steps))
     if count:
         logger.warning(
             "rows from before row MACs sealed as they are (once, at the upgrade)",
