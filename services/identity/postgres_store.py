@@ -17,12 +17,14 @@ is how concurrent replicas are kept correct:
 - each change commits together with its audit event in the outbox.
 
 The layout (migration 5) is SQLite's since its row MACs: rows written before it are
-sealed once at that upgrade (SEALING).
+sealed once at that upgrade (SEALING), and factors rows (migration 7, as SQLite's 7) at
+theirs; every registration writes the account's sealed factors row with its users row.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 from psycopg import errors as pg_errors
@@ -36,6 +38,7 @@ from services.common.postgres.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE
 from services.common.postgres.rotation import PgEncryptedTable
 from services.common.rotation import RowMac
 from services.common.schema import Migration
+from services.identity.factor_sealing import FactorSealing
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityCounts,
@@ -59,6 +62,7 @@ from services.identity.sealing import (
 )
 
 ROW_MACS_SINCE = 5
+FACTOR_MACS_SINCE = 7
 
 MIGRATIONS = [
     Migration(
@@ -142,6 +146,15 @@ MIGRATIONS = [
         """,
     ),
     Migration(6, OUTBOX_NUMBERING_TABLE),
+    # SQLite's factors row MACs (see factor_sealing.py); older rows are sealed, and active
+    # accounts without a row given an empty one, by SEALING.
+    Migration(
+        FACTOR_MACS_SINCE,
+        """
+        ALTER TABLE factors ADD COLUMN recovery_set bytea;
+        ALTER TABLE factors ADD COLUMN row_mac bytea;
+        """,
+    ),
 ]
 
 
@@ -193,7 +206,44 @@ def _seal_legacy(conn: Connection, keyring: Keyring) -> int:
     return len(rows) + len(keys)
 
 
-SEALING = PgRowSealing(ROW_MACS_SINCE, _seal_legacy)
+def _insert_factors(conn: Connection, row: Mapping[str, Any]) -> None:
+    """Writes a new account's sealed factors row (FactorSealing.new_row)."""
+    conn.execute(
+        f"INSERT INTO factors ({', '.join(row)})"  # noqa: S608 - fixed column names
+        f" VALUES ({', '.join(f'%({c})s' for c in row)})",
+        row,
+    )
+
+
+def _seal_legacy_factors(conn: Connection, keyring: Keyring) -> int:
+    """Factors rows from before their MACs get one, as they are, and every active account
+    without a row gets an empty one (once, at the upgrade, as SQLite's store.SEALING)."""
+    sealing = FactorSealing(keyring)
+    rows = conn.execute("SELECT * FROM factors WHERE row_mac IS NULL").fetchall()
+    for row in rows:
+        digests = conn.execute(
+            "SELECT digest FROM recovery_codes WHERE user_row = %s", (row["user_row"],)
+        ).fetchall()
+        sealed = sealing.legacy(row, [bytes(d["digest"]) for d in digests])
+        conn.execute(
+            "UPDATE factors SET recovery_set = %(recovery_set)s, row_mac = %(row_mac)s"
+            " WHERE user_row = %(user_row)s",
+            sealed,
+        )
+    missing = conn.execute(
+        "SELECT id FROM users WHERE deactivate_time IS NULL"
+        " AND id NOT IN (SELECT user_row FROM factors)"
+    ).fetchall()
+    for user in missing:
+        _insert_factors(conn, sealing.new_row(int(user["id"])))
+    return len(rows) + len(missing)
+
+
+SEALING = PgRowSealing(
+    ROW_MACS_SINCE,
+    _seal_legacy,
+    later=[PgRowSealing(FACTOR_MACS_SINCE, _seal_legacy_factors)],
+)
 
 
 class PostgresIdentityStore:
@@ -203,6 +253,7 @@ class PostgresIdentityStore:
         self._db = db
         self._outbox = outbox
         self._sealing = UserSealing(keyring)
+        self._factors = FactorSealing(keyring)
         self._index = self._sealing.index
         self._revoke_user = keyring.field("pending_revocations", "user_id")
 
@@ -298,6 +349,8 @@ class PostgresIdentityStore:
             except pg_errors.UniqueViolation:
                 raise UserIdTaken from None  # a concurrent registration committed first
             self._insert_prekeys(conn, row["id"], user.one_time_prekeys)
+            # Every active account has its factors row, so deleting one is noticed.
+            _insert_factors(conn, self._factors.new_row(row["id"]))
             self._outbox.add(conn, audit)
 
     def get_user(self, user_id: str) -> User | None:

@@ -10,8 +10,9 @@ Every users row carries a MAC (purpose key `mac/row/users`) over all its columns
 every one-time prekey one (`mac/row/one_time_prekeys`) over its owner's row id, key id
 and key: a verify key copied from another account, a prekey swapped in, an account
 reactivated or any edited column makes the row fail with IntegrityError (DATA_LOSS)
-wherever it is read, and writes check a row before changing it. Not covered: a whole row
-deleted, or put back from an older copy of the file.
+wherever it is read, and writes check a row before changing it. Each registration also
+writes the account's sealed factors row (factor_sealing.py), so that a deleted one is
+noticed. Not covered: a whole row deleted, or put back from an older copy of the file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+from collections.abc import Mapping
 from typing import Any
 
 from services.common.audit_events import AuditRecord
@@ -27,6 +29,7 @@ from services.common.errors import IntegrityError
 from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
 from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
+from services.identity.factor_sealing import FactorSealing
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import (
     IdentityCounts,
@@ -51,8 +54,9 @@ from services.identity.sealing import (
 
 # Authentication factors (services/identity/factor_store.py): secrets sealed per row,
 # recovery codes as HMACs under a sealed per-user key, the last accepted TOTP step and
-# the password budget in the clear (needed for atomic conditional updates).
+# the password budget in the clear; since FACTOR_MACS_SINCE all under the row's MAC.
 ROW_MACS_SINCE = 4
+FACTOR_MACS_SINCE = 7
 
 FACTOR_TABLES = """
 CREATE TABLE factors (
@@ -135,6 +139,16 @@ MIGRATIONS = [
         """,
     ),
     Migration(6, OUTBOX_NUMBERING_TABLE),
+    # Factors row MACs (see services/identity/factor_sealing.py): every column of a
+    # factors row, and the set of its recovery codes, under one MAC; rows from before are
+    # sealed, and active accounts without a row given an empty one, by SEALING.
+    Migration(
+        FACTOR_MACS_SINCE,
+        """
+        ALTER TABLE factors ADD COLUMN recovery_set BLOB;
+        ALTER TABLE factors ADD COLUMN row_mac BLOB;
+        """,
+    ),
 ]
 
 
@@ -175,7 +189,42 @@ def _seal_legacy(conn: sqlite3.Connection, keyring: Keyring) -> int:
     return len(rows) + len(keys)
 
 
-SEALING = RowSealing(ROW_MACS_SINCE, _seal_legacy)
+def _insert_factors(conn: sqlite3.Connection, row: Mapping[str, Any]) -> None:
+    """Writes a new account's sealed factors row (FactorSealing.new_row)."""
+    columns = ", ".join(row)
+    values = ", ".join(f":{column}" for column in row)
+    conn.execute(f"INSERT INTO factors ({columns}) VALUES ({values})", row)  # noqa: S608
+
+
+def _seal_legacy_factors(conn: sqlite3.Connection, keyring: Keyring) -> int:
+    """Factors rows from before their MACs get one, as they are, and every active account
+    without a row gets an empty one (once, at the upgrade: see SEALING)."""
+    sealing = FactorSealing(keyring)
+    rows = conn.execute("SELECT * FROM factors WHERE row_mac IS NULL").fetchall()
+    for row in rows:
+        digests = conn.execute(
+            "SELECT digest FROM recovery_codes WHERE user_row = ?", (row["user_row"],)
+        ).fetchall()
+        sealed = sealing.legacy(_row(row), [bytes(d[0]) for d in digests])
+        conn.execute(
+            "UPDATE factors SET recovery_set = :recovery_set, row_mac = :row_mac"
+            " WHERE user_row = :user_row",
+            sealed,
+        )
+    missing = conn.execute(
+        "SELECT id FROM users WHERE deactivate_time IS NULL"
+        " AND id NOT IN (SELECT user_row FROM factors)"
+    ).fetchall()
+    for (user_row,) in missing:
+        _insert_factors(conn, sealing.new_row(int(user_row)))
+    return len(rows) + len(missing)
+
+
+SEALING = RowSealing(
+    ROW_MACS_SINCE,
+    _seal_legacy,
+    later=[RowSealing(FACTOR_MACS_SINCE, _seal_legacy_factors)],
+)
 
 
 class SqliteIdentityStore:
@@ -193,6 +242,7 @@ class SqliteIdentityStore:
         self._metadata = keyring.field("users", "metadata")
         self._times = keyring.field("users", "times")
         self._sealing = UserSealing(keyring)  # the row format, shared with PostgreSQL
+        self._factors = FactorSealing(keyring)
         self._revoke_user = keyring.field("pending_revocations", "user_id")
         self._user_mac = keyring.mac("row/users")
         self._prekey_mac = keyring.mac("row/one_time_prekeys")
@@ -333,6 +383,8 @@ class SqliteIdentityStore:
                 (self._user_mac.tag(*user_values(row)), row["id"]),
             )
             self._insert_prekeys(conn, int(row["id"]), user.one_time_prekeys)
+            # Every active account has its factors row, so deleting one is noticed.
+            _insert_factors(conn, self._factors.new_row(int(row["id"])))
             self._outbox.add(conn, audit)
 
     def get_user(self, user_id: str) -> User | None:

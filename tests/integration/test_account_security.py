@@ -30,7 +30,7 @@ from services.cli.__main__ import _parser, _run
 from services.client.keys import UserKeys
 from services.client.sdk import UserClient
 from tests.support.audit import operator_list
-from tests.support.stack import Stack
+from tests.support.stack import Stack, scrape_metrics
 from tests.support.users import bearer, details, endpoints, new_user, user_client, validate
 
 PASSWORD = "lantern orbit velvet quarry"
@@ -245,6 +245,86 @@ def test_a_stolen_database_shows_no_totp_secret_and_nothing_to_test_a_password_a
     for blob in blobs:
         with pytest.raises((argon2.exceptions.InvalidHashError, UnicodeDecodeError, ValueError)):
             argon2.PasswordHasher().verify(blob.decode(), PASSWORD)
+
+
+def _edit_factors(stack: Stack, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """What someone with write access to identity's database but no master key can do,
+    with the service stopped (SQLite file or PostgreSQL database, whichever it runs on)."""
+    stack["identity"].stop()
+    try:
+        with stack.raw_database("identity") as db:
+            for sql, params in statements:
+                db.execute(sql, params)
+    finally:
+        stack["identity"].start()
+
+
+def _newest_user_row(stack: Stack) -> int:
+    with stack.raw_database("identity") as db:
+        return int(db.execute("SELECT max(id) FROM users").fetchone()[0])
+
+
+FACTOR_EDITS = {  # the README's attacks on the factors table, each on the victim's row
+    "second factor removed": "UPDATE factors SET totp_secret_ct = NULL WHERE user_row = ?",
+    "password removed": "UPDATE factors SET password_ct = NULL WHERE user_row = ?",
+    "TOTP step rewound": "UPDATE factors SET totp_last_step = 0 WHERE user_row = ?",
+    "password budget reset": "UPDATE factors SET password_failures = 0,"
+    " password_window_start = NULL WHERE user_row = ?",
+    "whole row deleted": "DELETE FROM factors WHERE user_row = ?",
+    "recovery code deleted": "DELETE FROM recovery_codes WHERE digest ="
+    " (SELECT digest FROM recovery_codes WHERE user_row = ? ORDER BY digest LIMIT 1)",
+}
+
+
+@pytest.mark.parametrize("attack", list(FACTOR_EDITS))
+def test_a_factors_row_edited_in_the_database_is_an_integrity_error(
+    stack: Stack, client: UserClient, attack: str
+) -> None:
+    victim = Account(client, f"vic-{attack.lower().replace(' ', '-')}")
+    user_row = _newest_user_row(stack)
+    token = victim.login()
+    victim.set_password(token)
+    victim.enrol(token)
+    with pytest.raises(grpc.RpcError):  # one failure counts against the budget
+        victim.password_login("not the password", second_factor_code=victim.next_code())
+    _edit_factors(stack, (FACTOR_EDITS[attack], (user_row,)))
+
+    profile = refused(lambda: client.profile(token))
+    assert profile.code() == grpc.StatusCode.DATA_LOSS
+    assert "integrity" in details(profile)
+    # No login trusts the row: not the password alone, not the device key (whose login
+    # reads whether the account has a second factor).
+    assert refused(lambda: victim.password_login()).code() != grpc.StatusCode.OK
+    assert refused(lambda: victim.login()).code() != grpc.StatusCode.OK
+    metrics = scrape_metrics(stack, "identity")
+    counted = r'securemsg_integrity_failures_total\{field="identity\.row/factors"\} [1-9]'
+    assert re.search(counted, metrics)
+    log = stack["identity"].log()
+    assert "integrity failure" in log
+    assert victim.user_id not in log
+
+
+def test_a_factors_row_moved_to_another_account_does_not_log_in_with_its_password(
+    stack: Stack, client: UserClient
+) -> None:
+    # The attacker knows their own password, moves their factors row onto the victim's
+    # account (whose own row is deleted) and logs in as the victim with it.
+    victim = Account(client, "victim-moved-row")
+    victim_row = _newest_user_row(stack)
+    token = victim.login()
+    victim.set_password(token, "the victims own long password")
+    attacker = Account(client, "attacker-moved-row")
+    attacker_row = _newest_user_row(stack)
+    attacker.set_password(attacker.login())
+    _edit_factors(
+        stack,
+        ("DELETE FROM factors WHERE user_row = ?", (victim_row,)),
+        ("UPDATE factors SET user_row = ? WHERE user_row = ?", (victim_row, attacker_row)),
+    )
+    moved = refused(lambda: victim.password_login(PASSWORD))
+    assert moved.code() != grpc.StatusCode.OK
+    profile = refused(lambda: client.profile(token))
+    assert profile.code() == grpc.StatusCode.DATA_LOSS
 
 
 def test_a_lost_device_is_recovered_by_password_and_code(stack: Stack, client: UserClient) -> None:

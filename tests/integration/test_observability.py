@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -12,7 +11,7 @@ from securemsg.relay.v1 import relay_service_pb2 as relay_pb
 from securemsg.relay.v1 import relay_service_pb2_grpc as relay_grpc
 from securemsg.session.v1 import session_service_pb2 as session_pb
 
-from tests.support.stack import Stack
+from tests.support.stack import Stack, scrape_metrics
 from tests.support.users import bearer, new_user, user_client
 
 ALL = ("identity", "session", "relay", "audit")
@@ -23,12 +22,6 @@ MARKERS = {
     "user agent": "UA-Marker/9.9",
     "body": "BODY-MARKER-TEXT",
 }
-
-
-def scrape(stack: Stack, name: str) -> str:
-    address = stack[name].env["METRICS_ADDRESS"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        return str(response.read().decode())
 
 
 def test_metrics_and_logs_tell_operators_what_happened_and_nothing_about_users(
@@ -66,19 +59,19 @@ def test_metrics_and_logs_tell_operators_what_happened_and_nothing_about_users(
                 timeout=10,
             )
 
-        identity_metrics = scrape(stack, "identity")
+        identity_metrics = scrape_metrics(stack, "identity")
         register = "/securemsg.identity.v1.IdentityService/RegisterUser"
         assert f'securemsg_rpc_total{{code="OK",method="{register}"}} 2.0' in identity_metrics
         assert "securemsg_rpc_duration_seconds_bucket" in identity_metrics
         assert "securemsg_audit_outbox_backlog" in identity_metrics
         assert "securemsg_integrity_failures_total" in identity_metrics
-        relay_metrics = scrape(stack, "relay")
+        relay_metrics = scrape_metrics(stack, "relay")
         assert "securemsg_relay_queued_messages 1.0" in relay_metrics
         assert 'code="UNAUTHENTICATED"' in relay_metrics
-        session_metrics = scrape(stack, "session")
+        session_metrics = scrape_metrics(stack, "session")
         assert 'method="/securemsg.session.v1.SessionService/CreateSession"' in session_metrics
         for name in ALL:
-            assert marker_user not in scrape(stack, name)
+            assert marker_user not in scrape_metrics(stack, name)
     finally:
         stack.stop()
 

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -309,3 +310,10 @@ class Stack:
 
     def db_path(self, name: str) -> Path:
         return Path(self.services[name].env["DB_PATH"])
+
+
+def scrape_metrics(stack: Stack, name: str) -> str:
+    """A running service's Prometheus metrics, as text."""
+    address = stack[name].env["METRICS_ADDRESS"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        return str(response.read().decode())

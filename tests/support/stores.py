@@ -64,6 +64,11 @@ class Place:
     fixture: Callable[[str], Any]  # another pytest fixture by name (e.g. "postgres")
 
 
+# A statement with `?` placeholders run on a store's own storage, committed at once (what
+# someone who can write the database, but has no key, can do); the rows it returns.
+Tamper = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
+
+
 @dataclass
 class FactorHarness:
     """Identity's factor store with the user store it shares its storage with."""
@@ -71,6 +76,7 @@ class FactorHarness:
     store: FactorStore
     users: IdentityStore
     events: Callable[[], list[Event]]
+    tamper: Tamper | None = None  # on backends that store rows (SQL_BACKENDS)
 
 
 class Backend(Protocol):
@@ -140,10 +146,16 @@ class SqliteBackend:
     def factors(self) -> FactorHarness:
         opened = self._open("identity", IDENTITY_MIGRATIONS, IDENTITY_SEALING)
         outbox = self._outbox(opened, "identity")
+
+        def tamper(sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+            with opened.database.write() as conn:
+                return [tuple(row) for row in conn.execute(sql, tuple(params)).fetchall()]
+
         return FactorHarness(
             SqliteFactorStore(opened.database, opened.keyring, outbox),
             SqliteIdentityStore(opened.database, opened.keyring, outbox),
             lambda: _outbox_events(outbox),
+            tamper,
         )
 
     def session(self) -> Harness[SessionStore]:
@@ -202,10 +214,18 @@ class PostgresBackend:
     def factors(self) -> FactorHarness:
         opened = self._open("identity", identity_pg.MIGRATIONS)
         outbox = self._outbox(opened, "identity")
+
+        def tamper(sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+            with opened.database.write() as conn:
+                cursor = conn.execute(sql.replace("?", "%s"), tuple(params))
+                rows = cursor.fetchall() if cursor.description else []
+                return [tuple(row.values()) for row in rows]
+
         return FactorHarness(
             PostgresFactorStore(opened.database, opened.keyring, outbox),
             identity_pg.PostgresIdentityStore(opened.database, opened.keyring, outbox),
             lambda: _outbox_events(outbox),
+            tamper,
         )
 
     def session(self) -> Harness[SessionStore]:
@@ -226,6 +246,9 @@ def _record_events(records: list[AuditRecord]) -> list[Event]:
 def _outbox_events(outbox: Outbox) -> list[Event]:
     return [(e.action, e.user_id, dict(e.details)) for _, e in outbox.peek(10_000)]
 
+
+# The backends whose rows a test can edit behind the store's back (FactorHarness.tamper).
+SQL_BACKENDS = ("sqlite", "postgres")
 
 # Each contract test runs once per entry.
 BACKENDS: dict[str, Callable[[Place], Backend]] = {

@@ -11,7 +11,7 @@ from services.client.keys import UserKeys
 from services.identity.domain import Registration
 from services.identity.servicer import registration_from_request
 from tests.support import users
-from tests.support.stores import BACKENDS, Backend, Place
+from tests.support.stores import BACKENDS, SQL_BACKENDS, Backend, Place
 
 
 class FakeClock:
@@ -43,5 +43,12 @@ def registration(user_id: str, keys: UserKeys, **overrides: object) -> Registrat
 @pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     """Each store implementation in turn (tests/support/stores.py), on fresh storage."""
+    with contextlib.ExitStack() as cleanup:
+        yield BACKENDS[request.param](Place(tmp_path, cleanup, request.getfixturevalue))
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store implementation that keeps rows in a database, for tests that edit them."""
     with contextlib.ExitStack() as cleanup:
         yield BACKENDS[request.param](Place(tmp_path, cleanup, request.getfixturevalue))

@@ -4,6 +4,7 @@ write, made again by key rotation, never laundered."""
 from __future__ import annotations
 
 import contextlib
+import hmac
 import sqlite3
 import struct
 from pathlib import Path
@@ -16,6 +17,9 @@ from services.common.errors import IntegrityError, StartupError
 from services.common.outbox import SqliteOutbox
 from services.common.rotation import KeyRotation
 from services.common.sqlite import Migration, OpenedDatabase, RowSealing, open_database
+from services.identity import store as identity_sqlite
+from services.identity.factor_store import SqliteFactorStore
+from services.identity.model import NO_FACTORS
 from services.identity.store import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.store import SEALING as IDENTITY_SEALING
 from services.identity.store import SqliteIdentityStore
@@ -151,15 +155,16 @@ def test_key_rotation_stops_at_a_tampered_row_instead_of_sealing_it(tmp_path: Pa
 
 
 def identity_db(
-    path: Path, migrations: list[Migration], sealing: RowSealing | None
+    path: Path, migrations: list[Migration], sealing: RowSealing | None, key: str = OLD, *old: str
 ) -> OpenedDatabase:
     return open_database(
         path,
         service="identity",
-        master_key=OLD,
+        master_key=key,
         kdf_iterations=100_000,
         migrations=migrations,
         synchronous="NORMAL",
+        old_keys=old,
         sealing=sealing,
     )
 
@@ -230,3 +235,132 @@ def test_identity_rows_from_before_are_sealed_and_their_times_moved_out_of_the_c
     with again.database.read() as conn:  # the refused fetch consumed nothing
         assert conn.execute("SELECT COUNT(*) FROM one_time_prekeys").fetchone()[0] == 3
     again.database.close()
+
+
+# --- factors rows: MACs since identity's migration 7 ------------------------------------
+
+# The release before factor MACs: users and prekeys sealed (level 1), factors not.
+BEFORE_FACTOR_MACS = IDENTITY_MIGRATIONS[: identity_sqlite.FACTOR_MACS_SINCE - 1]
+PREVIOUS_SEALING = RowSealing(identity_sqlite.ROW_MACS_SINCE, identity_sqlite._seal_legacy)
+CODES = ["A" * 16, "B" * 16]
+
+
+def factors(opened: OpenedDatabase) -> SqliteFactorStore:
+    outbox = SqliteOutbox(opened.database, opened.keyring, "identity")
+    return SqliteFactorStore(opened.database, opened.keyring, outbox)
+
+
+def add_legacy_factors(opened: OpenedDatabase, user_row: int) -> None:
+    """A factors row and recovery codes as the release before factor MACs wrote them."""
+    keyring, row_key, code_key = opened.keyring, f"row-{user_row}", bytes([user_row]) * 32
+
+    def seal(column: str, text: str) -> bytes:
+        return keyring.field("factors", column).encrypt_text(text, row_key.encode())
+
+    with opened.database.write() as conn:
+        conn.execute(
+            """INSERT INTO factors (user_row, row_key, code_key_ct, totp_secret_ct,
+                   totp_last_step, password_ct, password_failures, password_window_start)
+               VALUES (?, ?, ?, ?, 42, ?, 2, 50.0)""",
+            (
+                user_row,
+                row_key,
+                keyring.field("factors", "code_key").encrypt(code_key, row_key.encode()),
+                seal("totp_secret", "SECRET"),
+                seal("password", "$argon2id$legacy"),
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO recovery_codes (user_row, digest) VALUES (?, ?)",
+            [(user_row, hmac.digest(code_key, code.encode(), "sha256")) for code in CODES],
+        )
+
+
+def legacy_identity_file(path: Path) -> None:
+    """alice with every factor and bob with none, written before any row MACs, then
+    opened once by the release before factor MACs (which seals users rows only)."""
+    legacy = identity_db(path, IDENTITY_MIGRATIONS[:3], None)
+    add_legacy_user(legacy, "alice", 1)
+    add_legacy_user(legacy, "bob", 1)
+    add_legacy_factors(legacy, 1)
+    legacy.database.close()
+    identity_db(path, BEFORE_FACTOR_MACS, PREVIOUS_SEALING).database.close()
+
+
+def test_factors_rows_from_before_their_macs_are_sealed_once_at_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "identity.db"
+    legacy_identity_file(path)
+
+    upgraded = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING)
+    store = factors(upgraded)
+    alice = store.get("alice")
+    assert alice is not None
+    assert (alice.totp_secret, alice.totp_last_step, alice.password_hash) == (
+        "SECRET",
+        42,
+        "$argon2id$legacy",
+    )
+    assert (alice.password_failures, alice.password_window_start) == (2, 50.0)
+    assert alice.recovery_codes == 2
+    assert store.get("bob") == NO_FACTORS  # given an empty row, sealed
+    assert store.use_recovery_code("alice", CODES[0], AuditRecord("recovery_code_used"))
+    assert identity_store(upgraded).get_verify_key("alice") == b"v" * 32
+    upgraded.database.close()
+
+    # The step rewound and the MAC nulled, hoping the next start seals the row again; and
+    # bob's (empty) row deleted, hoping it is made again.
+    edit(path, "UPDATE factors SET totp_last_step = 0, row_mac = NULL WHERE user_row = 1")
+    edit(path, "DELETE FROM factors WHERE user_row = 2")
+    again = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING)
+    with pytest.raises(IntegrityError):
+        factors(again).get("alice")
+    with pytest.raises(IntegrityError):
+        factors(again).get("bob")
+    again.database.close()
+
+
+def test_a_file_rewound_to_before_factor_macs_refuses_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "identity.db"
+    legacy_identity_file(path)
+    identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING).database.close()
+    edit(path, "UPDATE factors SET totp_secret_ct = NULL")  # the second factor removed
+    edit(path, "ALTER TABLE factors DROP COLUMN row_mac")
+    edit(path, "ALTER TABLE factors DROP COLUMN recovery_set")
+    edit(path, f"PRAGMA user_version = {identity_sqlite.FACTOR_MACS_SINCE - 1}")
+    with pytest.raises(StartupError, match="rewound"):
+        identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING)
+
+
+async def test_key_rotation_makes_every_factors_mac_again_and_stops_at_a_tampered_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "identity.db"
+    legacy_identity_file(path)
+    identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING).database.close()
+
+    opened = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING, NEW, OLD)
+    tables = [*identity_store(opened).rotatables(), factors(opened).rotatable()]
+    rotation = KeyRotation(opened.database, opened.keyring, tables, None)
+    await rotation.run()
+    with opened.database.read() as conn:
+        macs = [row[0] for row in conn.execute("SELECT row_mac FROM factors")]
+    assert len(macs) == 2
+    assert {Mac.version_of(mac) for mac in macs} == {2}
+    opened.database.close()
+    after = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING, NEW)  # old key retired
+    alice = factors(after).get("alice")
+    assert alice is not None
+    assert alice.password_hash == "$argon2id$legacy"
+    after.database.close()
+
+    edit(path, "UPDATE factors SET password_failures = 0 WHERE user_row = 1")
+    third = "a third master key"
+    rotating = identity_db(path, IDENTITY_MIGRATIONS, IDENTITY_SEALING, third, NEW)
+    store = factors(rotating)
+    with pytest.raises(IntegrityError):
+        store.rotatable().rotate_batch(0, 10)
+    with pytest.raises(IntegrityError):  # still refused: nothing was laundered
+        store.get("alice")
+    rotating.database.close()

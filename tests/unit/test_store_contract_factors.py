@@ -3,7 +3,10 @@ backend (tests/support/stores.py).
 
 What each promises: only active users have factors; a TOTP step and a recovery code are
 accepted once, also under concurrent calls; activation only takes the pending secret it
-was shown; deactivation erases everything; the password budget counts and resets.
+was shown; deactivation erases everything; the password budget counts and resets. And,
+where rows live in a database: any factors row or recovery code edited, deleted, put back
+or moved to another account behind the store's back is an integrity failure, counted,
+wherever it is read, and never sealed again.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import REGISTRY
 
 from services.common.audit_events import AuditRecord
+from services.common.errors import IntegrityError
 from services.identity.keys import OneTimePrekey, SignedKey
 from services.identity.model import NO_FACTORS, FactorStore, NewUser, NoSuchUser
-from tests.support.stores import Backend
+from tests.support.stores import Backend, Tamper
 
 SIGNED = SignedKey(1, b"s" * 32, b"g" * 64)
 PQ = SignedKey(1, b"q" * 1184, b"h" * 64)
@@ -175,3 +180,139 @@ def test_changes_leave_their_events_and_failed_ones_none(subject: Subject) -> No
     store.use_recovery_code("alice", "A" * 16, AuditRecord("recovery_code_used"))
     store.remove_totp("alice", AuditRecord("totp_removed"))  # none active
     assert subject.events() == ["recovery_codes_generated", "recovery_code_used"]
+
+
+# --- rows edited behind the store's back (backends that keep rows in a database) -----
+
+
+@dataclass
+class Stored:
+    store: FactorStore
+    tamper: Tamper
+    alice: int  # users row ids
+    bob: int
+    digests: list[bytes]  # alice's recovery-code digests before one was used
+
+
+@pytest.fixture
+def stored(sql_backend: Backend) -> Stored:
+    """Alice with every factor (a password, TOTP at step 11, recovery codes of which one
+    is used, one failed password login); Bob with a password."""
+    harness = sql_backend.factors()
+    assert harness.tamper is not None
+    store, tamper = harness.store, harness.tamper
+    rows = []
+    for user_id in ("alice", "bob"):
+        new = NewUser(user_id, "alias", {}, b"i" * 32, b"v" * 32, SIGNED, PQ, [], 100.0)
+        harness.users.add_user(new, AuditRecord("user_registered", user_id))
+        rows.append(int(tamper("SELECT max(id) FROM users", ())[0][0]))
+        store.set_password(user_id, f"hash of {user_id}", event())
+    store.set_pending_totp("alice", "S", event())
+    assert store.activate_totp("alice", "S", 10, ["A" * 16, "B" * 16, "C" * 16], event())
+    assert store.accept_totp_step("alice", 11)
+    assert store.record_password_failure("alice", 100.0, 50.0) == 1
+    digests = [
+        d for (d,) in tamper("SELECT digest FROM recovery_codes WHERE user_row = ?", (rows[0],))
+    ]
+    assert store.use_recovery_code("alice", "A" * 16, event())
+    return Stored(store, tamper, rows[0], rows[1], [bytes(d) for d in digests])
+
+
+def put_back_the_used_code(s: Stored) -> None:
+    for digest in s.digests:
+        s.tamper(
+            "INSERT INTO recovery_codes (user_row, digest) SELECT ?, ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM recovery_codes WHERE digest = ?)",
+            (s.alice, digest, digest),
+        )
+
+
+# Each of the README's attacks on alice's factors (or on bob's, with alice's row).
+ATTACKS: dict[str, Callable[[Stored], object]] = {
+    "second factor removed": lambda s: s.tamper(
+        "UPDATE factors SET totp_secret_ct = NULL WHERE user_row = ?", (s.alice,)
+    ),
+    "password removed": lambda s: s.tamper(
+        "UPDATE factors SET password_ct = NULL WHERE user_row = ?", (s.alice,)
+    ),
+    "TOTP step rewound": lambda s: s.tamper(
+        "UPDATE factors SET totp_last_step = 0 WHERE user_row = ?", (s.alice,)
+    ),
+    "password budget reset": lambda s: s.tamper(
+        "UPDATE factors SET password_failures = 0, password_window_start = NULL WHERE user_row = ?",
+        (s.alice,),
+    ),
+    "pending enrolment planted": lambda s: s.tamper(
+        "UPDATE factors SET totp_pending_ct = totp_secret_ct WHERE user_row = ?", (s.alice,)
+    ),
+    "MAC nulled": lambda s: s.tamper(
+        "UPDATE factors SET row_mac = NULL WHERE user_row = ?", (s.alice,)
+    ),
+    "whole row deleted": lambda s: (
+        s.tamper("DELETE FROM recovery_codes WHERE user_row = ?", (s.alice,)),
+        s.tamper("DELETE FROM factors WHERE user_row = ?", (s.alice,)),
+    ),
+    "recovery code deleted": lambda s: s.tamper(
+        "DELETE FROM recovery_codes WHERE digest ="
+        " (SELECT digest FROM recovery_codes WHERE user_row = ? ORDER BY digest LIMIT 1)",
+        (s.alice,),
+    ),
+    "used recovery code put back": put_back_the_used_code,
+    "users row altered": lambda s: s.tamper(
+        "UPDATE users SET row_mac = NULL WHERE id = ?", (s.alice,)
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_an_edited_factors_row_is_an_integrity_error_and_never_sealed_again(
+    stored: Stored, attack: str
+) -> None:
+    store = stored.store
+    before = integrity_failures()
+    ATTACKS[attack](stored)
+    for use in (
+        lambda: store.get("alice"),
+        lambda: store.record_password_failure("alice", 120.0, 50.0),
+        lambda: store.accept_totp_step("alice", 99),
+        lambda: store.use_recovery_code("alice", "B" * 16, event()),
+        lambda: store.reset_password_budget("alice"),
+        lambda: store.set_password("alice", "a new hash", event()),
+        lambda: store.get("alice"),  # still refused: no write sealed it again
+    ):
+        with pytest.raises(IntegrityError):
+            use()
+    assert integrity_failures() > before
+    state = store.get("bob")  # the untouched account works
+    assert state is not None
+    assert state.password_hash == "hash of bob"
+
+
+def test_a_factors_row_moved_to_another_account_is_an_integrity_error(stored: Stored) -> None:
+    # Alice's row (and codes) deleted, Bob's put in its place: his password is now hers.
+    stored.tamper("DELETE FROM recovery_codes WHERE user_row = ?", (stored.alice,))
+    stored.tamper("DELETE FROM factors WHERE user_row = ?", (stored.alice,))
+    stored.tamper("UPDATE factors SET user_row = ? WHERE user_row = ?", (stored.alice, stored.bob))
+    with pytest.raises(IntegrityError):
+        stored.store.get("alice")
+    with pytest.raises(IntegrityError):
+        stored.store.rehash_password("alice", "hash of bob", "new", event())
+
+
+def test_another_accounts_recovery_code_copied_in_is_an_integrity_error(stored: Stored) -> None:
+    stored.store.replace_recovery_codes("bob", ["Z" * 16], event())
+    stored.tamper(
+        "INSERT INTO recovery_codes (user_row, digest)"
+        " SELECT ?, digest FROM recovery_codes WHERE user_row = ?",
+        (stored.alice, stored.bob),
+    )
+    with pytest.raises(IntegrityError):
+        stored.store.use_recovery_code("alice", "Z" * 16, event())
+
+
+def integrity_failures() -> float:
+    """Identity's row integrity failures counted so far (factors rows, users rows)."""
+    return sum(
+        REGISTRY.get_sample_value("securemsg_integrity_failures_total", {"field": field}) or 0.0
+        for field in ("identity.row/factors", "identity.row/users")
+    )
