@@ -17,7 +17,6 @@ noticed. Not covered: a whole row deleted, or put back from an older copy of the
 
 from __future__ import annotations
 
-import json
 import secrets
 import sqlite3
 from collections.abc import Mapping
@@ -334,27 +333,8 @@ class SqliteIdentityStore:
             raise PrekeyIdsInUse from None
 
     def add_user(self, user: NewUser, audit: AuditRecord) -> None:
-        index = self._index(user.user_id)
-        metadata = json.dumps(user.metadata, sort_keys=True, separators=(",", ":"))
         candidates = self._index.candidates(user.user_id)
-        row: dict[str, Any] = {
-            "user_index": index,
-            "user_id_ct": self._user_id.encrypt_text(user.user_id, index),
-            "alias_ct": self._alias.encrypt_text(user.alias, index),
-            "metadata_ct": self._metadata.encrypt_text(metadata, index),
-            "identity_key": user.identity_key,
-            "verify_key": user.verify_key,
-            "signed_prekey_id": user.signed_prekey.key_id,
-            "signed_prekey": user.signed_prekey.public_key,
-            "signed_prekey_sig": user.signed_prekey.signature,
-            "pq_prekey_id": user.pq_prekey.key_id,
-            "pq_prekey": user.pq_prekey.public_key,
-            "pq_prekey_sig": user.pq_prekey.signature,
-            "create_time": 0.0,
-            "last_login_time": None,
-            "deactivate_time": None,
-        }
-        row["times_ct"] = self._sealing.seal_times(row, user.create_time, None, None)
+        row = self._sealing.new_row(user)
         with self._db.write() as conn:
             taken = conn.execute(
                 f"SELECT 1 FROM users WHERE user_index IN {any_of(candidates)}",  # noqa: S608

@@ -24,17 +24,17 @@ from typing import Any
 from services.common.audit_events import AuditRecord
 from services.common.crypto import Keyring
 from services.common.outbox import OUTBOX_NUMBERING_TABLE, OUTBOX_TABLE, SqliteOutbox
-from services.common.rotation import EncryptedTable, Reindex, Rotatable, RowMac
+from services.common.rotation import EncryptedTable, Rotatable, RowMac
 from services.common.sqlite import Database, Migration, RowSealing, any_of
 from services.session.model import Assurance, CountedEvent, NoSuchSession, SessionRecord
 from services.session.sealing import (
     EXPIRY_STEP,
     LEGACY_TIMES,
     TIMES,
+    SessionSealing,
     coarse,
     mac_values,
-    pack_assurance,
-    unpack_assurance,
+    newest_first,
 )
 
 ROW_MACS_SINCE = 4
@@ -102,15 +102,11 @@ class SqliteSessionStore:
     def __init__(self, db: Database, keyring: Keyring, outbox: SqliteOutbox) -> None:
         self._db = db
         self._outbox = outbox
-        self._index = keyring.blind_index("sessions.user_id")
+        # The row format, shared with PostgreSQL (services/session/sealing.py).
+        self._sealing = SessionSealing(keyring)
+        self._index = self._sealing.index
         # A user's rows match their index under every loaded key version (see rotation).
         self._user_match = f"user_index IN {any_of(range(self._index.versions))}"
-        self._user_id = keyring.field("sessions", "user_id")
-        self._ip = keyring.field("sessions", "ip_address")
-        self._user_agent = keyring.field("sessions", "user_agent")
-        self._times = keyring.field("sessions", "times")
-        self._assurance = keyring.field("sessions", "assurance")
-        self._mac = keyring.mac("row/sessions")
 
     def rotatables(self) -> list[Rotatable]:
         """The tables key rotation re-encrypts (registered by the wiring, see app.py)."""
@@ -119,33 +115,14 @@ class SqliteSessionStore:
             "sessions",
             "id",
             "session_id",
-            [
-                ("user_id_ct", self._user_id),
-                ("ip_ct", self._ip),
-                ("user_agent_ct", self._user_agent),
-                ("times_ct", self._times),
-                ("assurance_ct", self._assurance),
-            ],
-            Reindex("user_index", self._index, "user_id_ct"),
-            RowMac("row_mac", self._mac, mac_values),
+            self._sealing.encrypted_fields(),
+            self._sealing.reindex(),
+            RowMac("row_mac", self._sealing.mac, mac_values),
         )
         return [sessions]
 
     def add(self, record: SessionRecord, token_hash: bytes, audit: AuditRecord) -> None:
-        row_key = record.session_id.encode()
-        times = TIMES.pack(record.create_time, record.absolute_deadline, record.expire_time)
-        row: dict[str, Any] = {
-            "session_id": record.session_id,
-            "token_hash": token_hash,
-            "user_index": self._index(record.user_id),
-            "user_id_ct": self._user_id.encrypt_text(record.user_id, row_key),
-            "ip_ct": self._ip.encrypt_text(record.ip_address, row_key),
-            "user_agent_ct": self._user_agent.encrypt_text(record.user_agent, row_key),
-            "times_ct": self._times.encrypt(times, row_key),
-            "expire_time": coarse(record.expire_time),
-            "assurance_ct": self._assurance.encrypt(pack_assurance(record.assurance), row_key),
-        }
-        row["row_mac"] = self._mac.tag(*mac_values(row))
+        row = self._sealing.new_row(record, token_hash)
         with self._db.write() as conn:
             conn.execute(
                 """INSERT INTO sessions (session_id, token_hash, user_index, user_id_ct, ip_ct,
@@ -156,32 +133,6 @@ class SqliteSessionStore:
             )
             self._outbox.add(conn, audit)
 
-    def _checked(self, row: sqlite3.Row) -> sqlite3.Row:
-        """The row, if its MAC binds all its columns together; IntegrityError otherwise."""
-        self._mac.check(row["row_mac"], *mac_values(row))
-        return row
-
-    def _decode(self, row: sqlite3.Row) -> SessionRecord:
-        row_key = row["session_id"].encode()
-        create_time, deadline, expire_time = TIMES.unpack(
-            self._times.decrypt(row["times_ct"], row_key)
-        )
-        sealed = row["assurance_ct"]
-        return SessionRecord(
-            session_id=row["session_id"],
-            user_id=self._user_id.decrypt_text(row["user_id_ct"], row_key),
-            ip_address=self._ip.decrypt_text(row["ip_ct"], row_key),
-            user_agent=self._user_agent.decrypt_text(row["user_agent_ct"], row_key),
-            create_time=create_time,
-            absolute_deadline=deadline,
-            expire_time=expire_time,
-            assurance=(
-                Assurance()
-                if sealed is None
-                else unpack_assurance(self._assurance.decrypt(sealed, row_key))
-            ),
-        )
-
     def by_token(self, token_hash: bytes, now: float) -> SessionRecord | None:
         with self._db.read(snapshot=False) as conn:
             row = conn.execute(
@@ -190,7 +141,7 @@ class SqliteSessionStore:
             ).fetchone()
         if row is None:
             return None
-        record = self._decode(self._checked(row))
+        record = self._sealing.open(self._sealing.check(row))
         return record if record.expire_time > now else None
 
     def _current(self, conn: sqlite3.Connection, session_id: str) -> dict[str, Any]:
@@ -198,14 +149,14 @@ class SqliteSessionStore:
         row = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             raise NoSuchSession
-        return _row(self._checked(row))
+        return self._sealing.check(row)
 
     def _rewrite(
         self, conn: sqlite3.Connection, current: dict[str, Any], change: dict[str, Any]
     ) -> None:
         """Writes `change` into a checked row and seals the row again."""
         row = {**current, **change}
-        row["row_mac"] = self._mac.tag(*mac_values(row))
+        row["row_mac"] = self._sealing.mac.tag(*mac_values(row))
         assignments = ", ".join(f"{column} = :{column}" for column in (*change, "row_mac"))
         conn.execute(
             f"UPDATE sessions SET {assignments} WHERE id = :id",  # noqa: S608 - fixed names
@@ -213,21 +164,12 @@ class SqliteSessionStore:
         )
 
     def set_expiry(self, session_id: str, expire_time: float) -> None:
-        row_key = session_id.encode()
         with self._db.write() as conn:
             current = self._current(conn, session_id)
-            create_time, deadline, _ = TIMES.unpack(
-                self._times.decrypt(current["times_ct"], row_key)
-            )
-            times = TIMES.pack(create_time, deadline, expire_time)
-            change = {
-                "times_ct": self._times.encrypt(times, row_key),
-                "expire_time": coarse(expire_time),
-            }
-            self._rewrite(conn, current, change)
+            self._rewrite(conn, current, self._sealing.slid(current, expire_time))
 
     def set_assurance(self, session_id: str, assurance: Assurance, audit: AuditRecord) -> None:
-        sealed = self._assurance.encrypt(pack_assurance(assurance), session_id.encode())
+        sealed = self._sealing.seal_assurance(session_id, assurance)
         with self._db.write() as conn:
             self._rewrite(conn, self._current(conn, session_id), {"assurance_ct": sealed})
             self._outbox.add(conn, audit)
@@ -238,10 +180,8 @@ class SqliteSessionStore:
                 f"SELECT * FROM sessions WHERE {self._user_match} AND expire_time > ?",  # noqa: S608
                 (*self._index.candidates(user_id), now),
             ).fetchall()
-        # Login times are encrypted, so the order is made here rather than in SQL.
-        records = [self._decode(self._checked(row)) for row in rows]
-        live = [r for r in records if r.expire_time > now]
-        return sorted(live, key=lambda r: (r.create_time, r.session_id), reverse=True)
+        records = [self._sealing.open(self._sealing.check(row)) for row in rows]
+        return newest_first([r for r in records if r.expire_time > now])
 
     def delete(self, user_id: str, session_id: str, audit: AuditRecord) -> None:
         with self._db.write() as conn:
@@ -274,12 +214,7 @@ class SqliteSessionStore:
             " WHERE expire_time > ? AND expire_time <= ?",
             (now, now + EXPIRY_STEP),
         ).fetchall()
-        return [
-            int(row["id"])
-            for row in rows
-            if TIMES.unpack(self._times.decrypt(row["times_ct"], row["session_id"].encode()))[2]
-            <= now
-        ]
+        return [int(row["id"]) for row in rows if self._sealing.times_of(row)[2] <= now]
 
     def delete_expired(self, now: float) -> int:
         with self._db.write() as conn:
