@@ -33,8 +33,8 @@ from services.launcher.topology import (
     SERVICES,
     StackLayout,
     default_ports,
-    open_log,
     service_env,
+    spawn,
 )
 from services.launcher.walkthrough import try_it_lines
 
@@ -99,14 +99,7 @@ def _start(
         env = {**os.environ, **service_env(layout, service, dict(ports), extra=extra)}
         log_path = layout.logs / f"{service}.log"
         log_starts[service] = log_path.stat().st_size if log_path.exists() else 0
-        with os.fdopen(open_log(log_path), "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # survives the terminal; `make stop` ends it
-            )
+        process = spawn(service, env, log_path)
         _pid_file(service, layout).write_text(str(process.pid))
         started[service] = process
     ca = layout.tls / "ca.pem"

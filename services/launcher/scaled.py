@@ -34,7 +34,7 @@ from services.launcher.replicas import (
     routes,
     scaled_env,
 )
-from services.launcher.topology import PERSISTENT, SERVICES, StackLayout, open_log, service_env
+from services.launcher.topology import PERSISTENT, SERVICES, StackLayout, service_env, spawn
 
 REPLICAS = 2
 REDIS_PORT = 56379
@@ -107,14 +107,7 @@ def _start(
                 **replica_overrides(replica, replicas),
             }
             env = {**os.environ, **service_env(layout, service, dict(ports), extra=extra)}
-            with os.fdopen(open_log(layout.logs / f"{replica.name}.log"), "ab") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", f"services.{service}"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # survives the terminal; `make stop` ends it
-                )
+            process = spawn(service, env, layout.logs / f"{replica.name}.log")
             pid_file(layout, replica).write_text(str(process.pid))
             started[replica.name] = (replica, process)
     ca = layout.tls / "ca.pem"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,19 @@ def scale_out_secrets(target: Path) -> dict[str, str]:
 def open_log(path: Path) -> int:
     """A service's log file for appending, readable by its owner only."""
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+def spawn(service: str, env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Starts one process of `service` with exactly `env`, its output appended to
+    `log_path`, in a session of its own: it survives the terminal; `make stop` ends it."""
+    with os.fdopen(open_log(log_path), "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{service}"],
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _write_secret(path: Path, text: str) -> None:
